@@ -1,0 +1,54 @@
+"""Pieces shared by the families: the classifier objective and activation lookup."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "elu": nn.ELU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r} (known: {', '.join(sorted(ACTIVATIONS))})"
+        ) from None
+
+
+class Classifier(nn.Module):
+    """A module whose ``forward(x)`` gives class logits; trained with cross-entropy."""
+
+    task = "classification"
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return {
+            "loss": F.cross_entropy(logits, y, reduction="sum"),
+            "accuracy": (logits.argmax(dim=1) == y).sum().to(logits.dtype),
+            "count": torch.tensor(float(len(y)), device=logits.device),
+        }
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(dim=1)
+
+
+def flat_size(shape: tuple[int, ...]) -> int:
+    size = 1
+    for d in shape:
+        size *= d
+    return size

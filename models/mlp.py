@@ -1,0 +1,45 @@
+"""Multi-layer perceptron (the course's DNN): depth, width, activation, dropout."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from models.base import Classifier, activation, flat_size
+from models.registry import ModelSpec, register
+
+
+@dataclass
+class MLPConfig:
+    depth: int = 2
+    """Number of hidden layers."""
+    width: int = 256
+    """Units per hidden layer."""
+    activation: str = "relu"
+    """relu, sigmoid, tanh, gelu or elu."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden layer."""
+
+
+class MLP(Classifier):
+    def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        if cfg.depth < 0 or cfg.width < 1:
+            raise ValueError(f"mlp needs depth >= 0 and width >= 1, got depth={cfg.depth} width={cfg.width}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"mlp dropout must be in [0, 1), got {cfg.dropout}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        size = flat_size(input_shape)
+        for _ in range(cfg.depth):
+            layers += [nn.Linear(size, cfg.width), activation(cfg.activation)]
+            if cfg.dropout:
+                layers.append(nn.Dropout(cfg.dropout))
+            size = cfg.width
+        layers.append(nn.Linear(size, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+register(ModelSpec("mlp", MLPConfig, MLP, "multi-layer perceptron (DNN)"))

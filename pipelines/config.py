@@ -1,0 +1,335 @@
+"""The run config: typed sections with their defaults, loaded from YAML and overridden.
+
+One `RunConfig` drives a run whether it comes from the CLI or the Python API. A config is
+built from a nested dict (a YAML file, then flags, then ``--set a.b=v`` overrides) and is
+checked before anything starts: an unknown key, a value of the wrong type or an impossible
+size raises `ConfigError` naming the key and the value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+import models
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be run; the message names the key and the value."""
+
+
+@dataclass
+class ModelSection:
+    name: str = "mlp"
+    """A registered model family (`raydeep models` lists them)."""
+    params: Any = None
+    """The family's own hyper-parameters (its config dataclass), given beside `name`."""
+
+
+@dataclass
+class DataSection:
+    source: str = "digits"
+    """`digits` (bundled), `synthetic`, or the path of a Parquet or CSV file."""
+    label: str = "label"
+    """Label column of a Parquet/CSV file."""
+    input_shape: Optional[list[int]] = None
+    """View each example's features as this shape, e.g. [1, 28, 28] or [28, 28]."""
+    batch_size: int = 64
+    """Global batch size: split evenly over the data-parallel workers."""
+    test_fraction: float = 0.2
+    """Held-out test split (stratified, fixed by the seed)."""
+    val_fraction: float = 0.1
+    """Validation split, taken from what is left after the test split."""
+    synthetic_samples: int = 4096
+    synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
+    synthetic_classes: int = 10
+
+
+@dataclass
+class OptimSection:
+    name: str = "sgd"
+    """sgd, adam, adamw or adagrad."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    """Momentum of sgd."""
+    weight_decay: float = 0.0
+    epochs: int = 10
+    steps_per_epoch: Optional[int] = None
+    """Cap on optimizer steps per epoch (default: one pass over the training split)."""
+
+
+@dataclass
+class StrategySection:
+    name: str = "allreduce"
+    """A registered strategy (`raydeep strategies` lists them)."""
+    params: Any = None
+    """The strategy's own options (its config dataclass), given beside `name`."""
+
+
+@dataclass
+class ResourcesSection:
+    workers: int = 2
+    """Data-parallel workers."""
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; > 0 trains on CUDA (NCCL for allreduce)."""
+    address: Optional[str] = None
+    """Ray cluster to connect to (`auto`, `ray://host:10001`); default: an embedded local Ray."""
+    num_cpus: Optional[int] = None
+    """CPUs of the embedded local Ray (default: all of this machine's)."""
+    storage_path: str = "raydeep_runs"
+    """Where checkpoints and run state are kept (a shared path or URI on a cluster)."""
+
+
+@dataclass
+class TrackingSection:
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; a relative SQLite path is taken from the working directory."""
+    experiment: str = "raydeep"
+    run_name: Optional[str] = None
+    """Name of the run (default: model-strategy-timestamp)."""
+    log_model: bool = True
+    """Log the trained model as an MLflow model."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    resources: ResourcesSection = field(default_factory=ResourcesSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    seed: int = 0
+    """Seeds the split, the initial weights and the data order: same seed, same run."""
+    resume: Optional[str] = None
+    """Continue the named run from its last checkpoint (`latest`: the newest one)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Every value under its dotted key, as logged to MLflow."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+class Text(str):
+    """A value typed on a command line: parsed as YAML unless the field wants a string."""
+
+
+# --- building from dicts -------------------------------------------------------------
+
+def from_dict(raw: dict[str, Any] | None) -> RunConfig:
+    """Build and check a `RunConfig` from a nested dict such as a parsed YAML file."""
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(raw).__name__}")
+    config = _build(RunConfig, raw, "", open_sections={"model", "strategy"})
+    config.model = _build_open(config.model, raw.get("model") or {}, "model", _model_params)
+    config.strategy = _build_open(
+        config.strategy, raw.get("strategy") or {}, "strategy", _strategy_params
+    )
+    validate(config)
+    return config
+
+
+def _model_params(name: str) -> type:
+    try:
+        return models.get(name).config
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+
+
+def _strategy_params(name: str) -> type:
+    from pipelines import strategy as registry  # late: strategies import this module
+
+    try:
+        return registry.get(name).config
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+
+
+def _build_open(section, raw: dict, key: str, params_type) -> Any:
+    """A section whose keys beyond `name` are the chosen family's own parameters."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {key!r} must be a mapping, got {raw!r}")
+    raw = dict(raw)
+    name = _coerce(raw.pop("name", section.name), str, f"{key}.name")
+    cls = params_type(name)
+    return type(section)(name=name, params=_build(cls, raw, key))
+
+
+def _build(cls: type, raw: dict, prefix: str, open_sections: set[str] = frozenset()) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix!r} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"unknown config key {dotted!r} (known here: {known})")
+        if key in open_sections:
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value if value is not None else {}, dotted)
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, Text) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], key)
+    if isinstance(value, Text) and hint is not str:
+        if origin is list and "[" not in value:
+            value = [Text(v.strip()) for v in value.split(",") if v.strip()]
+        else:
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"config key {key!r}: cannot parse {str(value)!r}") from None
+    want = getattr(hint, "__name__", str(hint))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return str(value)
+    else:
+        return value
+    raise ConfigError(f"config key {key!r} expects {want}, got {value!r}")
+
+
+def to_dict(config: Any) -> Any:
+    if isinstance(config, (ModelSection, StrategySection)):
+        params = dataclasses.asdict(config.params) if config.params is not None else {}
+        return {"name": config.name, **params}
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, list):
+        return [to_dict(v) for v in config]
+    return config
+
+
+# --- loading and overriding --------------------------------------------------------
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `raw[a][b] = value` for the key `a.b`, creating sections as needed."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"bad config key {dotted!r}")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config key {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_set(assignment: str) -> tuple[str, Text]:
+    """Split one ``--set a.b=v`` into its key and its (still textual) value."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r} needs the form key=value, e.g. optim.lr=0.05")
+    key, _, value = assignment.partition("=")
+    return key.strip(), Text(value.strip())
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         sets: list[str] | None = None) -> RunConfig:
+    """YAML file (optional), then `overrides` by dotted key, then ``--set`` assignments."""
+    raw = load_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            apply_override(raw, key, value)
+    for assignment in sets or []:
+        apply_override(raw, *parse_set(assignment))
+    return from_dict(raw)
+
+
+# --- checks ----------------------------------------------------------------------------
+
+def validate(config: RunConfig) -> None:
+    """Sizes and ranges that no run could satisfy; strategies add their own checks."""
+    d, o, r = config.data, config.optim, config.resources
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(r.workers >= 1, f"resources.workers must be >= 1, got {r.workers}")
+    need(r.cpus_per_worker > 0, f"resources.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
+    need(r.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}")
+    need(r.num_cpus is None or r.num_cpus >= 1, f"resources.num_cpus must be >= 1, got {r.num_cpus}")
+    need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    need(d.input_shape is None or all(s >= 1 for s in d.input_shape),
+         f"data.input_shape must hold positive sizes, got {d.input_shape}")
+    need(d.synthetic_samples >= 10, f"data.synthetic_samples must be >= 10, got {d.synthetic_samples}")
+    need(d.synthetic_classes >= 2, f"data.synthetic_classes must be >= 2, got {d.synthetic_classes}")
+    need(bool(d.synthetic_shape) and all(s >= 1 for s in d.synthetic_shape),
+         f"data.synthetic_shape must hold positive sizes, got {d.synthetic_shape}")
+    need(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
+         f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+    from pipelines import strategy as registry
+
+    registry.get(config.strategy.name).validate(config)
+
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")

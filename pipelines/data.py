@@ -1,0 +1,176 @@
+"""Data sets: the bundled digits, Parquet/CSV files read with pyarrow, synthetic blobs.
+
+Everything is loaded on the driver into tensors and split once (stratified, by seed);
+strategies then hand each worker a disjoint shard of every global batch (`pipelines.loop`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.config import ConfigError, DataSection
+
+
+class DataError(ConfigError):
+    """Input data that cannot be trained on; the message names the file and the problem."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    class_names: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def load(section: DataSection, seed: int = 0) -> Dataset:
+    """Load, shape and split the data the section names."""
+    if section.source == "digits":
+        x, y, names = _digits()
+    elif section.source == "synthetic":
+        x, y, names = synthetic(section.synthetic_samples, section.synthetic_shape,
+                                section.synthetic_classes, seed)
+    else:
+        x, y, names = read_table(section.source, section.label)
+    if section.input_shape:
+        x = _reshape(x, section.input_shape, section.source)
+    data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed)
+    if len(data.y_train) < section.batch_size:
+        raise DataError(
+            f"data.batch_size ({section.batch_size}) exceeds the training split "
+            f"({len(data.y_train)} examples of {section.source})"
+        )
+    return data
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return x, bunch.target.astype(np.int64), [str(c) for c in range(10)]
+
+
+def synthetic(samples: int, shape: list[int], classes: int, seed: int):
+    """Gaussian blobs around one random prototype per class: learnable, any size and shape."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.uniform(0.0, 1.0, size=(classes, *shape)).astype(np.float32)
+    y = rng.integers(0, classes, size=samples).astype(np.int64)
+    noise = rng.normal(0.0, 0.35, size=(samples, *shape)).astype(np.float32)
+    return prototypes[y] + noise, y, [str(c) for c in range(classes)]
+
+
+def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A Parquet or CSV file: a label column and numeric feature columns (or one list column)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file {path!r} does not exist")
+    table = _read_arrow(file)
+    if label not in table.column_names:
+        raise DataError(
+            f"data file {path!r} has no label column {label!r} "
+            f"(columns: {', '.join(table.column_names)}); set --label"
+        )
+    feature_columns = [c for c in table.column_names if c != label]
+    if not feature_columns:
+        raise DataError(f"data file {path!r} has no feature columns beside {label!r}")
+    if len(feature_columns) == 1 and _is_list(table.schema.field(feature_columns[0]).type):
+        column = table.column(feature_columns[0]).combine_chunks()
+        try:
+            x = np.array(column.to_pylist(), dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"data file {path!r}: list column {feature_columns[0]!r} must hold numeric "
+                "lists of one length"
+            ) from None
+    else:
+        bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
+        if bad:
+            raise DataError(f"data file {path!r} has non-numeric feature columns: {', '.join(bad)}")
+        x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in feature_columns],
+                     axis=1).astype(np.float32)
+    if np.isnan(x).any():
+        raise DataError(f"data file {path!r} has missing or NaN feature values")
+    labels = table.column(label).to_pylist()
+    if any(v is None for v in labels):
+        raise DataError(f"data file {path!r} has missing values in label column {label!r}")
+    classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[v] for v in labels], dtype=np.int64)
+    if len(classes) < 2:
+        raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes")
+    return x, y, [str(c) for c in classes]
+
+
+def _read_arrow(file: Path):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = file.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(file)
+        if suffix in (".csv", ".txt"):
+            return pacsv.read_csv(file)
+    except (pa.ArrowInvalid, OSError) as e:
+        kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
+        raise DataError(f"data file {str(file)!r} is not a readable {kind} file: "
+                        f"{str(e).splitlines()[0]}") from None
+    raise DataError(f"data file {str(file)!r} is not Parquet (.parquet) or CSV (.csv)")
+
+
+def _is_numeric(t) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t)
+
+
+def _is_list(t) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_list(t) or pat.is_large_list(t) or pat.is_fixed_size_list(t)
+
+
+def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
+    features = int(np.prod(x.shape[1:]))
+    wanted = int(np.prod(shape))
+    if features != wanted:
+        raise DataError(
+            f"data.input_shape {list(shape)} holds {wanted} values but each example of "
+            f"{source} has {features} features"
+        )
+    return x.reshape(len(x), *shape)
+
+
+def _split(name, x, y, names, test_fraction, val_fraction, seed) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    try:
+        x_rest, x_test, y_rest, y_test = train_test_split(
+            x, y, test_size=test_fraction, stratify=y, random_state=seed)
+        if val_fraction > 0:
+            x_train, x_val, y_train, y_val = train_test_split(
+                x_rest, y_rest, test_size=val_fraction, stratify=y_rest, random_state=seed)
+        else:
+            x_train, y_train, x_val, y_val = x_rest, y_rest, x_rest[:0], y_rest[:0]
+    except ValueError as e:
+        raise DataError(f"cannot split {name} into train/val/test: {e}") from None
+    t = torch.from_numpy
+    return Dataset(name, t(np.ascontiguousarray(x_train)), t(y_train), t(np.ascontiguousarray(x_val)),
+                   t(y_val), t(np.ascontiguousarray(x_test)), t(y_test), names)

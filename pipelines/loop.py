@@ -1,0 +1,100 @@
+"""The training step shared by every strategy: batch plan, optimizer, one epoch, evaluation.
+
+The batch plan is what makes strategies comparable: global batch j of an epoch is the
+j-th block of a permutation fixed by (seed, epoch), and worker r of W takes every W-th
+example of that block. The W shards of a step are disjoint and together form exactly the
+global batch a single process would take, so averaged gradients match.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from pipelines.config import OptimSection
+
+
+def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) -> int:
+    steps = examples // global_batch
+    return min(steps, cap) if cap else steps
+
+
+def epoch_permutation(examples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(examples, generator=generator)
+
+
+def batch_indices(examples: int, global_batch: int, *, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1, cap: int | None = None) -> Iterator[torch.Tensor]:
+    """Indices of this worker's shard of each global batch of the epoch."""
+    order = epoch_permutation(examples, seed, epoch)
+    for step in range(steps_per_epoch(examples, global_batch, cap)):
+        block = order[step * global_batch:(step + 1) * global_batch]
+        yield block[rank::world]
+
+
+def make_optimizer(section: OptimSection, params) -> torch.optim.Optimizer:
+    if section.name == "sgd":
+        return torch.optim.SGD(params, lr=section.lr, momentum=section.momentum,
+                               weight_decay=section.weight_decay)
+    if section.name == "adam":
+        return torch.optim.Adam(params, lr=section.lr, weight_decay=section.weight_decay)
+    if section.name == "adamw":
+        return torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
+    if section.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=section.lr, weight_decay=section.weight_decay)
+    raise ValueError(f"unknown optimizer {section.name!r}")
+
+
+class Objective(nn.Module):
+    """Wraps a model so that ``forward(*batch)`` is its training loss.
+
+    DDP synchronises gradients only for work done inside its wrapped module's forward,
+    and a model's objective is ``loss(batch)``, not ``forward(x)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.model.loss(batch)
+
+
+def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                y: torch.Tensor, batches, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """One pass over `batches`; returns (mean loss over steps, examples seen)."""
+    objective.train()
+    total, steps, seen = 0.0, 0, 0
+    for idx in batches:
+        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective(xb, yb)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        steps += 1
+        seen += len(idx)
+    return total / max(steps, 1), seen
+
+
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+                  device: torch.device | str = "cpu") -> dict[str, float]:
+    """Per-example metric sums (and `count`) of the model over (x, y)."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for start in range(0, len(y), batch_size):
+        batch = (x[start:start + batch_size].to(device), y[start:start + batch_size].to(device))
+        for key, value in model.evaluate(batch).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+def mean_metrics(sums: dict[str, float], prefix: str) -> dict[str, float]:
+    """Metric sums divided by their count, named `prefix_metric`."""
+    count = sums.get("count", 0.0)
+    if not count:
+        return {}
+    return {f"{prefix}_{k}": v / count for k, v in sums.items() if k != "count"}

@@ -1,0 +1,140 @@
+"""`train(config) -> Result`: the one entry point the CLI, Tune and users share."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipelines import data as datasets
+from pipelines import figures
+from pipelines import strategy as strategies
+from pipelines.config import ConfigError, RunConfig
+from pipelines.loop import evaluate_sums, mean_metrics
+from pipelines.tracking import Tracker, absolute_uri
+
+RUN_FILE = "raydeep_run.json"
+
+
+class RunFailed(RuntimeError):
+    """A run that started and then failed; it is marked FAILED in MLflow."""
+
+    def __init__(self, message: str, run_id: str):
+        super().__init__(message)
+        self.run_id = run_id
+
+
+@dataclass
+class Result:
+    run_id: str
+    run_name: str
+    metrics: dict[str, float]
+    """Final metrics: test_loss, test_accuracy and the strategy's own figures."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = None
+    run_dir: Path | None = None
+
+
+def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
+    """Everything that can reject the run before any process starts: data and model shape."""
+    data = datasets.load(config.data, config.seed)
+    try:
+        model = strategies.build_model(config, data.input_shape, data.num_classes)
+        with torch.no_grad():
+            model.eval()
+            model.evaluate((data.x_val[:2] if len(data.y_val) else data.x_train[:2],
+                            data.y_val[:2] if len(data.y_val) else data.y_train[:2]))
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(
+            f"model {config.model.name} cannot take input of shape {list(data.input_shape)}: "
+            f"{str(e).splitlines()[0]}") from None
+    return data, model
+
+
+def train(config: RunConfig) -> Result:
+    """Train as `config` says, record it in MLflow, and return the final metrics and model."""
+    data, _ = prepare(config)
+    strategy = strategies.get(config.strategy.name)
+    uri = absolute_uri(config.tracking.uri)
+    run_dir, previous = _run_directory(config)
+    if previous:
+        tracker = Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
+    else:
+        tracker = Tracker.start(
+            uri, config.tracking.experiment, run_dir.name, config.flat(),
+            tags={"raydeep.model": config.model.name, "raydeep.strategy": strategy.name,
+                  "raydeep.data": data.name},
+            epochs=config.optim.epochs)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_FILE).write_text(json.dumps(
+            {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "config": config.to_dict()},
+            indent=1))
+    try:
+        fit = strategy.fit(config, data, tracker, run_dir)
+        model = strategies.build_model(config, data.input_shape, data.num_classes)
+        model.load_state_dict(fit.state_dict)
+        final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"), **fit.summary}
+        tracker.log_metrics(final)
+        history = fit.history or tracker.epoch_history()
+        _log_figures(tracker, model, data, history)
+        if config.tracking.log_model:
+            tracker.log_model(model, data.x_test[:4].numpy())
+        tracker.finish("FINISHED")
+    except KeyboardInterrupt:
+        tracker.finish("KILLED", "interrupted by the user")
+        raise
+    except Exception as e:
+        message = _one_line(e)
+        tracker.finish("FAILED", message)
+        raise RunFailed(message, tracker.run_id) from e
+    return Result(tracker.run_id, run_dir.name, final, history, model, run_dir)
+
+
+def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
+    storage = Path(config.resources.storage_path).absolute()
+    if config.resume:
+        run_dir = _find_resumable(storage, config.resume)
+        return run_dir, json.loads((run_dir / RUN_FILE).read_text())
+    name = config.tracking.run_name or (
+        f"{config.model.name}-{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = storage / name
+    if (run_dir / RUN_FILE).exists():
+        raise ConfigError(
+            f"tracking.run_name {name!r} already has a run under {storage}; "
+            "pick another name or pass --resume to continue it")
+    return run_dir, None
+
+
+def _find_resumable(storage: Path, name: str) -> Path:
+    if name != "latest":
+        run_dir = storage / name
+        if not (run_dir / RUN_FILE).is_file():
+            raise ConfigError(f"--resume {name!r}: no run of that name under {storage}")
+        return run_dir
+    runs = sorted((p for p in storage.glob(f"*/{RUN_FILE}")), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise ConfigError(f"--resume: no earlier run under {storage}")
+    return runs[-1].parent
+
+
+def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
+    if history:
+        fig = figures.loss_curve(history)
+        tracker.log_figure(fig, "loss_curve.png")
+        figures.close(fig)
+    if getattr(model, "task", None) == "classification":
+        predicted = np.concatenate([
+            model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
+        fig = figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names)
+        tracker.log_figure(fig, "confusion_matrix.png")
+        figures.close(fig)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".strip()

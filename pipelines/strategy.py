@@ -1,0 +1,72 @@
+"""The strategy interface and its registry.
+
+A strategy moves tensors: it takes a run config, the data and a tracker, trains the model
+the config names, and returns its final weights and per-epoch history. It never asks which
+model it trains; the model's own ``loss``/``evaluate`` seams are all it uses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+import models
+from pipelines.config import RunConfig
+from pipelines.data import Dataset
+
+
+@dataclass
+class FitResult:
+    state_dict: dict[str, torch.Tensor]
+    """Final weights, on the CPU."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per-epoch metrics as logged."""
+    summary: dict[str, float] = field(default_factory=dict)
+    """Strategy-level figures for the final metrics (restarts, time to first step...)."""
+
+
+class Strategy:
+    """Base of every strategy; subclasses set the class attributes and implement `fit`."""
+
+    name: str = ""
+    config: type = type(None)
+    """Dataclass of the strategy's own options (the `strategy` config section)."""
+    description: str = ""
+    uses_ray: bool = True
+
+    def validate(self, run: RunConfig) -> None:
+        """Raise `ConfigError` for options this strategy cannot run with."""
+
+    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    if strategy.name in _REGISTRY:
+        raise ValueError(f"strategy {strategy.name!r} is registered twice")
+    _REGISTRY[strategy.name] = strategy
+    return strategy
+
+
+def get(name: str) -> Strategy:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown strategy {name!r} (known: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def names() -> Sequence[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The run's model with initial weights fixed by the run's seed."""
+    spec = models.get(run.model.name)
+    torch.manual_seed(run.seed)
+    return spec.build(run.model.params, tuple(input_shape), num_classes)

@@ -1,0 +1,126 @@
+"""MLflow tracking of a run: params, per-epoch metrics, final metrics, figures, the model.
+
+A `Tracker` holds only strings, so it can travel to the rank-0 worker of a Ray job and log
+from there; it talks to the store through `MlflowClient`, never through global state.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+PROGRESS_KEYS = ("train_loss", "val_loss", "val_accuracy", "samples_per_s")
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative SQLite path made absolute, so that workers in other directories agree."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    if "://" not in uri:
+        raise ValueError(f"tracking.uri {uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
+    return uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+@dataclass
+class Tracker:
+    uri: str
+    run_id: str
+    experiment_id: str
+    epochs: int = 0
+    echo: bool = True
+    """Print a progress line per epoch."""
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
+              tags: dict[str, str] | None = None, epochs: int = 0) -> "Tracker":
+        client = _client(uri)
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        tracker = cls(uri, run.info.run_id, experiment_id, epochs)
+        tracker.log_params(params)
+        return tracker
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str, epochs: int = 0) -> "Tracker":
+        """Continue an earlier run (a resumed training): same run id, status RUNNING again."""
+        client = _client(uri)
+        run = client.get_run(run_id)
+        client.update_run(run_id, status="RUNNING")
+        return cls(uri, run_id, run.info.experiment_id, epochs)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, "None" if v is None else str(v)) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            _client(self.uri).log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if items:
+            _client(self.uri).log_batch(self.run_id, metrics=items)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Per-epoch metrics at step `epoch` (0-based) and a progress line."""
+        self.log_metrics(metrics, step=epoch)
+        if self.echo:
+            shown = "  ".join(
+                f"{k} {metrics[k]:.4f}" if k != "samples_per_s" else f"samples/s {metrics[k]:,.0f}"
+                for k in PROGRESS_KEYS if k in metrics
+            )
+            total = f"/{self.epochs}" if self.epochs else ""
+            print(f"epoch {epoch + 1}{total}  {shown}", flush=True, file=sys.stdout)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        client = _client(self.uri)
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, v)
+
+    def log_figure(self, figure, name: str) -> None:
+        _client(self.uri).log_figure(self.run_id, figure, name)
+
+    def log_model(self, model, input_example) -> None:
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        client = _client(self.uri)
+        if error:
+            client.set_tag(self.run_id, "error", error[:5000])
+        client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return _client(self.uri).get_run(self.run_id).info.status
+
+    def metric_history(self, key: str) -> list[float]:
+        """Every value logged under `key`, oldest first."""
+        history = _client(self.uri).get_metric_history(self.run_id, key)
+        return [m.value for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
+
+    def epoch_history(self) -> list[dict[str, float]]:
+        """Per-epoch metrics as logged (for a restarted epoch, the last value logged wins)."""
+        client = _client(self.uri)
+        keys = [k for k in client.get_run(self.run_id).data.metrics
+                if k in PROGRESS_KEYS or k.startswith("val_")]
+        by_step: dict[int, dict[str, float]] = {}
+        for key in keys:
+            for m in sorted(client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
+                by_step.setdefault(m.step, {})[key] = m.value
+        return [by_step[s] for s in sorted(by_step)]
