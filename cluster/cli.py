@@ -1,0 +1,145 @@
+"""The `raydeep` command line: run, ui, models, strategies.
+
+Bad input gets one line on stderr and exit code 2; a run that fails after it started is
+marked FAILED in MLflow and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+# Flags of `raydeep run` and the config keys they set (values are parsed as the key's type).
+RUN_FLAGS = {
+    "--model": "model.name",
+    "--strategy": "strategy.name",
+    "--workers": "resources.workers",
+    "--gpus-per-worker": "resources.gpus_per_worker",
+    "--cpus-per-worker": "resources.cpus_per_worker",
+    "--num-cpus": "resources.num_cpus",
+    "--address": "resources.address",
+    "--storage-path": "resources.storage_path",
+    "--epochs": "optim.epochs",
+    "--lr": "optim.lr",
+    "--optimizer": "optim.name",
+    "--batch-size": "data.batch_size",
+    "--data": "data.source",
+    "--label": "data.label",
+    "--input-shape": "data.input_shape",
+    "--tracking-uri": "tracking.uri",
+    "--experiment": "tracking.experiment",
+    "--run-name": "tracking.run_name",
+    "--seed": "seed",
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line instead of a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="raydeep", description="Distributed deep learning on Ray, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", parser_class=Parser, required=True)
+
+    run = commands.add_parser("run", help="train a model with a strategy")
+    run.add_argument("config", nargs="?", help="a run config YAML (flags and --set override it)")
+    for flag, key in RUN_FLAGS.items():
+        run.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
+    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
+                     help="continue a run from its last checkpoint (default: the newest run)")
+
+    ui = commands.add_parser("ui", help="serve the MLflow UI over the run store")
+    ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+
+    commands.add_parser("models", help="list model families and their hyper-parameters")
+    commands.add_parser("strategies", help="list training strategies")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(str(e))
+    if args.command == "models":
+        return cmd_models()
+    if args.command == "strategies":
+        return cmd_strategies()
+    if args.command == "ui":
+        from cluster.ui import serve
+
+        return serve(args.tracking_uri, args.host, args.port)
+    return cmd_run(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines import ConfigError, RunFailed, config, train
+    from pipelines.run import prepare
+    from cluster.connect import connect
+
+    try:
+        overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
+                     if getattr(args, key) is not None}
+        if args.resume:
+            overrides["resume"] = config.Text(args.resume)
+        run_config = config.load(args.config, overrides, args.sets)
+        prepare(run_config)
+    except ConfigError as e:
+        return _fail(str(e))
+    from pipelines import strategy
+
+    if strategy.get(run_config.strategy.name).uses_ray:
+        connect(run_config.resources.address, run_config.resources.num_cpus)
+    try:
+        result = train(run_config)
+    except ConfigError as e:
+        return _fail(str(e))
+    except RunFailed as e:
+        print(f"raydeep: run failed (MLflow run {e.run_id} marked FAILED): {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raydeep: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
+        return 130
+    print(f"MLflow run {result.run_id} ({result.run_name}) finished")
+    for key, value in result.metrics.items():
+        print(f"  {key:<22} {value:.4f}")
+    return 0
+
+
+def cmd_models() -> int:
+    import models
+
+    for name in models.names():
+        spec = models.get(name)
+        params = ", ".join(f"{k}={v}" for k, v in spec.hyper_parameters().items())
+        print(f"{name:<12} {spec.description}\n{'':<12} {params}")
+    return 0
+
+
+def cmd_strategies() -> int:
+    import pipelines  # noqa: F401  (registers the strategies)
+    from pipelines import strategy
+
+    for name in strategy.names():
+        print(f"{name:<12} {strategy.get(name).description}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"raydeep: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Connecting to Ray: an embedded local instance by default, or an existing cluster."""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def quiet_ray_logs() -> None:
+    """Keep the terminal to raydeep's own progress lines; Ray's logs stay in its log files."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    for name in ("ray", "ray.train", "ray.tune", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
+    """Start or join Ray once per process; returns the cluster's resources."""
+    import ray
+
+    quiet_ray_logs()
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus, logging_level=logging.WARNING)
+    return ray.cluster_resources()
