@@ -134,7 +134,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         if not first_step_logged:
             batches = _mark_first_step(batches, tracker, config["submitted_at"], rank)
             first_step_logged = True
-        loss, seen = train_epoch(objective, optimizer, data.x_train, data.y_train, batches, device)
+        loss, seen = train_epoch(objective, optimizer, data.x_train, data.y_train, batches, device,
+                                      run.optim.grad_clip)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=device)
         keys = sorted(sums)

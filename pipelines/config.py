@@ -59,6 +59,8 @@ class OptimSection:
     """Momentum of sgd."""
     weight_decay: float = 0.0
     epochs: int = 10
+    grad_clip: Optional[float] = None
+    """Clip the global gradient norm to this value (helps RNNs at high learning rates)."""
     steps_per_epoch: Optional[int] = None
     """Cap on optimizer steps per epoch (default: one pass over the training split)."""
 
@@ -325,6 +327,7 @@ def validate(config: RunConfig) -> None:
     need(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
+    need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
     from pipelines import strategy as registry

@@ -43,7 +43,8 @@ class LocalStrategy(Strategy):
             began = time.perf_counter()
             batches = batch_indices(len(data.y_train), run.data.batch_size, seed=run.seed,
                                     epoch=epoch, cap=run.optim.steps_per_epoch)
-            loss, seen = train_epoch(objective, optimizer, data.x_train, data.y_train, batches)
+            loss, seen = train_epoch(objective, optimizer, data.x_train, data.y_train, batches,
+                                      grad_clip=run.optim.grad_clip)
             elapsed = time.perf_counter() - began
             metrics = {"train_loss": loss, "samples_per_s": seen / elapsed,
                        **mean_metrics(evaluate_sums(model, data.x_val, data.y_val), "val")}

@@ -63,7 +63,8 @@ class Objective(nn.Module):
 
 
 def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, batches, device: torch.device | str = "cpu") -> tuple[float, int]:
+                y: torch.Tensor, batches, device: torch.device | str = "cpu",
+                grad_clip: float | None = None) -> tuple[float, int]:
     """One pass over `batches`; returns (mean loss over steps, examples seen)."""
     objective.train()
     total, steps, seen = 0.0, 0, 0
@@ -72,6 +73,8 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         optimizer.zero_grad(set_to_none=True)
         loss = objective(xb, yb)
         loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
         optimizer.step()
         total += loss.item()
         steps += 1
