@@ -61,14 +61,13 @@ class AllreduceStrategy(Strategy):
         resources: dict[str, float] = {"CPU": run.resources.cpus_per_worker}
         if gpus > 0:
             resources["GPU"] = gpus
-        restored = checkpoint.latest(run_dir) if run.resume else None
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={
                 "run": run,
                 "data": ray.put(data),
                 "tracker": tracker,
-                "resume_from": str(restored) if restored else None,
+                "run_dir": str(run_dir),
                 "submitted_at": time.time(),
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
@@ -84,10 +83,13 @@ class AllreduceStrategy(Strategy):
         result = trainer.fit()
         if result.error:
             raise result.error
-        if result.checkpoint is None:
-            raise RuntimeError("allreduce finished without a checkpoint")
-        with result.checkpoint.as_directory() as directory:
-            state = checkpoint.load(directory)
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as directory:
+                state = checkpoint.load(directory)
+        else:  # a resumed run that had no epoch left to train
+            state = checkpoint.load_latest(run_dir)
+        if state is None:
+            raise RuntimeError(f"allreduce finished without a checkpoint under {run_dir}")
         starts = tracker.metric_history("worker_group_start_epoch")
         summary = {"worker_restarts": float(max(len(starts) - 1, 0))}
         first = tracker.metric_history("time_to_first_step_s")
@@ -125,6 +127,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             print(f"resumed from the checkpoint of epoch {start}", flush=True)
     torch.manual_seed(run.seed * 1009 + rank + start)  # dropout differs per worker, not per run
 
+    # Small data sets live on the worker's device once, instead of a copy per step.
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     x_val, y_val = data.x_val[rank::world], data.y_val[rank::world]
     first_step_logged = start > 0
     for epoch in range(start, run.optim.epochs):
@@ -134,7 +138,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if not first_step_logged:
             batches = _mark_first_step(batches, tracker, config["submitted_at"], rank)
             first_step_logged = True
-        loss, seen = train_epoch(objective, optimizer, data.x_train, data.y_train, batches, device,
+        loss, seen = train_epoch(objective, optimizer, x_train, y_train, batches, device,
                                       run.optim.grad_clip)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=device)
@@ -158,15 +162,23 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _restore(config: dict[str, Any]) -> dict | None:
+    """The newest state: Ray Train's last registered checkpoint or the newest on storage.
+
+    Storage can be ahead of Ray Train: a checkpoint is written before the controller
+    registers it, and a worker lost in between must not send the run back to epoch 0.
+    This is also how `--resume` finds the state of an earlier run of the same name.
+    """
     import ray.train
 
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            return checkpoint.load(directory)
-    if config["resume_from"]:
-        return checkpoint.load(config["resume_from"])
-    return None
+    candidates = []
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        with registered.as_directory() as directory:
+            candidates.append(checkpoint.load(directory))
+    on_storage = checkpoint.load_latest(config["run_dir"])
+    if on_storage is not None:
+        candidates.append(on_storage)
+    return max(candidates, key=lambda state: state["epoch"], default=None)
 
 
 def _mark_first_step(batches, tracker, submitted_at: float, rank: int):

@@ -29,16 +29,21 @@ def load(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def latest(run_dir: str | Path) -> Path | None:
-    """The checkpoint of the highest epoch under `run_dir`, if any holds a state file."""
-    best: tuple[int, Path] | None = None
+def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
+    """The state of the highest epoch under `run_dir` that loads whole, if any.
+
+    A process killed while copying a checkpoint can leave a truncated file; the one before
+    it is then the newest usable state.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
-    for child in run_dir.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / STATE_FILE).is_file():
-            epoch = int(match.group(1))
-            if best is None or epoch > best[0]:
-                best = (epoch, child)
-    return best[1] if best else None
+    found = sorted(((int(m.group(1)), child) for child in run_dir.iterdir()
+                    if (m := _NAME.match(child.name)) and (child / STATE_FILE).is_file()),
+                   reverse=True)
+    for _, directory in found:
+        try:
+            return load(directory)
+        except Exception:  # noqa: BLE001 - a partial file of any kind: try the one before
+            continue
+    return None

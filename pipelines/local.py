@@ -31,9 +31,8 @@ class LocalStrategy(Strategy):
         optimizer = make_optimizer(run.optim, model.parameters())
         objective = Objective(model)
         start = 0
-        restored = checkpoint.latest(run_dir) if run.resume else None
-        if restored:
-            state = checkpoint.load(restored)
+        state = checkpoint.load_latest(run_dir) if run.resume else None
+        if state:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start = state["epoch"] + 1

@@ -7,6 +7,7 @@ global batch a single process would take, so averaged gradients match.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -67,7 +68,8 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch
                 grad_clip: float | None = None) -> tuple[float, int]:
     """One pass over `batches`; returns (mean loss over steps, examples seen)."""
     objective.train()
-    total, steps, seen = 0.0, 0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    steps, seen = 0, 0
     for idx in batches:
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -76,10 +78,14 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
         optimizer.step()
-        total += loss.item()
+        total += loss.detach()  # no host sync per step: read once per epoch
         steps += 1
         seen += len(idx)
-    return total / max(steps, 1), seen
+    mean = total.item() / max(steps, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(
+            f"training loss became {mean} after {steps} steps; lower optim.lr or set optim.grad_clip")
+    return mean, seen
 
 
 @torch.no_grad()

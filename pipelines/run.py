@@ -70,7 +70,6 @@ def train(config: RunConfig) -> Result:
             tags={"raydeep.model": config.model.name, "raydeep.strategy": strategy.name,
                   "raydeep.data": data.name},
             epochs=config.optim.epochs)
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_FILE).write_text(json.dumps(
             {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "config": config.to_dict()},
             indent=1))
@@ -103,6 +102,10 @@ def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
     name = config.tracking.run_name or (
         f"{config.model.name}-{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = storage / name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"resources.storage_path {str(storage)!r} cannot hold runs: {e.strerror}") from None
     if (run_dir / RUN_FILE).exists():
         raise ConfigError(
             f"tracking.run_name {name!r} already has a run under {storage}; "

@@ -1,0 +1,63 @@
+"""Tier 2 without Ray: the local reference loop and what a run leaves in MLflow."""
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import models
+import pipelines
+from models.mlp import MLP, MLPConfig
+from models.registry import ModelSpec
+from conftest import small_run
+
+
+def test_local_run_is_recorded_in_mlflow(store):
+    result = pipelines.train(small_run(**{"tracking.uri": store, "tracking.log_model": True,
+                                          "optim.epochs": 3, "optim.lr": 0.1}))
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "mlp" and run.data.params["optim.lr"] == "0.1"
+    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "test_loss", "test_accuracy"):
+        assert key in run.data.metrics, key
+    assert len(MlflowClient(store).get_metric_history(result.run_id, "train_loss")) == 3
+    assert result.metrics["test_accuracy"] > 0.9
+    artifacts = {a.path for a in MlflowClient(store).list_artifacts(result.run_id)}
+    assert {"loss_curve.png", "confusion_matrix.png"} <= artifacts
+    mlflow.set_tracking_uri(store)
+    loaded = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    x = torch.rand(4, 1, 8, 8)
+    torch.testing.assert_close(loaded(x), result.model(x))
+
+
+def test_same_seed_same_run(store):
+    a = pipelines.train(small_run(**{"tracking.uri": store}))
+    b = pipelines.train(small_run(**{"tracking.uri": store}))
+    for key, value in a.model.state_dict().items():
+        torch.testing.assert_close(b.model.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_resume_continues_the_same_mlflow_run(store):
+    first = pipelines.train(small_run(**{"tracking.uri": store, "tracking.run_name": "r1"}))
+    again = pipelines.train(small_run(**{"tracking.uri": store, "optim.epochs": 4, "resume": "r1"}))
+    assert again.run_id == first.run_id
+    steps = [m.step for m in MlflowClient(store).get_metric_history(first.run_id, "train_loss")]
+    assert sorted(steps) == [0, 1, 2, 3]
+    straight = pipelines.train(small_run(**{"tracking.uri": store, "optim.epochs": 4}))
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
+class _Exploding(MLP):
+    def loss(self, batch):
+        raise RuntimeError("exploded on purpose")
+
+
+def test_a_failing_run_is_marked_failed(store):
+    if "exploding" not in models.names():
+        models.register(ModelSpec("exploding", MLPConfig, _Exploding))
+    with pytest.raises(pipelines.RunFailed) as failure:
+        pipelines.train(small_run(**{"tracking.uri": store, "model.name": "exploding"}))
+    run = MlflowClient(store).get_run(failure.value.run_id)
+    assert run.info.status == "FAILED"
+    assert "exploded on purpose" in run.data.tags["error"]
