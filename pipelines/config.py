@@ -206,6 +206,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None or (isinstance(value, Text) and value.lower() in ("none", "null", "")):
             return None
         return _coerce(value, args[0], key)
+    if isinstance(value, str) and hint in (int, float):
+        try:
+            return hint(value)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {str(value)!r}") from None
     if isinstance(value, Text) and hint is not str:
         if origin is list and "[" not in value:
             value = [Text(v.strip()) for v in value.split(",") if v.strip()]

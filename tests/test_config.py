@@ -25,6 +25,13 @@ def test_yaml_then_flags_then_set(tmp_path):
     assert cfg.data.input_shape == [1, 8, 8]
 
 
+def test_exponents_read_as_numbers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")
+    assert config.load(path).optim.lr == 1e-3
+    assert config.load(sets=["optim.lr=2e-4"]).optim.lr == 2e-4
+
+
 def test_round_trip_through_dict():
     cfg = config.load(sets=["model.name=cnn", "model.channels=[4]", "optim.grad_clip=1.5"])
     again = config.from_dict(cfg.to_dict())
@@ -36,7 +43,7 @@ def test_round_trip_through_dict():
     (["bogus.x=1"], "unknown config key 'bogus'"),
     (["model.depth=1", "model.name=cnn"], "unknown config key 'model.depth'"),
     (["optim.lr=fast"], "config key 'optim.lr' expects float, got 'fast'"),
-    (["resources.workers=1.5"], "config key 'resources.workers' expects int, got 1.5"),
+    (["resources.workers=1.5"], "config key 'resources.workers' expects int, got '1.5'"),
     (["tracking.log_model=maybe"], "config key 'tracking.log_model' expects bool"),
     (["resources.workers=0"], "resources.workers must be >= 1, got 0"),
     (["data.batch_size=65"], "data.batch_size (65) must be divisible by resources.workers (2)"),

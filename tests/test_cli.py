@@ -1,0 +1,103 @@
+"""The `raydeep` command line as a user types it: listings, bad input, a real run."""
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+
+def test_models_and_strategies_are_listed(tmp_path):
+    models = run_cli("models", cwd=tmp_path)
+    assert models.returncode == 0
+    for line in ("mlp ", "cnn ", "rnn ", "depth=2", "channels=[32, 64]", "layers=1"):
+        assert line in models.stdout
+    strategies = run_cli("strategies", cwd=tmp_path)
+    assert strategies.returncode == 0
+    assert "allreduce" in strategies.stdout and "local" in strategies.stdout
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("files")
+    pq.write_table(pa.table({"a": [1.0, 2.0] * 20, "b": [0.5, 0.1] * 20, "label": [0, 1] * 20}),
+                   root / "good.parquet")
+    pq.write_table(pa.table({"a": [1.0] * 20, "s": ["x"] * 20, "label": [0, 1] * 10}),
+                   root / "text.parquet")
+    (root / "notes.txt.json").write_text("{}")
+    (root / "run.yaml").write_text("model:\n  name: mlp\n  bogus: 1\n")
+    return root
+
+
+BAD_INPUTS = [
+    (["--model", "resnet"], "unknown model 'resnet' (known: cnn, mlp, rnn)"),
+    (["--strategy", "magic"], "unknown strategy 'magic' (known: allreduce, local)"),
+    (["--set", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    (["--epochs", "ten"], "config key 'optim.epochs' expects int, got 'ten'"),
+    (["--workers", "0"], "resources.workers must be >= 1, got 0"),
+    (["--data", "{root}/missing.parquet"], "data file '{root}/missing.parquet' does not exist"),
+    (["--data", "{root}/notes.txt.json"], "is not Parquet (.parquet) or CSV (.csv)"),
+    (["--data", "{root}/good.parquet", "--label", "y"], "has no label column 'y'"),
+    (["--data", "{root}/text.parquet"], "non-numeric feature columns: s"),
+    (["--data", "{root}/good.parquet", "--input-shape", "3,1", "--batch-size", "4"],
+     "data.input_shape [3, 1] holds 3 values but each example of"),
+    (["--set", "optim.lr"], "--set 'optim.lr' needs the form key=value"),
+    (["{root}/run.yaml"], "unknown config key 'model.bogus'"),
+    (["--model", "cnn", "--set", "model.channels=[4,4,4,4]"], "too many stages"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2(files, args, message):
+    args = [a.format(root=files) for a in args]
+    result = run_cli("run", *args, cwd=files, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0] == lines[0].strip() and lines[0].startswith("raydeep: error: ")
+    assert message.format(root=files) in lines[0]
+    assert "Traceback" not in result.stderr and not (files / "mlflow.db").exists()
+
+
+def test_unknown_flag_and_missing_command(tmp_path):
+    for args in (["run", "--frobnicate"], [], ["launch"]):
+        result = run_cli(*args, cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith("raydeep: error: ")
+
+
+def test_diverging_run_fails_cleanly_and_is_marked_failed(tmp_path):
+    result = run_cli("run", "--strategy", "local", "--lr", "1e12", "--epochs", "2",
+                     "--run-name", "boom", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "training loss became" in result.stderr.strip().splitlines()[-1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id])
+    assert run.info.status == "FAILED" and run.info.run_name == "boom"
+    assert "training loss became" in run.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_main_job_mlp_allreduce_reaches_097_and_is_recorded(tmp_path):
+    """The README's main job, through the CLI with its embedded Ray and local MLflow store."""
+    result = run_cli("run", "--model", "mlp", "--strategy", "allreduce", "--workers", "2",
+                     "--epochs", "10", "--lr", "0.1", "--num-cpus", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 10/10" in result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] >= 0.97
+    assert f"MLflow run {run.info.run_id}" in result.stdout
+    assert "test_accuracy" in result.stdout
+    for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "test_loss"):
+        assert len(client.get_metric_history(run.info.run_id, key)) >= 1, key
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 10
+    assert run.data.params["resources.workers"] == "2"
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
