@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -82,55 +83,94 @@ def build_config(args: argparse.Namespace, workdir: Path):
     })
 
 
-class ForeignLoad:
-    """CPU used by processes that are not this benchmark's (not descendants of this process).
+class CpuMonitor:
+    """Where the machine's CPU goes during a run, sampled from /proc once a second.
 
-    This machine may be shared; other work on the same cores skews both runs. Snapshots of
-    /proc/<pid>/stat at the start and the end of a phase give the CPU-seconds others took.
+    Splits the CPU-seconds of every process into three shares, reported in cores (CPU-seconds
+    per second of the run):
+
+    - `others`: processes that are not this benchmark's (not descendants of it). The machine
+      may be shared; other work on the same cores skews the figures;
+    - `workers`: the training processes (Ray Train workers, torchrun's worker processes);
+    - `overhead`: everything else of ours: this driver, Ray's own processes, torchrun's agent.
+
+    A process's CPU counts from its first sample (from 0 if it started during the run) to its
+    last one, so processes that end before the run does are counted too.
     """
 
-    def __init__(self):
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.begin = self._foreign()
-        self.t0 = time.perf_counter()
+    INTERVAL_S = 1.0
 
-    def _snapshot(self) -> dict[int, tuple[int, float]]:
-        procs = {}
-        for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+    def __init__(self):
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.me = os.getpid()
+        self.ours: set[int] = set()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._sample(initial=True)
+        self.t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.INTERVAL_S):
+            self._sample()
+
+    def _sample(self, initial: bool = False) -> None:
+        procs: dict[int, tuple[int, float]] = {}
+        for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
+            except (OSError, IndexError):
                 continue
             procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.tick)
-        return procs
-
-    def _foreign(self) -> dict[int, float]:
-        procs = self._snapshot()
-        ours, me = set(), os.getpid()
-        for pid in procs:
+        for pid in procs:  # ours: this process and its descendants
             chain, p = [], pid
-            while p in procs and p not in ours and p != me and p > 1:
+            while p in procs and p not in self.ours and p != self.me and p > 1:
                 chain.append(p)
                 p = procs[p][0]
-            if p == me or p in ours:
-                ours.update(chain)
-        return {pid: cpu for pid, (_, cpu) in procs.items() if pid not in ours and pid != me}
+            if p == self.me or p in self.ours:
+                self.ours.update(chain)
+        for pid, (_, cpu) in procs.items():
+            if pid not in self.first:
+                self.first[pid] = cpu if initial else 0.0
+            if self.kind.get(pid) != "workers":  # a pooled Ray worker is renamed when it is given work
+                self.kind[pid] = self._classify(pid)
+            self.last[pid] = cpu
 
-    def cores(self) -> float:
-        """Mean cores others kept busy since this object was made."""
-        end = self._foreign()
-        used = sum(max(cpu - self.begin.get(pid, 0.0), 0.0) for pid, cpu in end.items())
-        return used / max(time.perf_counter() - self.t0, 1e-9)
+    def _classify(self, pid: int) -> str:
+        if pid != self.me and pid not in self.ours:
+            return "others"
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return "overhead"
+        if cmdline.startswith("ray::RayTrainWorker") or (
+                "ddp_reference.py" in cmdline and "torch.distributed.run" not in cmdline):
+            return "workers"
+        return "overhead"
+
+    def stop(self) -> dict[str, float]:
+        """Cores used by others, the training workers and our overhead since the start."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        used = {"others": 0.0, "workers": 0.0, "overhead": 0.0}
+        for pid, cpu in self.last.items():
+            used[self.kind[pid]] += max(cpu - self.first[pid], 0.0)
+        return {k: v / wall for k, v in used.items()}
 
 
 def wait_quiet(limit_s: float, window_s: float = 3.0) -> None:
     deadline = time.perf_counter() + limit_s
     while True:
-        load = ForeignLoad()
+        monitor = CpuMonitor()
         time.sleep(window_s)
-        busy = load.cores()
+        busy = monitor.stop()["others"]
         if busy <= BUSY_WARN:
             print(f"machine quiet (others use {busy:.2f} cores)", flush=True)
             return
@@ -173,9 +213,9 @@ def run_raydeep(cfg, args: argparse.Namespace) -> dict:
     threads = ray_worker_threads(cfg.resources.cpus_per_worker)
     try:
         t1 = time.perf_counter()
-        load = ForeignLoad()
+        monitor = CpuMonitor()
         result = pipelines.train(cfg)
-        foreign = load.cores()
+        cpu = monitor.stop()
         wall_s = time.perf_counter() - t1
         plain = run_ray_plain(cfg, args) if args.ray_plain else None
     finally:
@@ -188,7 +228,7 @@ def run_raydeep(cfg, args: argparse.Namespace) -> dict:
         "time_to_first_step_s": result.metrics.get("time_to_first_step_s"),
         "ray_init_s": ray_start_s,
         "train_wall_s": wall_s,
-        "foreign_cores": foreign,
+        "cpu_cores": cpu,
         "worker_threads": threads,
         "test_accuracy": result.metrics.get("test_accuracy"),
     }
@@ -207,7 +247,7 @@ def run_ray_plain(cfg, args: argparse.Namespace) -> dict:
     ray.cloudpickle.register_pickle_by_value(ddp_reference)  # workers need not find the module
     workdir = Path(cfg.resources.storage_path).parent
     out = workdir / "ray_plain_result.json"
-    load = ForeignLoad()
+    monitor = CpuMonitor()
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         ddp_reference.ray_train_worker,
@@ -223,7 +263,7 @@ def run_ray_plain(cfg, args: argparse.Namespace) -> dict:
         raise fit.error
     result = json.loads(out.read_text())
     result["train_wall_s"] = time.perf_counter() - t0
-    result["foreign_cores"] = load.cores()
+    result["cpu_cores"] = monitor.stop()
     return result
 
 
@@ -237,13 +277,13 @@ def run_torchrun(cfg, args: argparse.Namespace, workdir: Path) -> dict:
                "--config", str(config_path), "--out", str(out_path),
                "--loop", args.reference_loop, "--launched-at", repr(launched)]
     t0 = time.perf_counter()
-    load = ForeignLoad()
+    monitor = CpuMonitor()
     subprocess.run(command, env=env, check=True)
-    foreign = load.cores()
+    cpu = monitor.stop()
     wall_s = time.perf_counter() - t0
     result = json.loads(out_path.read_text())
     result["train_wall_s"] = wall_s
-    result["foreign_cores"] = foreign
+    result["cpu_cores"] = cpu
     return result
 
 
@@ -299,18 +339,26 @@ def report(cfg, args, data, ray_result: dict | None, torch_result: dict) -> str:
         rows.append(("diagnostic: Ray Train + reference loop", plain))
     rows.append(("torchrun + DDP", torch_result))
     name_width = max(len(r[0]) for r in rows)
-    lines.append(f"  {'run':<{name_width}}  {'samples/s':>10}  {'first step':>10}  {'wall':>7}  "
-                 f"{'others CPU':>10}  per-epoch samples/s")
+    lines.append(f"  {'':<{name_width}}  {'samples/s':>9}  {'best':>6}  {'first':>6}  {'wall':>6}  "
+                 f"{'CPU cores used during the run':^24}")
+    lines.append(f"  {'run':<{name_width}}  {'(steady)':>9}  {'epoch':>6}  {'step':>6}  {'':>6}  "
+                 f"{'workers':>7} {'overhd':>7} {'others':>7}  per-epoch samples/s")
     for name, r in rows:
-        lines.append(f"  {name:<{name_width}}  {r['steady_samples_per_s']:>10,.0f}  "
-                     f"{fmt(r.get('time_to_first_step_s'), '.1f', ' s'):>10}  "
-                     f"{fmt(r.get('train_wall_s'), '.1f', ' s'):>7}  "
-                     f"{fmt(r.get('foreign_cores'), '.2f', ' cores'):>10}  {epochs(r)}")
+        cpu = r.get("cpu_cores") or {}
+        best = max(h["samples_per_s"] for h in r["history"][1:])
+        lines.append(f"  {name:<{name_width}}  {r['steady_samples_per_s']:>9,.0f}  {best:>6,.0f}  "
+                     f"{fmt(r.get('time_to_first_step_s'), '.1f', 's'):>6}  "
+                     f"{fmt(r.get('train_wall_s'), '.1f', 's'):>6}  "
+                     f"{fmt(cpu.get('workers'), '.2f'):>7} {fmt(cpu.get('overhead'), '.2f'):>7} "
+                     f"{fmt(cpu.get('others'), '.2f'):>7}  {epochs(r)}")
     lines.append("")
     if ray_result:
         ratio = ray_result["steady_samples_per_s"] / torch_result["steady_samples_per_s"]
         verdict = "meets" if ratio >= GOAL else "misses"
-        lines.append(f"  raydeep / torchrun samples/s   {ratio:.3f}   ({verdict} the goal >= {GOAL})")
+        best_ratio = (max(h["samples_per_s"] for h in ray_result["history"][1:])
+                      / max(h["samples_per_s"] for h in torch_result["history"][1:]))
+        lines.append(f"  raydeep / torchrun samples/s   {ratio:.3f}   ({verdict} the goal >= {GOAL}); "
+                     f"best epoch against best epoch: {best_ratio:.3f}")
         if plain:
             lines.append(f"  diagnostic: Ray Train + reference loop / torchrun  "
                          f"{plain['steady_samples_per_s'] / torch_result['steady_samples_per_s']:.3f};  "
@@ -319,13 +367,16 @@ def report(cfg, args, data, ray_result: dict | None, torch_result: dict) -> str:
         lines.append(f"  raydeep time to first step     {fmt(ray_result['time_to_first_step_s'], '.1f', ' s')}"
                      f"   (trainer submitted -> end of first optimizer step; Ray started "
                      f"{ray_result['ray_init_s']:.1f} s before, not counted)")
-    busy = max(r.get("foreign_cores") or 0.0 for _, r in rows)
+    busy = max((r.get("cpu_cores") or {}).get("others", 0.0) for _, r in rows)
     if busy > BUSY_WARN:
         lines.append(f"  WARNING: other processes on this machine kept {busy:.2f} cores busy during a run; "
                      "the figures are skewed, rerun on a quiet machine")
-    lines.append("  samples/s: global examples stepped / mean per-worker wall time of the epoch's "
-                 "steps, mean of epochs 2..N; first step: from launch (torchrun) or trainer "
-                 "submission (raydeep)")
+    lines.append("  samples/s: global examples stepped / mean per-worker wall time of the epoch's steps; "
+                 "steady: mean of epochs 2..N, best: the fastest of them")
+    lines.append("  first step: from trainer submission (Ray rows) or torchrun launch to the end of the "
+                 "first optimizer step; wall: the whole run")
+    lines.append("  CPU: cores kept busy during the run by the training processes (workers), by the rest "
+                 "of ours (overhd: driver, Ray's processes, torchrun's agent) and by other processes")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ epoch; a lost worker restarts the group from the last checkpoint (`FailureConfig
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,7 +54,8 @@ class AllreduceStrategy(Strategy):
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+        from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig,
+                               ScalingConfig)
         from ray.train.torch import TorchConfig, TorchTrainer
 
         options: AllreduceOptions = run.strategy.params
@@ -78,6 +80,7 @@ class AllreduceStrategy(Strategy):
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         result = trainer.fit()
@@ -105,6 +108,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    _quiet_report_logs()
     run: RunConfig = config["run"]
     data: Dataset = ray.get(config["data"])
     tracker = config["tracker"]
@@ -124,7 +128,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         tracker.log_metrics({"worker_group_start_epoch": start}, step=start)
         if state:
-            print(f"resumed from the checkpoint of epoch {start}", flush=True)
+            print(f"resumed from the checkpoint of epoch {start}", flush=True, file=sys.__stdout__)
     torch.manual_seed(run.seed * 1009 + rank + start)  # dropout differs per worker, not per run
 
     # Small data sets live on the worker's device once, instead of a copy per step.
@@ -159,6 +163,18 @@ def _train_worker(config: dict[str, Any]) -> None:
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint.directory_name(epoch))
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train logs every report at INFO from a logger outside `ray.train`; once per epoch
+    per worker, that would bury the progress lines."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _restore(config: dict[str, Any]) -> dict | None:

@@ -82,7 +82,8 @@ class Tracker:
                 for k in PROGRESS_KEYS if k in metrics
             )
             total = f"/{self.epochs}" if self.epochs else ""
-            print(f"epoch {epoch + 1}{total}  {shown}", flush=True, file=sys.stdout)
+            # The process's own stdout: Ray Train's print patch would log the line twice.
+            print(f"epoch {epoch + 1}{total}  {shown}", flush=True, file=sys.__stdout__)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         client = _client(self.uri)
@@ -95,10 +96,18 @@ class Tracker:
     def log_model(self, model, input_example) -> None:
         import mlflow
         import mlflow.pytorch
+        import torch
+
+        import models
 
         mlflow.set_tracking_uri(self.uri)
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+            # The family's code travels with the model, so it loads where raydeep is not installed.
+            mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example,
+                code_paths=[os.path.dirname(models.__file__)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                  f"mlflow=={mlflow.__version__}"])
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         client = _client(self.uri)
