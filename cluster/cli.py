@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume:
             overrides["resume"] = config.Text(args.resume)
         run_config = config.load(args.config, overrides, args.sets)
-        prepare(run_config)
+        data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
     from pipelines import strategy
@@ -102,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if strategy.get(run_config.strategy.name).uses_ray:
         connect(run_config.resources.address, run_config.resources.num_cpus)
     try:
-        result = train(run_config)
+        result = train(run_config, data)
     except ConfigError as e:
         return _fail(str(e))
     except RunFailed as e:

@@ -56,9 +56,13 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
     return data, model
 
 
-def train(config: RunConfig) -> Result:
-    """Train as `config` says, record it in MLflow, and return the final metrics and model."""
-    data, _ = prepare(config)
+def train(config: RunConfig, data: datasets.Dataset | None = None) -> Result:
+    """Train as `config` says, record it in MLflow, and return the final metrics and model.
+
+    `data` is the result of `prepare(config)` when the caller has checked the run already.
+    """
+    if data is None:
+        data, _ = prepare(config)
     strategy = strategies.get(config.strategy.name)
     uri = absolute_uri(config.tracking.uri)
     run_dir, previous = _run_directory(config)

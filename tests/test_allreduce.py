@@ -74,3 +74,18 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_session, store,
     epochs = {m.step for m in client.get_metric_history(result.run_id, "train_loss")}
     assert epochs == set(range(6))
     assert result.metrics["test_accuracy"] > 0.9
+
+
+def test_resume_continues_an_allreduce_run_from_its_checkpoint(ray_session, store):
+    common = {"tracking.uri": store, "strategy.name": "allreduce", "optim.steps_per_epoch": 4}
+    first = pipelines.train(small_run(**common, **{"tracking.run_name": "again", "optim.epochs": 2}))
+    resumed = pipelines.train(small_run(**common, **{"resume": "again", "optim.epochs": 3}))
+    assert resumed.run_id == first.run_id
+    client = MlflowClient(store)
+    assert sorted(m.step for m in client.get_metric_history(first.run_id, "train_loss")) == [0, 1, 2]
+    starts = [m.value for m in client.get_metric_history(first.run_id, "worker_group_start_epoch")]
+    assert sorted(starts) == [0, 2]
+    reference = pipelines.train(small_run(**{"tracking.uri": store, "optim.steps_per_epoch": 4,
+                                            "optim.epochs": 3}))
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
