@@ -52,3 +52,28 @@ def flat_size(shape: tuple[int, ...]) -> int:
     for d in shape:
         size *= d
     return size
+
+
+class Phase:
+    """One greedy pre-training phase (a layer-wise autoencoder or RBM, say).
+
+    `module` offers ``loss(batch)``; its parameters are exactly what the phase trains.
+    Layers it reads but does not train (the frozen ones below) must be held outside its
+    registered submodules, so that data-parallel wrappers see no unused parameters.
+    """
+
+    def __init__(self, name: str, module: nn.Module, epochs: int):
+        self.name, self.module, self.epochs = name, module, epochs
+
+
+class Frozen:
+    """Holds modules a phase reads without training them, out of sight of `parameters()`."""
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self.modules:
+            x = module(x)
+        return x

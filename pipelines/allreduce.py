@@ -7,7 +7,6 @@ epoch; a lost worker restarts the group from the last checkpoint (`FailureConfig
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,8 +18,8 @@ import torch
 from pipelines import checkpoint
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics, train_epoch
-from pipelines.strategy import FitResult, Strategy, build_model, register
+from pipelines.epochs import Collective, train_epochs
+from pipelines.strategy import FitResult, Strategy, register
 
 
 @dataclass
@@ -113,56 +112,37 @@ def _train_worker(config: dict[str, Any]) -> None:
     data: Dataset = ray.get(config["data"])
     tracker = config["tracker"]
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    model = build_model(run, data.input_shape, data.num_classes)
+    def all_sum(values: list[float]) -> list[float]:
+        totals = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        return totals.tolist()
+
+    comm = Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
+                      wrap=ray.train.torch.prepare_model, sum=all_sum)
     state = _restore(config)
-    start = state["epoch"] + 1 if state else 0
-    if state:
-        model.load_state_dict(state["model"])
-    objective = ray.train.torch.prepare_model(Objective(model))
-    optimizer = make_optimizer(run.optim, model.parameters())
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-    if rank == 0:
+    if comm.rank == 0:
+        start = state["epoch"] + 1 if state else 0
         tracker.log_metrics({"worker_group_start_epoch": start}, step=start)
         if state:
-            print(f"resumed from the checkpoint of epoch {start}", flush=True, file=sys.__stdout__)
-    torch.manual_seed(run.seed * 1009 + rank + start)  # dropout differs per worker, not per run
+            tracker.say(f"resumed from the checkpoint of epoch {start}")
 
-    # Small data sets live on the worker's device once, instead of a copy per step.
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    x_val, y_val = data.x_val[rank::world], data.y_val[rank::world]
-    first_step_logged = start > 0
-    for epoch in range(start, run.optim.epochs):
-        began = time.perf_counter()
-        batches = batch_indices(len(data.y_train), run.data.batch_size, seed=run.seed, epoch=epoch,
-                                rank=rank, world=world, cap=run.optim.steps_per_epoch)
-        if not first_step_logged:
-            batches = _mark_first_step(batches, tracker, config["submitted_at"], rank)
-            first_step_logged = True
-        loss, seen = train_epoch(objective, optimizer, x_train, y_train, batches, device,
-                                      run.optim.grad_clip)
-        elapsed = time.perf_counter() - began
-        sums = evaluate_sums(model, x_val, y_val, device=device)
-        keys = sorted(sums)
-        totals = torch.tensor([loss, float(seen), elapsed] + [sums[k] for k in keys],
-                              dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        totals = totals.tolist()
-        metrics = {"train_loss": totals[0] / world,
-                   "samples_per_s": totals[1] / (totals[2] / world),
-                   **mean_metrics(dict(zip(keys, totals[3:])), "val")}
+    def after_epoch(epoch, metrics, model, optimizer):
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
-            if rank == 0:
-                tracker.log_epoch(epoch, metrics)
+            if comm.rank == 0:
                 checkpoint.save(tmp, epoch=epoch, model=_cpu(model.state_dict()),
                                 optimizer=optimizer.state_dict())
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint.directory_name(epoch))
+
+    def first_step():
+        if comm.rank == 0 and not state:
+            tracker.log_metrics({"time_to_first_step_s": time.time() - config["submitted_at"]})
+
+    train_epochs(run, data, tracker, comm, state, after_epoch, first_step)
 
 
 def _quiet_report_logs() -> None:
@@ -195,14 +175,6 @@ def _restore(config: dict[str, Any]) -> dict | None:
     if on_storage is not None:
         candidates.append(on_storage)
     return max(candidates, key=lambda state: state["epoch"], default=None)
-
-
-def _mark_first_step(batches, tracker, submitted_at: float, rank: int):
-    """Pass the batches through, logging the time from submission to the first step's end."""
-    for i, idx in enumerate(batches):
-        if i == 1 and rank == 0:
-            tracker.log_metrics({"time_to_first_step_s": time.time() - submitted_at})
-        yield idx
 
 
 def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -97,6 +97,8 @@ class TrackingSection:
     """Name of the run (default: model-strategy-timestamp)."""
     log_model: bool = True
     """Log the trained model as an MLflow model."""
+    grad_norms: bool = False
+    """Log each layer's mean gradient norm per epoch and draw them (vanishing gradients)."""
 
 
 @dataclass

@@ -47,3 +47,46 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
 
 def close(fig) -> None:
     plt.close(fig)
+
+
+def image_grid(images, title: str, columns: int = 10):
+    """Draw (N, H, W) or (N, 1, H, W) images, values in [0, 1], as a grid."""
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, 0]
+    n = len(images)
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(0.8 * columns, 0.8 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray", vmin=0.0, vmax=1.0)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def filters(weights, shape, title: str, limit: int = 64):
+    """The first layer's weights, one image per unit (or kernel), each scaled to [0, 1]."""
+    w = np.asarray(weights)[:limit].reshape(-1, *shape)
+    low = w.reshape(len(w), -1).min(axis=1).reshape(-1, *([1] * len(shape)))
+    high = w.reshape(len(w), -1).max(axis=1).reshape(-1, *([1] * len(shape)))
+    return image_grid((w - low) / np.maximum(high - low, 1e-12), title, columns=16)
+
+
+def grad_norms(history: Sequence[dict[str, float]], prefix: str = "grad_norm."):
+    """Each layer's mean gradient norm per epoch, on a log scale: vanishing gradients show."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers = sorted({k for h in history for k in h if k.startswith(prefix)})
+    epochs = np.arange(1, len(history) + 1)
+    for layer in layers:
+        ax.plot(epochs, [h.get(layer, np.nan) for h in history], marker="o",
+                label=layer[len(prefix):])
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("mean gradient norm")
+    ax.set_title("gradient norm per layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -65,8 +65,11 @@ class Objective(nn.Module):
 
 def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                 y: torch.Tensor, batches, device: torch.device | str = "cpu",
-                grad_clip: float | None = None) -> tuple[float, int]:
-    """One pass over `batches`; returns (mean loss over steps, examples seen)."""
+                grad_clip: float | None = None, grad_norms=None) -> tuple[float, int]:
+    """One pass over `batches`; returns (mean loss over steps, examples seen).
+
+    `grad_norms` (a `diagnostics.GradNorms`) records each layer's gradient after backward.
+    """
     objective.train()
     total = torch.zeros((), dtype=torch.float64, device=device)
     steps, seen = 0, 0
@@ -75,6 +78,8 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         optimizer.zero_grad(set_to_none=True)
         loss = objective(xb, yb)
         loss.backward()
+        if grad_norms is not None:
+            grad_norms.add()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
         optimizer.step()

@@ -81,7 +81,8 @@ def train(config: RunConfig, data: datasets.Dataset | None = None) -> Result:
         fit = strategy.fit(config, data, tracker, run_dir)
         model = strategies.build_model(config, data.input_shape, data.num_classes)
         model.load_state_dict(fit.state_dict)
-        final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"), **fit.summary}
+        final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"),
+                 "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary}
         tracker.log_metrics(final)
         history = fit.history or tracker.epoch_history()
         _log_figures(tracker, model, data, history)
@@ -130,16 +131,42 @@ def _find_resumable(storage: Path, name: str) -> Path:
 
 
 def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
+    drawn = []
     if history:
-        fig = figures.loss_curve(history)
-        tracker.log_figure(fig, "loss_curve.png")
-        figures.close(fig)
+        drawn.append(("loss_curve.png", figures.loss_curve(history)))
+        if any(k.startswith("grad_norm.") for k in history[-1]):
+            drawn.append(("grad_norms.png", figures.grad_norms(history)))
+    model.eval()
     if getattr(model, "task", None) == "classification":
         predicted = np.concatenate([
             model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
-        fig = figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names)
-        tracker.log_figure(fig, "confusion_matrix.png")
+        drawn.append(("confusion_matrix.png",
+                      figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names)))
+    first = _first_layer_filters(model, data.input_shape)
+    if first is not None:
+        drawn.append(("first_layer_filters.png", first))
+    if hasattr(model, "pictures"):  # the family's own pictures: reconstructions, samples...
+        with torch.no_grad():
+            for name, images in model.pictures(data.x_test[:20]).items():
+                drawn.append((f"{name}.png", figures.image_grid(images.cpu().clamp(0, 1), name)))
+    for name, fig in drawn:
+        tracker.log_figure(fig, name)
         figures.close(fig)
+
+
+def _first_layer_filters(model: nn.Module, input_shape):
+    """The first layer's weights drawn as images, where they have an image's shape."""
+    layer = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    if layer is None:
+        return None
+    weights = layer.weight.detach().cpu()
+    if isinstance(layer, nn.Conv2d) and weights.shape[-1] > 1:
+        return figures.filters(weights[:, 0], tuple(weights.shape[-2:]), "first-layer kernels")
+    if isinstance(layer, nn.Linear) and len(input_shape) >= 2:
+        height, width = input_shape[-2], input_shape[-1]
+        if layer.in_features == height * width:
+            return figures.filters(weights, (height, width), "first-layer filters (one per unit)")
+    return None
 
 
 def _one_line(error: BaseException) -> str:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-PROGRESS_KEYS = ("train_loss", "val_loss", "val_accuracy", "samples_per_s")
+EPOCH_KEYS = ("train_loss", "samples_per_s")
 
 
 def absolute_uri(uri: str) -> str:
@@ -76,14 +76,18 @@ class Tracker:
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step `epoch` (0-based) and a progress line."""
         self.log_metrics(metrics, step=epoch)
+        keys = ["train_loss", *sorted(k for k in metrics if k.startswith("val_")), "samples_per_s"]
+        shown = "  ".join(
+            f"{k} {metrics[k]:.4f}" if k != "samples_per_s" else f"samples/s {metrics[k]:,.0f}"
+            for k in keys if k in metrics)
+        total = f"/{self.epochs}" if self.epochs else ""
+        self.say(f"epoch {epoch + 1}{total}  {shown}")
+
+    def say(self, line: str) -> None:
+        """A progress line on the terminal (when `echo`)."""
         if self.echo:
-            shown = "  ".join(
-                f"{k} {metrics[k]:.4f}" if k != "samples_per_s" else f"samples/s {metrics[k]:,.0f}"
-                for k in PROGRESS_KEYS if k in metrics
-            )
-            total = f"/{self.epochs}" if self.epochs else ""
             # The process's own stdout: Ray Train's print patch would log the line twice.
-            print(f"epoch {epoch + 1}{total}  {shown}", flush=True, file=sys.__stdout__)
+            print(line, flush=True, file=sys.__stdout__)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         client = _client(self.uri)
@@ -127,7 +131,7 @@ class Tracker:
         """Per-epoch metrics as logged (for a restarted epoch, the last value logged wins)."""
         client = _client(self.uri)
         keys = [k for k in client.get_run(self.run_id).data.metrics
-                if k in PROGRESS_KEYS or k.startswith("val_")]
+                if k in EPOCH_KEYS or k.startswith(("val_", "grad_norm."))]
         by_step: dict[int, dict[str, float]] = {}
         for key in keys:
             for m in sorted(client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):

@@ -61,3 +61,22 @@ def test_a_failing_run_is_marked_failed(store):
     run = MlflowClient(store).get_run(failure.value.run_id)
     assert run.info.status == "FAILED"
     assert "exploded on purpose" in run.data.tags["error"]
+
+
+def test_grad_norms_show_vanishing_gradients_of_a_deep_sigmoid_mlp(store):
+    def layer_norms(activation):
+        result = pipelines.train(small_run(**{
+            "tracking.uri": store, "tracking.grad_norms": True, "optim.epochs": 1,
+            "model.depth": 6, "model.width": 64, "model.activation": activation}))
+        norms = {k: v for k, v in result.history[-1].items() if k.startswith("grad_norm.")}
+        names = sorted(norms, key=lambda k: int(k.split(".")[-1]))
+        return result, norms[names[0]], norms[names[-1]]
+
+    sigmoid, first, last = layer_norms("sigmoid")
+    assert first < last / 20, (first, last)
+    _, relu_first, relu_last = layer_norms("relu")
+    assert relu_first / relu_last > 10 * first / last
+    artifacts = {a.path for a in MlflowClient(store).list_artifacts(sigmoid.run_id)}
+    assert {"grad_norms.png", "first_layer_filters.png"} <= artifacts
+    assert MlflowClient(store).get_run(sigmoid.run_id).data.metrics["num_params"] == sum(
+        p.numel() for p in sigmoid.model.parameters())

@@ -1,0 +1,105 @@
+"""The epoch loop shared by the data-parallel strategies (`local`, `allreduce`).
+
+A strategy supplies a `Collective` (its rank, world size, device, how it wraps the model
+and how it sums numbers across workers) and a hook for the end of each epoch (checkpoint,
+report); the loop does the rest the same way everywhere: greedy pre-training phases if
+the model has any, then the epochs, metrics and gradient norms.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pipelines.config import RunConfig
+from pipelines.data import Dataset
+from pipelines.diagnostics import GradNorms
+from pipelines.loop import (Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics,
+                            train_epoch)
+from pipelines.strategy import build_model
+
+
+@dataclass
+class Collective:
+    """What a data-parallel strategy tells the loop about its workers; defaults: one process."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+    """Wraps a module whose forward is the loss (DDP for allreduce)."""
+    sum: Callable[[list[float]], list[float]] = lambda values: values
+    """Sums a list of numbers over all workers."""
+
+
+EpochHook = Callable[[int, dict, nn.Module, torch.optim.Optimizer], None]
+
+
+def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state: dict | None,
+                 after_epoch: EpochHook, on_first_step: Callable[[], None] | None = None) -> nn.Module:
+    """Train from `state` (or from scratch, pre-training first) to the last epoch."""
+    model = build_model(run, data.input_shape, data.num_classes).to(comm.device)
+    x_train, y_train = data.x_train.to(comm.device), data.y_train.to(comm.device)
+    start = 0
+    if state:
+        model.load_state_dict(state["model"])
+        start = state["epoch"] + 1
+    else:
+        pretrain(model, run, x_train, y_train, tracker, comm)
+    objective = comm.wrap(Objective(model))
+    optimizer = make_optimizer(run.optim, model.parameters())
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    torch.manual_seed(run.seed * 1009 + comm.rank + start)  # dropout differs per worker
+    x_val, y_val = data.x_val[comm.rank::comm.world], data.y_val[comm.rank::comm.world]
+    meter = GradNorms(model) if run.tracking.grad_norms else None
+    for epoch in range(start, run.optim.epochs):
+        began = time.perf_counter()
+        batches = batch_indices(len(y_train), run.data.batch_size, seed=run.seed, epoch=epoch,
+                                rank=comm.rank, world=comm.world, cap=run.optim.steps_per_epoch)
+        if on_first_step is not None and epoch == start:
+            batches = _after_first(batches, on_first_step)
+        loss, seen = train_epoch(objective, optimizer, x_train, y_train, batches, comm.device,
+                                 run.optim.grad_clip, meter)
+        elapsed = time.perf_counter() - began
+        sums = evaluate_sums(model, x_val, y_val, device=comm.device)
+        keys = sorted(sums)
+        totals = comm.sum([loss, float(seen), elapsed] + [sums[k] for k in keys])
+        metrics = {"train_loss": totals[0] / comm.world,
+                   "samples_per_s": totals[1] / (totals[2] / comm.world),
+                   **mean_metrics(dict(zip(keys, totals[3:])), "val")}
+        if meter is not None:
+            metrics.update(meter.means())  # gradients are already averaged: same on every rank
+        if comm.rank == 0:
+            tracker.log_epoch(epoch, metrics)
+        after_epoch(epoch, metrics, model, optimizer)
+    return model
+
+
+def pretrain(model: nn.Module, run: RunConfig, x: torch.Tensor, y: torch.Tensor, tracker,
+             comm: Collective) -> None:
+    """Greedy layer-wise phases, each trained like a model of its own, logged per phase."""
+    phases = model.pretrain_phases() if hasattr(model, "pretrain_phases") else []
+    for index, phase in enumerate(phases):
+        objective = comm.wrap(Objective(phase.module))
+        optimizer = make_optimizer(run.optim, phase.module.parameters())
+        for epoch in range(phase.epochs):
+            batches = batch_indices(len(y), run.data.batch_size, seed=run.seed + 7919 * (index + 1),
+                                    epoch=epoch, rank=comm.rank, world=comm.world,
+                                    cap=run.optim.steps_per_epoch)
+            loss, _ = train_epoch(objective, optimizer, x, y, batches, comm.device, run.optim.grad_clip)
+            (total,) = comm.sum([loss])
+            if comm.rank == 0:
+                tracker.log_metrics({f"pretrain_{phase.name}_loss": total / comm.world}, step=epoch)
+                tracker.say(f"pre-training {phase.name} epoch {epoch + 1}/{phase.epochs}  "
+                            f"loss {total / comm.world:.4f}")
+
+
+def _after_first(batches, callback: Callable[[], None]):
+    for i, idx in enumerate(batches):
+        if i == 1:
+            callback()
+        yield idx
