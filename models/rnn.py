@@ -1,12 +1,19 @@
-"""Elman recurrent network, stacked layers; an image's rows are its time steps."""
+"""Recurrent networks: stacked Elman (or LSTM/GRU) layers with a deep hidden-to-output map.
+
+An image's rows are its time steps. Depth comes in two places (Pascanu et al., "How to
+construct deep recurrent neural networks"): stacked recurrent layers, and an MLP between
+the last hidden state and the output.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from models.base import Classifier
+from models.base import Classifier, activation
 from models.registry import ModelSpec, register
+
+CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 
 @dataclass
@@ -15,8 +22,13 @@ class RNNConfig:
     """Units of each recurrent layer."""
     layers: int = 1
     """Stacked recurrent layers."""
+    cell: str = "rnn"
+    """rnn (Elman), lstm or gru."""
     nonlinearity: str = "tanh"
-    """tanh or relu (Elman cell)."""
+    """tanh or relu (Elman cell only)."""
+    head_layers: int = 0
+    """Hidden layers of the hidden-to-output MLP (0: a linear read-out)."""
+    head_width: int = 128
     dropout: float = 0.0
     """Dropout between stacked layers."""
 
@@ -29,17 +41,28 @@ class RNN(Classifier):
                 f"rnn needs a sequence (steps, features) or an image (channels, rows, cols), "
                 f"got shape {tuple(input_shape)}; set data.input_shape"
             )
+        if cfg.cell not in CELLS:
+            raise ValueError(f"rnn cell must be one of {', '.join(CELLS)}, got {cfg.cell!r}")
         if cfg.nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"rnn nonlinearity must be tanh or relu, got {cfg.nonlinearity!r}")
         if cfg.layers < 1 or cfg.hidden < 1:
             raise ValueError(f"rnn needs layers >= 1 and hidden >= 1, got {cfg.layers} and {cfg.hidden}")
+        if cfg.head_layers < 0 or cfg.head_width < 1:
+            raise ValueError(f"rnn needs head_layers >= 0 and head_width >= 1, "
+                             f"got {cfg.head_layers} and {cfg.head_width}")
         # An image (C, H, W) is read row by row: H steps of C*W features.
         features = input_shape[-1] * (input_shape[0] if len(input_shape) == 3 else 1)
-        self.rnn = nn.RNN(
-            features, cfg.hidden, num_layers=cfg.layers, nonlinearity=cfg.nonlinearity,
-            dropout=cfg.dropout if cfg.layers > 1 else 0.0, batch_first=True,
-        )
-        self.head = nn.Linear(cfg.hidden, num_classes)
+        extra = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
+        self.rnn = CELLS[cfg.cell](
+            features, cfg.hidden, num_layers=cfg.layers, batch_first=True,
+            dropout=cfg.dropout if cfg.layers > 1 else 0.0, **extra)
+        head: list[nn.Module] = []
+        size = cfg.hidden
+        for _ in range(cfg.head_layers):
+            head += [nn.Linear(size, cfg.head_width), activation("relu")]
+            size = cfg.head_width
+        head.append(nn.Linear(size, num_classes))
+        self.head = nn.Sequential(*head)
 
     def forward(self, x):
         if x.dim() == 4:  # (N, C, H, W) -> (N, H, C*W)
@@ -48,4 +71,4 @@ class RNN(Classifier):
         return self.head(out[:, -1])
 
 
-register(ModelSpec("rnn", RNNConfig, RNN, "Elman RNN, stacked; image rows as time steps"))
+register(ModelSpec("rnn", RNNConfig, RNN, "stacked Elman/LSTM/GRU, deep read-out; image rows as time steps"))
