@@ -1,4 +1,9 @@
-"""Convolutional network: conv + pooling stages, then a dense head."""
+"""Convolutional network: conv + pooling stages, then a dense head.
+
+`conv=local` unties each stage's kernel per position and `projection` makes the head's
+hidden layer structured (`models.structured`): the course compares what weight sharing
+and structure save against what they cost in accuracy.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,8 +12,10 @@ from torch import nn
 
 from models.base import Classifier, activation
 from models.registry import ModelSpec, register
+from models.structured import LocallyConnected2d, check_projection, projection
 
 POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+CONVS = ("conv", "local")
 
 
 @dataclass
@@ -25,6 +32,10 @@ class CNNConfig:
     batch_norm: bool = True
     """Batch normalisation after each convolution (per worker's shard under allreduce on CPU)."""
     dropout: float = 0.0
+    projection: str = "dense"
+    """Linear map of the head's hidden layer: dense, fastfood or circulant (best with adam)."""
+    conv: str = "conv"
+    """Each stage's filter: conv (shared kernel) or local (a kernel per position, untied)."""
 
 
 class CNN(Classifier):
@@ -37,17 +48,24 @@ class CNN(Classifier):
             )
         if cfg.pool not in POOLS:
             raise ValueError(f"unknown pool {cfg.pool!r} (known: {', '.join(POOLS)})")
+        if cfg.conv not in CONVS:
+            raise ValueError(f"unknown conv {cfg.conv!r} (known: {', '.join(CONVS)})")
+        check_projection(cfg.projection)
         c, h, w = input_shape
         layers: list[nn.Module] = []
+        pad = cfg.kernel_size // 2
         for i, out in enumerate(cfg.channels):
-            h2, w2 = h // cfg.pool_size, w // cfg.pool_size
+            # The filter keeps the map's size for odd kernels; an even one adds a row and a column.
+            fh, fw = h + 2 * pad - cfg.kernel_size + 1, w + 2 * pad - cfg.kernel_size + 1
+            h2, w2 = fh // cfg.pool_size, fw // cfg.pool_size
             if h2 < 1 or w2 < 1:
                 raise ValueError(
-                    f"cnn stage {i + 1} of {len(cfg.channels)} would pool a {h}x{w} map "
+                    f"cnn stage {i + 1} of {len(cfg.channels)} would pool a {fh}x{fw} map "
                     f"by {cfg.pool_size}: too many stages for input {tuple(input_shape)}"
                 )
             layers += [
-                nn.Conv2d(c, out, cfg.kernel_size, padding=cfg.kernel_size // 2),
+                nn.Conv2d(c, out, cfg.kernel_size, padding=pad) if cfg.conv == "conv"
+                else LocallyConnected2d(c, out, cfg.kernel_size, (h, w), padding=pad),
                 *([nn.BatchNorm2d(out)] if cfg.batch_norm else []),
                 activation(cfg.activation),
                 POOLS[cfg.pool](cfg.pool_size),
@@ -56,7 +74,7 @@ class CNN(Classifier):
         layers.append(nn.Flatten())
         size = c * h * w
         if cfg.hidden:
-            layers += [nn.Linear(size, cfg.hidden), activation(cfg.activation)]
+            layers += [projection(cfg.projection, size, cfg.hidden), activation(cfg.activation)]
             if cfg.dropout:
                 layers.append(nn.Dropout(cfg.dropout))
             size = cfg.hidden

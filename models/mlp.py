@@ -1,4 +1,9 @@
-"""Multi-layer perceptron (the course's DNN): depth, width, activation, dropout."""
+"""Multi-layer perceptron (the course's DNN): depth, width, activation, dropout.
+
+`projection` swaps the hidden layers' dense maps for structured ones (`models.structured`)
+to compare accuracy against parameters. The output layer stays dense: with only as many
+rows as classes it is small already, and padding it to a power of two would waste work.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +12,7 @@ from torch import nn
 
 from models.base import Classifier, activation, flat_size
 from models.registry import ModelSpec, register
+from models.structured import check_projection, projection
 
 
 @dataclass
@@ -19,6 +25,8 @@ class MLPConfig:
     """relu, sigmoid, tanh, gelu or elu."""
     dropout: float = 0.0
     """Dropout probability after each hidden layer."""
+    projection: str = "dense"
+    """Linear map of the hidden layers: dense, fastfood or circulant (structured: best with adam)."""
 
 
 class MLP(Classifier):
@@ -28,10 +36,11 @@ class MLP(Classifier):
             raise ValueError(f"mlp needs depth >= 0 and width >= 1, got depth={cfg.depth} width={cfg.width}")
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"mlp dropout must be in [0, 1), got {cfg.dropout}")
+        check_projection(cfg.projection)
         layers: list[nn.Module] = [nn.Flatten()]
         size = flat_size(input_shape)
         for _ in range(cfg.depth):
-            layers += [nn.Linear(size, cfg.width), activation(cfg.activation)]
+            layers += [projection(cfg.projection, size, cfg.width), activation(cfg.activation)]
             if cfg.dropout:
                 layers.append(nn.Dropout(cfg.dropout))
             size = cfg.width

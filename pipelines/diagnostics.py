@@ -8,14 +8,17 @@ PREFIX = "grad_norm."
 
 
 class GradNorms:
-    """Mean gradient norm per layer weight over the steps of an epoch.
+    """Mean gradient norm per layer over the steps of an epoch.
 
-    Norms stay on the device between steps; they are read once per epoch.
+    A layer is a module with parameters of its own (a Linear's weight and bias, a Fastfood
+    layer's three diagonals); its norm covers all of them. Norms stay on the device
+    between steps and are read once per epoch.
     """
 
     def __init__(self, model: nn.Module):
-        self.weights = [(name.removesuffix(".weight"), p) for name, p in model.named_parameters()
-                        if name.endswith("weight") and p.requires_grad]
+        self.layers = [(name, [p for p in module.parameters(recurse=False) if p.requires_grad])
+                       for name, module in model.named_modules()]
+        self.layers = [(name, params) for name, params in self.layers if params]
         self.reset()
 
     def reset(self) -> None:
@@ -23,8 +26,9 @@ class GradNorms:
         self.steps = 0
 
     def add(self) -> None:
-        norms = [p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=p.device)
-                 for _, p in self.weights]
+        norms = [torch.stack([p.grad.detach().norm() if p.grad is not None
+                              else torch.zeros((), device=p.device) for p in params]).norm()
+                 for _, params in self.layers]
         self.sums = norms if self.sums is None else [a + b for a, b in zip(self.sums, norms)]
         self.steps += 1
 
@@ -32,6 +36,6 @@ class GradNorms:
         if not self.sums:
             return {}
         values = torch.stack([s.float().cpu() for s in self.sums]) / self.steps
-        result = {f"{PREFIX}{name}": float(v) for (name, _), v in zip(self.weights, values)}
+        result = {f"{PREFIX}{name}": float(v) for (name, _), v in zip(self.layers, values)}
         self.reset()
         return result

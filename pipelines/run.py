@@ -51,7 +51,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
                             data.y_val[:2] if len(data.y_val) else data.y_train[:2]))
     except (ValueError, RuntimeError) as e:
         raise ConfigError(
-            f"model {config.model.name} cannot take input of shape {list(data.input_shape)}: "
+            f"model {config.model.name} (input shape {list(data.input_shape)}): "
             f"{str(e).splitlines()[0]}") from None
     return data, model
 
@@ -156,9 +156,9 @@ def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
 
 def _first_layer_filters(model: nn.Module, input_shape):
     """The first layer's weights drawn as images, where they have an image's shape."""
-    layer = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-    if layer is None:
-        return None
+    layer = next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return None  # a structured or recurrent first layer has no filters to draw
     weights = layer.weight.detach().cpu()
     if isinstance(layer, nn.Conv2d) and weights.shape[-1] > 1:
         return figures.filters(weights[:, 0], tuple(weights.shape[-2:]), "first-layer kernels")

@@ -11,6 +11,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Test models are tiny: on a 2-core machine shared with Ray workers, a second torch
+    thread in the test process mostly waits."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray started once for the whole session (Ray Train needs 2 worker CPUs)."""
