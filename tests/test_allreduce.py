@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import run_cli, small_run
+from conftest import small_run
 
 pytestmark = pytest.mark.slow
 

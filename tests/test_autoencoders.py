@@ -15,15 +15,6 @@ from conftest import small_run
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only contends with whatever else runs here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(cfg):
     return datasets.load(cfg.data, cfg.seed)
 

@@ -16,15 +16,6 @@ from pipelines.run import prepare
 from conftest import small_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster, and kinder to a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _tiny_rbm(visible=4, hidden=3, seed=0, **kwargs) -> RBM:
     torch.manual_seed(seed)
     rbm = RBM(visible, hidden, **kwargs).double()

@@ -19,15 +19,6 @@ from pipelines import config
 from pipelines.run import prepare
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: on a shared machine a second torch thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hadamard(d: int) -> torch.Tensor:
     """The ±1 Sylvester-Hadamard matrix, by Kronecker doubling (not by the code under test)."""
     h = torch.ones(1, 1, dtype=torch.float64)
