@@ -8,6 +8,7 @@ epoch; a lost worker restarts the group from the last checkpoint (`FailureConfig
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,20 @@ def _train_worker(config: dict[str, Any]) -> None:
     comm = Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
                       wrap=ray.train.torch.prepare_model, sum=all_sum)
     state = _restore(config)
+    start = state["epoch"] + 1 if state else 0
+    # A worker's first MLflow call imports mlflow (about 2 s on one CPU): off the critical
+    # path, or every other rank would wait for it in DDP's constructor.
+    announce = threading.Thread(
+        target=tracker.log_metrics, args=({"worker_group_start_epoch": start},),
+        kwargs={"step": start}, daemon=True)
     if comm.rank == 0:
-        start = state["epoch"] + 1 if state else 0
-        tracker.log_metrics({"worker_group_start_epoch": start}, step=start)
+        announce.start()
         if state:
             tracker.say(f"resumed from the checkpoint of epoch {start}")
 
     def after_epoch(epoch, metrics, model, optimizer):
+        if announce.is_alive():
+            announce.join()
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if comm.rank == 0:
