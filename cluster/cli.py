@@ -113,7 +113,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     print(f"MLflow run {result.run_id} ({result.run_name}) finished")
     for key, value in result.metrics.items():
-        print(f"  {key:<22} {value:.4f}")
+        shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
+        print(f"  {key:<22} {shown}")
     return 0
 
 
