@@ -100,7 +100,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import strategy
 
     if strategy.get(run_config.strategy.name).uses_ray:
-        connect(run_config.resources.address, run_config.resources.num_cpus)
+        try:
+            connect(run_config.resources.address, run_config.resources.num_cpus)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+            where = run_config.resources.address or "an embedded local Ray"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return _fail(f"cannot connect to {where}: {first}")
     try:
         result = train(run_config, data)
     except ConfigError as e:
@@ -129,8 +134,7 @@ def cmd_models() -> int:
 
 
 def cmd_strategies() -> int:
-    import pipelines  # noqa: F401  (registers the strategies)
-    from pipelines import strategy
+    from pipelines import strategy  # importing pipelines registers the strategies
 
     for name in strategy.names():
         print(f"{name:<12} {strategy.get(name).description}")

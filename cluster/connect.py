@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 
 def quiet_ray_logs() -> None:
@@ -13,11 +14,24 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a `host:port` nobody listens on: `ray.init` would retry for minutes."""
+    if address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({e})") from None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
     """Start or join Ray once per process; returns the cluster's resources."""
     import ray
 
     quiet_ray_logs()
+    if address and not ray.is_initialized():
+        check_reachable(address)
     if not ray.is_initialized():
         if address:
             ray.init(address=address, logging_level=logging.WARNING)

@@ -42,6 +42,9 @@ BAD_INPUTS = [
     (["--data", "{root}/good.parquet", "--input-shape", "3,1", "--batch-size", "4"],
      "data.input_shape [3, 1] holds 3 values but each example of"),
     (["--set", "optim.lr"], "--set 'optim.lr' needs the form key=value"),
+    (["--tracking-uri", "mlflow.db"], "tracking.uri 'mlflow.db' is not a URI"),
+    (["--resume", "never-ran"], "--resume 'never-ran': no run of that name under"),
+    (["--address", "127.0.0.1:9"], "cannot connect to 127.0.0.1:9: no Ray cluster answers"),
     (["{root}/run.yaml"], "unknown config key 'model.bogus'"),
     (["--model", "cnn", "--set", "model.channels=[4,4,4,4]"], "too many stages"),
 ]
