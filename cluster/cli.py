@@ -30,6 +30,9 @@ RUN_FLAGS = {
     "--experiment": "tracking.experiment",
     "--run-name": "tracking.run_name",
     "--seed": "seed",
+    "--ps-shards": "strategy.shards",
+    "--staleness": "strategy.staleness",
+    "--ps-device": "strategy.device",
 }
 
 

@@ -90,3 +90,15 @@ def grad_norms(history: Sequence[dict[str, float]], prefix: str = "grad_norm."):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def staleness_histogram(counts: dict[int, int]):
+    """How many parameter-server updates arrived with each staleness (in versions)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    keys = sorted(counts)
+    ax.bar(keys, [counts[k] for k in keys], width=0.8)
+    ax.set_xlabel("staleness (server version - version the gradient was computed on)")
+    ax.set_ylabel("updates")
+    ax.set_title("staleness of applied updates")
+    fig.tight_layout()
+    return fig

@@ -53,6 +53,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
         raise ConfigError(
             f"model {config.model.name} (input shape {list(data.input_shape)}): "
             f"{str(e).splitlines()[0]}") from None
+    strategies.get(config.strategy.name).check_model(config, model)
     if config.resume:
         _find_resumable(Path(config.resources.storage_path).absolute(), config.resume)
     return data, model

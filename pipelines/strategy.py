@@ -40,6 +40,10 @@ class Strategy:
     def validate(self, run: RunConfig) -> None:
         """Raise `ConfigError` for options this strategy cannot run with."""
 
+    def check_model(self, run: RunConfig, model: nn.Module) -> None:
+        """Raise `ConfigError` for options the built model cannot satisfy (checked before any
+        process starts, once the data fixed the model's shape)."""
+
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
         raise NotImplementedError
 

@@ -25,11 +25,11 @@ def ray_session():
     """A local Ray started once for the whole session (Ray Train needs 2 worker CPUs)."""
     import ray
 
-    from cluster.connect import quiet_ray_logs
+    from cluster.connect import LOCAL_SYSTEM_CONFIG, quiet_ray_logs
 
     quiet_ray_logs()
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True)
+        ray.init(num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,335 @@
+"""`ps`: asynchronous parameter-server SGD on Ray actors (DistBelief's Downpour).
+
+S shard actors (`ps_shard`) hold equal slices of the flat parameter vector with their own
+optimizer state; W worker actors (`ps_worker`) train model replicas on disjoint data
+shards and push gradients to / pull parameters from the shards directly, each on its own
+clock. A staleness bound K (stale-synchronous parallel; K = 0 is synchronous) is kept by
+a small coordinator actor (`ps_coordinator`). The driver here only starts the actors,
+watches them, replaces a worker that dies, logs each epoch from the shards' current
+parameters, checkpoints, and assembles the final model.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipelines import checkpoint, figures
+from pipelines.config import ConfigError, RunConfig
+from pipelines.data import Dataset
+from pipelines.epochs import Collective, pretrain
+from pipelines.loop import evaluate_sums, mean_metrics
+from pipelines.ps_coordinator import Coordinator
+from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
+from pipelines.ps_shard import ParameterShard, write_initial_state
+from pipelines.ps_worker import PSWorker
+from pipelines.strategy import FitResult, Strategy, build_model, register
+
+WORKER_FAILURE_MODES = ("replace", "continue")
+
+
+@dataclass
+class ParameterServerOptions:
+    shards: int = 1
+    """Server shards (`--ps-shards`); the parameters are split evenly by size."""
+    staleness: Optional[int] = None
+    """Max clocks a worker may run ahead of the slowest (`--staleness`); unset: fully async."""
+    n_fetch: int = 1
+    """Steps between pulls of fresh parameters."""
+    n_push: int = 1
+    """Steps whose gradients are accrued before each push."""
+    staleness_aware_lr: bool = False
+    """Divide the learning rate of each update by its staleness + 1."""
+    overlap: bool = False
+    """Fully async only: compute the next gradient while the last push/pull is in flight
+    (more throughput, one more step of staleness: with momentum it costs accuracy)."""
+    device: str = "cpu"
+    """Where the shards keep parameters and optimizer state (`--ps-device`): cpu or cuda."""
+    shard_cpus: float = 0.0
+    """CPUs reserved per shard (0: shards share the workers' cores; on a cluster, say 1)."""
+    shard_gpus: float = 0.0
+    """GPU fraction per shard when `device` is cuda."""
+    snapshot_every: int = 200
+    """Updates between a shard's snapshots: a restarted shard loses at most this many."""
+    on_worker_failure: str = "replace"
+    """replace (a new worker resumes the dead one's data) or continue (with the rest)."""
+    max_worker_restarts: int = 3
+    """Worker replacements before the run fails; -1: no limit."""
+
+
+class ParameterServerStrategy(Strategy):
+    name = "ps"
+    config = ParameterServerOptions
+    description = "asynchronous parameter server (Downpour): sharded servers, bounded staleness"
+
+    def validate(self, run: RunConfig) -> None:
+        o: ParameterServerOptions = run.strategy.params
+        workers, batch = run.resources.workers, run.data.batch_size
+        if batch % workers:
+            raise ConfigError(
+                f"data.batch_size ({batch}) must be divisible by resources.workers ({workers}): "
+                "each worker takes an equal shard of every global batch")
+        checks = [
+            (o.shards >= 1, f"strategy.shards must be >= 1, got {o.shards}"),
+            (o.staleness is None or o.staleness >= 0,
+             f"strategy.staleness must be >= 0 (or unset for fully asynchronous), got {o.staleness}"),
+            (o.n_fetch >= 1, f"strategy.n_fetch must be >= 1, got {o.n_fetch}"),
+            (o.n_push >= 1, f"strategy.n_push must be >= 1, got {o.n_push}"),
+            (o.device in ("cpu", "cuda"), f"strategy.device must be cpu or cuda, got {o.device!r}"),
+            (o.device == "cpu" or o.shard_gpus > 0,
+             "strategy.device cuda needs strategy.shard_gpus > 0 (e.g. 0.25)"),
+            (o.shard_cpus >= 0 and o.shard_gpus >= 0, "strategy.shard_cpus/shard_gpus must be >= 0"),
+            (o.snapshot_every >= 1, f"strategy.snapshot_every must be >= 1, got {o.snapshot_every}"),
+            (o.on_worker_failure in WORKER_FAILURE_MODES,
+             f"strategy.on_worker_failure must be replace or continue, got {o.on_worker_failure!r}"),
+            (o.max_worker_restarts >= -1,
+             f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def check_model(self, run: RunConfig, model: nn.Module) -> None:
+        shards = run.strategy.params.shards
+        numel = sum(p.numel() for p in trainable(model))
+        if shards > numel:
+            raise ConfigError(f"strategy.shards ({shards}) exceeds the {numel:,} trainable "
+                              f"parameters of model {run.model.name}: a shard would hold nothing")
+
+    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+        return Downpour(run, data, tracker, run_dir).train()
+
+
+class Downpour:
+    """One `ps` run's actors and the driver loop that watches them."""
+
+    POLL_S = 0.25
+
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+        import ray
+
+        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.options: ParameterServerOptions = run.strategy.params
+        self.model = build_model(run, data.input_shape, data.num_classes)
+        state = checkpoint.load_latest(run_dir) if run.resume else None
+        self.start_epoch = 0
+        if state:
+            self.model.load_state_dict(state["model"])
+            self.start_epoch = state["epoch"] + 1
+            tracker.say(f"resumed from the checkpoint of epoch {self.start_epoch}")
+        else:
+            pretrain(self.model, run, data.x_train, data.y_train, tracker, Collective())
+        self.layout = ShardLayout.of(self.model, self.options.shards)
+        self.started_at = time.time()
+        self.snapshot_dir = run_dir / "ps_snapshots"
+        shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # restarts resume this run's state only
+        self.shards = self._start_shards(state)
+        self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=1000).remote(
+            run.resources.workers, self.options.staleness)
+        self.data_ref = ray.put(data)
+        self.initial_ref = ray.put({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        self.workers: dict[int, object] = {}
+        self.worker_restarts = 0
+        self.shard_seen = [{"incarnation": 0, "version": 0} for _ in self.shards]
+        self.shard_restarts = 0
+        self.histogram: Counter[int] = Counter()
+        self.history: list[dict] = []
+
+    # --- actors ----------------------------------------------------------------------------
+
+    def _start_shards(self, state: dict | None) -> list:
+        import ray
+
+        from pipelines.ps_layout import flat_buffers, flat_parameters
+
+        o = self.options
+        flat, buffers = flat_parameters(self.model), flat_buffers(self.model)
+        saved = state["optimizer"]["shards"] if state else [None] * o.shards
+        if len(saved) != o.shards:
+            self.tracker.say(f"the checkpoint has {len(saved)} shards, this run {o.shards}: "
+                             "the weights carry over, the optimizer state starts afresh")
+            saved = [None] * o.shards
+        for i, part in enumerate(self.layout.split(flat)):
+            write_initial_state(self.snapshot_dir, i, part, buffers if i == 0 and len(buffers) else None,
+                                saved[i])
+        remote = ray.remote(ParameterShard)
+        return [remote.options(
+                    name=f"{self._prefix()}shard-{i}", num_cpus=o.shard_cpus,
+                    num_gpus=o.shard_gpus if o.device == "cuda" else 0,
+                    max_restarts=-1, max_task_retries=-1).remote(
+                    i, self.run.optim, o.device, str(self.snapshot_dir), o.snapshot_every,
+                    o.staleness_aware_lr)
+                for i in range(o.shards)]
+
+    def _start_worker(self, rank: int, epoch: int, step: int, clock: int):
+        import ray
+
+        r = self.run.resources
+        device = "cuda" if r.gpus_per_worker > 0 else "cpu"
+        name = f"{self._prefix()}worker-{rank}" + (f"-r{self.worker_restarts}" if self.worker_restarts else "")
+        actor = ray.remote(PSWorker).options(
+            num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0, name=name
+        ).remote(rank, r.workers, self.run, self.data_ref, self.initial_ref, self.shards,
+                 self.coordinator, self.layout, device)
+        self.workers[rank] = actor
+        return actor.run.remote(epoch, step, clock)
+
+    def _prefix(self) -> str:
+        return f"raydeep-ps:{self.run_dir.name}:"
+
+    # --- the driver loop -------------------------------------------------------------------
+
+    def train(self) -> FitResult:
+        import ray
+
+        try:
+            running = {self._start_worker(rank, self.start_epoch, 0, 0): rank
+                       for rank in range(self.run.resources.workers)}
+            expected = set(running.values())
+            next_epoch = self.start_epoch
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1, timeout=self.POLL_S)
+                for ref in done:
+                    rank = running.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayActorError as e:
+                        replacement = self._worker_died(rank, e)
+                        if replacement is None:
+                            expected.discard(rank)
+                        else:
+                            running[replacement] = rank
+                    except ray.exceptions.RayTaskError as e:
+                        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                self._watch_shards()
+                next_epoch = self._log_epochs(next_epoch, expected)
+            self._watch_shards()
+            self._log_epochs(next_epoch, expected)
+            return self._result()
+        finally:
+            for actor in [*self.workers.values(), *self.shards, self.coordinator]:
+                ray.kill(actor)
+
+    def _worker_died(self, rank: int, error: Exception):
+        import ray
+
+        o = self.options
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if o.on_worker_failure == "continue":
+            ray.get(self.coordinator.retire.remote(rank))
+            self.tracker.say(f"worker {rank} died ({reason}); going on with the other workers")
+            if not any(True for r in self.workers if r != rank):
+                raise RuntimeError("every parameter-server worker died")
+            del self.workers[rank]
+            return None
+        if 0 <= o.max_worker_restarts <= self.worker_restarts:
+            raise RuntimeError(f"worker {rank} died after {self.worker_restarts} replacements "
+                               f"(strategy.max_worker_restarts={o.max_worker_restarts}): {reason}")
+        self.worker_restarts += 1
+        position = ray.get(self.coordinator.position.remote(rank))
+        epoch, step, clock = position if position else (self.start_epoch, 0, 0)
+        self.tracker.say(f"worker {rank} died ({reason}); a new worker resumes its data at "
+                         f"epoch {epoch + 1} step {step}")
+        self.tracker.log_metrics({"worker_restarts": self.worker_restarts},
+                                 step=self.worker_restarts)
+        return self._start_worker(rank, epoch, step, clock)
+
+    def _watch_shards(self) -> None:
+        import ray
+
+        stats = ray.get([s.stats.remote() for s in self.shards])
+        for index, (seen, now) in enumerate(zip(self.shard_seen, stats)):
+            if now["incarnation"] > seen["incarnation"]:
+                self.shard_restarts += now["incarnation"] - seen["incarnation"]
+                lost = max(seen["version"] - (now["restored_version"] or 0), 0)
+                self.tracker.say(f"shard {index} restarted from its snapshot at version "
+                                 f"{now['restored_version']} ({lost} updates lost)")
+                self.tracker.log_metrics({"shard_restarts": self.shard_restarts},
+                                         step=self.shard_restarts)
+            self.shard_seen[index] = now
+
+    def _log_epochs(self, next_epoch: int, expected: set[int]) -> int:
+        """Log (and checkpoint) every epoch that all expected workers have finished."""
+        import ray
+
+        report = ray.get(self.coordinator.report.remote())
+        while next_epoch < self.run.optim.epochs:
+            done = report["epochs"].get(next_epoch, {})
+            if not expected or not expected <= set(done):
+                break
+            self._log_epoch(next_epoch, list(done.values()))
+            next_epoch += 1
+        return next_epoch
+
+    def _log_epoch(self, epoch: int, reports: list[dict]) -> None:
+        import ray
+
+        stats = ray.get([s.stats.remote() for s in self.shards])
+        new = Counter()  # staleness of the updates computed in this epoch, over all shards
+        for shard in stats:
+            new.update(shard["histograms"].get(epoch, {}))
+        self._assemble()
+        wall = max(r["ended"] for r in reports) - min(r["began"] for r in reports)
+        steps = sum(r["steps"] for r in reports)
+        sums = evaluate_sums(self.model, self.data.x_val, self.data.y_val)
+        metrics = {"train_loss": sum(r["loss_sum"] for r in reports) / max(steps, 1),
+                   "samples_per_s": sum(r["samples"] for r in reports) / max(wall, 1e-9),
+                   "updates_per_s": steps / max(self.options.n_push, 1) / max(wall, 1e-9),
+                   **mean_metrics(sums, "val"), **_staleness_metrics(new)}
+        self.tracker.log_epoch(epoch, metrics)
+        self.history.append(metrics)
+        states = ray.get([s.state.remote() for s in self.shards])
+        checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                        model=self.model.state_dict(), optimizer={"shards": states})
+        old = self.run_dir / checkpoint.directory_name(epoch - 2)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _assemble(self) -> None:
+        """Load the shards' current parameters (and buffers) into the driver's model."""
+        import ray
+
+        pulled = ray.get([s.pull.remote() for s in self.shards])
+        load_parameters(self.model, torch.cat([torch.from_numpy(p.copy()) for _, p, _ in pulled]))
+        if pulled[0][2] is not None:
+            load_buffers(self.model, torch.from_numpy(pulled[0][2].copy()))
+
+    def _result(self) -> FitResult:
+        import ray
+
+        self._assemble()
+        report = ray.get(self.coordinator.report.remote())
+        for shard in ray.get([s.stats.remote() for s in self.shards]):
+            for counts in shard["histograms"].values():
+                self.histogram.update(counts)
+        overall = _staleness_metrics(self.histogram)
+        summary = {"worker_restarts": float(self.worker_restarts),
+                   "shard_restarts": float(self.shard_restarts),
+                   "updates": float(sum(self.histogram.values()) / len(self.shards)),
+                   **{f"{k}_overall": float(v) for k, v in overall.items()}}
+        if report["gaps"]:
+            summary["max_clock_gap"] = float(max(report["gaps"]))
+        if report["first_step_at"] and not self.start_epoch:
+            summary["time_to_first_step_s"] = report["first_step_at"] - self.started_at
+        if self.histogram:
+            figure = figures.staleness_histogram(dict(self.histogram))
+            self.tracker.log_figure(figure, "staleness_histogram.png")
+            figures.close(figure)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return FitResult(state, self.history, summary)
+
+
+def _staleness_metrics(histogram: Counter) -> dict[str, float]:
+    count = sum(histogram.values())
+    if not count:
+        return {}
+    return {"staleness_mean": sum(k * v for k, v in histogram.items()) / count,
+            "staleness_max": float(max(histogram))}
+
+
+register(ParameterServerStrategy())
