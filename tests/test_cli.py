@@ -14,7 +14,7 @@ def test_models_and_strategies_are_listed(tmp_path):
         assert line in models.stdout
     strategies = run_cli("strategies", cwd=tmp_path)
     assert strategies.returncode == 0
-    assert "allreduce" in strategies.stdout and "local" in strategies.stdout
+    assert all(name in strategies.stdout for name in ("allreduce", "local", "ps"))
 
 
 @pytest.fixture(scope="module")

@@ -165,3 +165,15 @@ def test_bad_ps_options_are_one_line_errors(workdir, flags, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not (workdir / "raydeep_runs").exists()
+
+
+def test_ps_run_from_the_command_line(workdir):
+    done = run_cli("run", "--strategy", "ps", "--workers", "2", "--ps-shards", "2", "--staleness", "1",
+                   "--epochs", "2", "--num-cpus", "4", "--set", "tracking.log_model=false", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 2/2" in done.stdout
+    final = {key: float(value.replace(",", "")) for key, value in (
+        line.split() for line in done.stdout.splitlines()
+        if line.startswith("  ") and len(line.split()) == 2)}
+    assert final["max_clock_gap"] <= 1
+    assert final["updates"] > 0 and final["test_accuracy"] > 0.5
