@@ -20,7 +20,7 @@ from pipelines import checkpoint
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.epochs import Collective, train_epochs
-from pipelines.strategy import FitResult, Strategy, register
+from pipelines.strategy import FitResult, Strategy, register, require_even_shards
 
 
 @dataclass
@@ -39,11 +39,7 @@ class AllreduceStrategy(Strategy):
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
 
     def validate(self, run: RunConfig) -> None:
-        workers, batch = run.resources.workers, run.data.batch_size
-        if batch % workers:
-            raise ConfigError(
-                f"data.batch_size ({batch}) must be divisible by resources.workers ({workers}): "
-                "each worker takes an equal shard of every global batch")
+        require_even_shards(run)
         options: AllreduceOptions = run.strategy.params
         if options.backend not in (None, "gloo", "nccl"):
             raise ConfigError(f"strategy.backend must be gloo or nccl, got {options.backend!r}")

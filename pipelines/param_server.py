@@ -29,7 +29,7 @@ from pipelines.ps_coordinator import Coordinator
 from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
 from pipelines.ps_shard import ParameterShard, write_initial_state
 from pipelines.ps_worker import PSWorker
-from pipelines.strategy import FitResult, Strategy, build_model, register
+from pipelines.strategy import FitResult, Strategy, build_model, register, require_even_shards
 
 WORKER_FAILURE_MODES = ("replace", "continue")
 
@@ -70,11 +70,7 @@ class ParameterServerStrategy(Strategy):
 
     def validate(self, run: RunConfig) -> None:
         o: ParameterServerOptions = run.strategy.params
-        workers, batch = run.resources.workers, run.data.batch_size
-        if batch % workers:
-            raise ConfigError(
-                f"data.batch_size ({batch}) must be divisible by resources.workers ({workers}): "
-                "each worker takes an equal shard of every global batch")
+        require_even_shards(run)
         checks = [
             (o.shards >= 1, f"strategy.shards must be >= 1, got {o.shards}"),
             (o.staleness is None or o.staleness >= 0,

@@ -66,17 +66,17 @@ def flat_buffers(model: nn.Module) -> torch.Tensor:
     return torch.cat([b.detach().reshape(-1) for b in buffers])
 
 
-@torch.no_grad()
 def load_parameters(model: nn.Module, flat: torch.Tensor) -> None:
-    offset = 0
-    for p in trainable(model):
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    _unflatten(trainable(model), flat)
+
+
+def load_buffers(model: nn.Module, flat: torch.Tensor) -> None:
+    _unflatten(float_buffers(model), flat)
 
 
 @torch.no_grad()
-def load_buffers(model: nn.Module, flat: torch.Tensor) -> None:
+def _unflatten(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     offset = 0
-    for b in float_buffers(model):
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

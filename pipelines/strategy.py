@@ -69,6 +69,17 @@ def names() -> Sequence[str]:
     return sorted(_REGISTRY)
 
 
+def require_even_shards(run: RunConfig) -> None:
+    """Data-parallel strategies split every global batch evenly over their workers."""
+    from pipelines.config import ConfigError
+
+    workers, batch = run.resources.workers, run.data.batch_size
+    if batch % workers:
+        raise ConfigError(
+            f"data.batch_size ({batch}) must be divisible by resources.workers ({workers}): "
+            "each worker takes an equal shard of every global batch")
+
+
 def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """The run's model with initial weights fixed by the run's seed."""
     spec = models.get(run.model.name)
