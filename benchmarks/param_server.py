@@ -39,15 +39,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mlp")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--shards", default="1,2", help="comma list: one ps run per value")
-    p.add_argument("--n-push", default="1,4",
-                   help="comma list of n_push (= n_fetch) values: one ps run per value and shard count")
+    p.add_argument("--ps", default="S=1:n=1,S=2:n=1,S=1:n=4,S=1:n=4:bf16",
+                   help="comma list of ps variants: shards S, n_push = n_fetch n, bf16 pushes")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64, help="global batch (each worker: 1/W of it)")
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--optimizer", default="adagrad", help="every run's optimizer (Downpour's: adagrad)")
+    p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--target", type=float, default=0.97, help="validation accuracy to reach")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the embedded Ray")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed 1: on seed 0's split the MLP tops out near val 0.97 under every strategy")
     return p.parse_args(argv)
 
 
@@ -55,10 +56,27 @@ def run_config(args, strategy: str, workdir: Path, **extra):
     from pipelines import config
 
     overrides = {"model.name": args.model, "strategy.name": strategy, "resources.workers": args.workers,
-                 "optim.epochs": args.epochs, "optim.lr": args.lr, "data.batch_size": args.batch_size,
+                 "optim.epochs": args.epochs, "optim.lr": args.lr, "optim.name": args.optimizer,
+                 "data.batch_size": args.batch_size,
                  "seed": args.seed, "tracking.uri": f"sqlite:///{workdir}/mlflow.db",
                  "tracking.log_model": False, "resources.storage_path": str(workdir / "runs"), **extra}
     return config.load(overrides=overrides)
+
+
+def ps_options(variant: str) -> dict:
+    """`S=2:n=4:bf16` -> the strategy options it names."""
+    options = {}
+    for part in variant.split(":"):
+        key, _, value = part.partition("=")
+        if key == "S":
+            options["strategy.shards"] = int(value)
+        elif key == "n":
+            options["strategy.n_push"] = options["strategy.n_fetch"] = int(value)
+        elif key == "bf16":
+            options["strategy.push_dtype"] = "bfloat16"
+        else:
+            raise SystemExit(f"param_server.py: error: unknown ps variant part {part!r} in {variant!r}")
+    return options
 
 
 def time_to_target(tracker_uri: str, run_id: str, target: float, first_step_at: float) -> float | None:
@@ -196,20 +214,17 @@ def main(argv=None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for shards in (int(v) for v in args.shards.split(",")):
-            for n in (int(v) for v in args.n_push.split(",")):
-                rows[f"raydeep ps S={shards} n={n}"] = run_raydeep(
-                    args, "ps", workdir, **{"strategy.shards": shards, "strategy.n_push": n,
-                                            "strategy.n_fetch": n})
+        for variant in args.ps.split(","):
+            rows[f"raydeep ps {variant}"] = run_raydeep(args, "ps", workdir, **ps_options(variant))
         rows["documented example"] = run_documented(args, workdir)
         rows["raydeep allreduce"] = run_raydeep(args, "allreduce", workdir)
     print(f"\n{args.model} on digits, {args.workers} workers, global batch {args.batch_size}, "
           f"{args.epochs} epochs, target val_accuracy {args.target}")
-    print(f"{'':<24} {'samples/s':>10} {'updates/s':>10} {'to target (s)':>14} {'start-up (s)':>13} "
+    print(f"{'':<28} {'samples/s':>10} {'updates/s':>10} {'to target (s)':>14} {'start-up (s)':>13} "
           f"{'test acc':>9}")
     for name, row in rows.items():
         target = f"{row['time_to_target_s']:.2f}" if row["time_to_target_s"] is not None else "not reached"
-        print(f"{name:<24} {row['samples_per_s']:>10,.0f} {row['updates_per_s']:>10,.1f} "
+        print(f"{name:<28} {row['samples_per_s']:>10,.0f} {row['updates_per_s']:>10,.1f} "
               f"{target:>14} {row['startup_s']:>13.1f} {row['test_accuracy']:>9.4f}")
     doc, ar = rows["documented example"], rows["raydeep allreduce"]
     print()

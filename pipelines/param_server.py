@@ -49,6 +49,8 @@ class ParameterServerOptions:
     overlap: bool = False
     """Fully async only: compute the next gradient while the last push/pull is in flight
     (more throughput, one more step of staleness: with momentum it costs accuracy)."""
+    push_dtype: str = "float32"
+    """Gradients on the wire: float32, or bfloat16 (half the bytes, about 3 significant digits)."""
     device: str = "cpu"
     """Where the shards keep parameters and optimizer state (`--ps-device`): cpu or cuda."""
     shard_cpus: float = 0.0
@@ -77,6 +79,8 @@ class ParameterServerStrategy(Strategy):
              f"strategy.staleness must be >= 0 (or unset for fully asynchronous), got {o.staleness}"),
             (o.n_fetch >= 1, f"strategy.n_fetch must be >= 1, got {o.n_fetch}"),
             (o.n_push >= 1, f"strategy.n_push must be >= 1, got {o.n_push}"),
+            (o.push_dtype in ("float32", "bfloat16"),
+             f"strategy.push_dtype must be float32 or bfloat16, got {o.push_dtype!r}"),
             (o.device in ("cpu", "cuda"), f"strategy.device must be cpu or cuda, got {o.device!r}"),
             (o.device == "cpu" or o.shard_gpus > 0,
              "strategy.device cuda needs strategy.shard_gpus > 0 (e.g. 0.25)"),
@@ -239,7 +243,7 @@ class Downpour:
     def _watch_shards(self) -> None:
         import ray
 
-        stats = ray.get([s.stats.remote() for s in self.shards])
+        stats = ray.get([s.stats.remote(()) for s in self.shards])
         for index, (seen, now) in enumerate(zip(self.shard_seen, stats)):
             if now["incarnation"] > seen["incarnation"]:
                 self.shard_restarts += now["incarnation"] - seen["incarnation"]
@@ -254,7 +258,7 @@ class Downpour:
         """Log (and checkpoint) every epoch that all expected workers have finished."""
         import ray
 
-        report = ray.get(self.coordinator.report.remote())
+        report = ray.get(self.coordinator.report.remote(next_epoch))
         while next_epoch < self.run.optim.epochs:
             done = report["epochs"].get(next_epoch, {})
             if not expected or not expected <= set(done):
@@ -266,7 +270,7 @@ class Downpour:
     def _log_epoch(self, epoch: int, reports: list[dict]) -> None:
         import ray
 
-        stats = ray.get([s.stats.remote() for s in self.shards])
+        stats = ray.get([s.stats.remote([epoch]) for s in self.shards])
         new = Counter()  # staleness of the updates computed in this epoch, over all shards
         for shard in stats:
             new.update(shard["histograms"].get(epoch, {}))
@@ -299,7 +303,7 @@ class Downpour:
         import ray
 
         self._assemble()
-        report = ray.get(self.coordinator.report.remote())
+        report = ray.get(self.coordinator.report.remote(self.run.optim.epochs))
         for shard in ray.get([s.stats.remote() for s in self.shards]):
             for counts in shard["histograms"].values():
                 self.histogram.update(counts)

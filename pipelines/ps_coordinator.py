@@ -53,8 +53,10 @@ class Coordinator:
             return None
         return (*self.positions[rank], self.clocks[rank])
 
-    async def report(self) -> dict:
-        return {"epochs": self.epochs, "gaps": dict(self.gaps), "first_step_at": self.first_step_at,
+    async def report(self, from_epoch: int = 0) -> dict:
+        """Epoch reports from `from_epoch` on (the driver polls: keep the reply small)."""
+        return {"epochs": {e: r for e, r in self.epochs.items() if e >= from_epoch},
+                "gaps": dict(self.gaps), "first_step_at": self.first_step_at,
                 "clocks": dict(self.clocks)}
 
     def _slowest(self) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 from torch import nn
 
@@ -80,3 +82,19 @@ def _unflatten(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def to_wire(tensor: torch.Tensor, dtype: str = "float32") -> np.ndarray:
+    """A CPU buffer for Ray to ship: float32, or bfloat16 bits (half the bytes) carried as
+    int16 because NumPy has no bfloat16."""
+    tensor = tensor.detach().cpu()
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    return tensor.float().numpy()
+
+
+def from_wire(buffer: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(buffer)
+    if buffer.dtype == np.int16:
+        return tensor.view(torch.bfloat16).float()
+    return tensor

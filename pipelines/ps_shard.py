@@ -24,6 +24,7 @@ import torch
 
 from pipelines.config import OptimSection
 from pipelines.loop import make_optimizer
+from pipelines.ps_layout import from_wire
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -61,7 +62,7 @@ class ParameterShard:
         if self.staleness_aware_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.base_lr / (staleness + 1)
-        self.param.grad = torch.from_numpy(gradient).to(self.device, non_blocking=True)
+        self.param.grad = from_wire(gradient).to(self.device, non_blocking=True)
         self.optimizer.step()
         self.param.grad = None
         if buffers is not None and self.buffers is not None:
@@ -84,10 +85,12 @@ class ParameterShard:
 
     # --- for the driver ------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self, epochs=None) -> dict:
+        """Version, restarts, and the staleness histograms of `epochs` (default: all)."""
+        wanted = self.histograms.keys() if epochs is None else [e for e in epochs if e in self.histograms]
         return {"version": self.version, "incarnation": self.incarnation,
                 "restored_version": self.restored_version,
-                "histograms": {e: dict(h) for e, h in self.histograms.items()},
+                "histograms": {e: dict(self.histograms[e]) for e in wanted},
                 "pid": os.getpid()}
 
     def state(self) -> dict:

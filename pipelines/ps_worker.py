@@ -24,7 +24,7 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.loop import batch_indices
 from pipelines.ps_layout import (ShardLayout, flat_buffers, flat_gradients, load_buffers,
-                                 load_parameters, trainable)
+                                 load_parameters, to_wire, trainable)
 from pipelines.strategy import build_model
 
 _MAX_IN_FLIGHT = 4
@@ -128,7 +128,7 @@ class PSWorker:
 
         if self.world > 1:  # W pushes of 1/W of a global batch each move the weights as one step
             accrued = accrued.div_(self.world)
-        slices = [part.numpy() for part in self.layout.split(accrued.detach().cpu())]
+        slices = [to_wire(part, self.options.push_dtype) for part in self.layout.split(accrued)]
         buffers = flat_buffers(self.model).cpu().numpy() if self.has_buffers else None
         bounded = self.options.staleness is not None
         fuse = fetch_next and not bounded

@@ -40,6 +40,17 @@ def test_layout_splits_parameters_evenly_and_may_cut_a_tensor():
     torch.testing.assert_close(torch.cat(parts), flat_parameters(model))
 
 
+def test_pushes_travel_as_float32_exactly_or_as_bfloat16_in_half_the_bytes():
+    from pipelines.ps_layout import from_wire, to_wire
+
+    gradient = torch.randn(1000) * 1e-3
+    exact = to_wire(gradient)
+    torch.testing.assert_close(from_wire(exact), gradient, rtol=0, atol=0)
+    half = to_wire(gradient, "bfloat16")
+    assert half.nbytes == exact.nbytes // 2
+    torch.testing.assert_close(from_wire(half), gradient, rtol=1e-2, atol=0)
+
+
 def test_one_worker_without_staleness_equals_local(ray_session, store):
     common = {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 6,
               "data.batch_size": 32, "model.depth": 2, "model.width": 32}
@@ -158,6 +169,7 @@ def test_resume_continues_a_ps_run(ray_session, store):
     (["--set", "strategy.n_push=0"], "strategy.n_push must be >= 1"),
     (["--staleness", "-1"], "strategy.staleness must be >= 0"),
     (["--ps-device", "tpu"], "strategy.device must be cpu or cuda"),
+    (["--set", "strategy.push_dtype=int8"], "strategy.push_dtype must be float32 or bfloat16"),
 ])
 def test_bad_ps_options_are_one_line_errors(workdir, flags, message):
     done = run_cli("run", "--strategy", "ps", *flags, cwd=workdir, timeout=120)
