@@ -33,6 +33,10 @@ RUN_FLAGS = {
     "--ps-shards": "strategy.shards",
     "--staleness": "strategy.staleness",
     "--ps-device": "strategy.device",
+    "--stages": "strategy.stages",
+    "--microbatches": "strategy.microbatches",
+    "--schedule": "strategy.schedule",
+    "--replicas": "strategy.replicas",
 }
 
 
@@ -57,6 +61,8 @@ def build_parser() -> Parser:
         run.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
+    run.add_argument("--print-schedule", action="store_true",
+                     help="pipeline: print the schedule as a grid and exit without training")
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
                      help="continue a run from its last checkpoint (default: the newest run)")
 
@@ -97,6 +103,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume:
             overrides["resume"] = config.Text(args.resume)
         run_config = config.load(args.config, overrides, args.sets)
+        if args.print_schedule:
+            return cmd_print_schedule(run_config)
         data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
@@ -123,6 +131,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
         print(f"  {key:<22} {shown}")
+    return 0
+
+
+def cmd_print_schedule(run_config) -> int:
+    from pipelines import ConfigError
+    from pipelines.pipeline import schedule_grid
+
+    if run_config.strategy.name != "pipeline":
+        raise ConfigError(f"--print-schedule needs --strategy pipeline, got {run_config.strategy.name!r}")
+    print(schedule_grid(run_config))
     return 0
 
 

@@ -47,6 +47,24 @@ class Classifier(nn.Module):
         return self(x).argmax(dim=1)
 
 
+class SequentialClassifier(Classifier):
+    """A classifier whose forward is ``self.net(x)``, an `nn.Sequential`: it can be cut into
+    pipeline stages anywhere between its layers."""
+
+    net: nn.Sequential
+
+    def forward(self, x):
+        return self.net(x)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The layers whose composition is `forward`, in order."""
+        return list(self.net)
+
+    def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The training loss from the last layer's output (what `loss` computes end to end)."""
+        return F.cross_entropy(output, batch[1])
+
+
 def flat_size(shape: tuple[int, ...]) -> int:
     size = 1
     for d in shape:

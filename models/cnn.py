@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from models.base import Classifier, activation
+from models.base import SequentialClassifier, activation
 from models.registry import ModelSpec, register
 from models.structured import LocallyConnected2d, check_projection, projection
 
@@ -38,7 +38,7 @@ class CNNConfig:
     """Each stage's filter: conv (shared kernel) or local (a kernel per position, untied)."""
 
 
-class CNN(Classifier):
+class CNN(SequentialClassifier):
     def __init__(self, cfg: CNNConfig, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         if len(input_shape) != 3:
@@ -80,9 +80,6 @@ class CNN(Classifier):
             size = cfg.hidden
         layers.append(nn.Linear(size, num_classes))
         self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
 
 
 register(ModelSpec("cnn", CNNConfig, CNN, "convolution + pooling stages, dense head"))

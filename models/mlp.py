@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from models.base import Classifier, activation, flat_size
+from models.base import SequentialClassifier, activation, flat_size
 from models.registry import ModelSpec, register
 from models.structured import check_projection, projection
 
@@ -29,7 +29,7 @@ class MLPConfig:
     """Linear map of the hidden layers: dense, fastfood or circulant (structured: best with adam)."""
 
 
-class MLP(Classifier):
+class MLP(SequentialClassifier):
     def __init__(self, cfg: MLPConfig, input_shape: tuple[int, ...], num_classes: int):
         super().__init__()
         if cfg.depth < 0 or cfg.width < 1:
@@ -46,9 +46,6 @@ class MLP(Classifier):
             size = cfg.width
         layers.append(nn.Linear(size, num_classes))
         self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
 
 
 register(ModelSpec("mlp", MLPConfig, MLP, "multi-layer perceptron (DNN)"))

@@ -1,0 +1,256 @@
+"""`pipeline`: pipeline model parallelism over Ray actors (GPipe and 1F1B schedules).
+
+The model is cut into P stages balanced by measured cost (`pipeline_cut`); each stage is
+an actor (`pipeline_stage`) holding its layers and optimizer, and R replicas of the whole
+pipeline train on disjoint shards of every mini-batch, allreducing each stage's gradients
+(2-D parallelism). Stages exchange activations and gradients with torch.distributed
+point-to-point; the driver asks all stages for one epoch at a time, then evaluates the
+assembled model, logs, and checkpoints. A stage that dies restarts every stage from the
+last checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipelines import checkpoint, figures
+from pipelines.config import ConfigError, RunConfig
+from pipelines.data import Dataset
+from pipelines.loop import evaluate_sums, mean_metrics
+from pipelines.pipeline_cut import CannotCut, cut, layers_of
+from pipelines.pipeline_stage import PipelineStage
+from pipelines.schedules import SCHEDULES, build, render, simulate, theoretical_bubble
+from pipelines.strategy import FitResult, Strategy, build_model, register
+
+
+@dataclass
+class PipelineOptions:
+    stages: int = 2
+    """Pipeline stages P (`--stages`), one actor each."""
+    microbatches: int = 4
+    """Micro-batches M per mini-batch (`--microbatches`)."""
+    schedule: str = "1f1b"
+    """gpipe or 1f1b (`--schedule`)."""
+    replicas: int = 1
+    """Pipelines R on disjoint data shards, allreducing per stage (`--replicas`)."""
+    split: Optional[list[int]] = None
+    """Block indices where stages 2..P start (default: balanced by measured cost)."""
+    activation_checkpointing: bool = False
+    """Keep only each stage's input and recompute its forward during backward."""
+    max_failures: int = 3
+    """Restarts of all stages from the last checkpoint before the run fails; -1: no limit."""
+
+
+class PipelineStrategy(Strategy):
+    name = "pipeline"
+    config = PipelineOptions
+    description = "pipeline model parallelism: stages on actors, GPipe or 1F1B, x data replicas"
+
+    def validate(self, run: RunConfig) -> None:
+        o: PipelineOptions = run.strategy.params
+        batch = run.data.batch_size
+        checks = [
+            (o.stages >= 1, f"strategy.stages must be >= 1, got {o.stages}"),
+            (o.microbatches >= 1, f"strategy.microbatches must be >= 1, got {o.microbatches}"),
+            (o.replicas >= 1, f"strategy.replicas must be >= 1, got {o.replicas}"),
+            (o.schedule in SCHEDULES,
+             f"strategy.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"),
+            (o.microbatches * o.replicas <= batch,
+             f"strategy.microbatches x replicas ({o.microbatches} x {o.replicas}) exceeds "
+             f"data.batch_size ({batch})"),
+            (batch % max(o.microbatches * o.replicas, 1) == 0,
+             f"data.batch_size ({batch}) must be divisible by microbatches x replicas "
+             f"({o.microbatches} x {o.replicas}): micro-batches are equal shards of a mini-batch"),
+            (o.max_failures >= -1, f"strategy.max_failures must be >= -1, got {o.max_failures}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def check_model(self, run: RunConfig, model: nn.Module) -> None:
+        o: PipelineOptions = run.strategy.params
+        try:
+            layers_of(model, run.model.name)
+            from pipelines.pipeline_cut import blocks
+
+            count = len(blocks(model.pipeline_layers()))
+        except CannotCut as e:
+            raise ConfigError(str(e)) from None
+        if o.stages > count:
+            raise ConfigError(f"strategy.stages ({o.stages}) exceeds the {count} cuttable blocks of "
+                              f"model {run.model.name}")
+        if o.split is not None and (len(o.split) != o.stages - 1 or o.split != sorted(set(o.split))
+                                    or o.split[0] < 1 or o.split[-1] >= count):
+            raise ConfigError(f"strategy.split {o.split} must hold {o.stages - 1} increasing block "
+                              f"indices in 1..{count - 1}")
+
+    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+        return PipelineRun(run, data, tracker, run_dir).train()
+
+
+def schedule_grid(run: RunConfig) -> str:
+    """The run's schedule drawn as a grid (forward 1 unit, backward 2), with its bubble."""
+    o: PipelineOptions = run.strategy.params
+    slots = simulate(build(o.schedule, o.stages, o.microbatches), 1.0, 2.0)
+    from pipelines.schedules import bubble_fraction, peak_activations
+
+    plan = build(o.schedule, o.stages, o.microbatches)
+    bubbles = bubble_fraction(slots, o.stages)
+    lines = [f"{o.schedule} schedule, {o.stages} stages x {o.microbatches} micro-batches "
+             "(F: forward, 1 unit; B: backward, 2 units; .: idle)", render(slots, o.stages), ""]
+    for stage in range(o.stages):
+        lines.append(f"stage {stage}: bubble {bubbles[stage]:.3f}, peak activations "
+                     f"{peak_activations(plan[stage])} micro-batches")
+    lines.append(f"theoretical bubble (P-1)/(M+P-1) = {theoretical_bubble(o.stages, o.microbatches):.3f}")
+    return "\n".join(lines)
+
+
+class PipelineRun:
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.options: PipelineOptions = run.strategy.params
+        self.model = build_model(run, data.input_shape, data.num_classes)
+        micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
+        example = data.x_train[:micro]
+        self.cut = cut(self.model, run.model.name, self.options.stages, example, self.options.split)
+        self.shapes = self._shapes(example)
+        self.restarts = 0
+        self.actors: list = []
+        costs = ", ".join(f"{c * 1e3:.2f}" for c in self.cut.costs)
+        tracker.say(f"pipeline: {self.options.stages} stages at layers {list(self.cut.bounds)}, "
+                    f"measured forward+backward ms per micro-batch: {costs}")
+
+    def _shapes(self, example: torch.Tensor) -> list[tuple[int, ...]]:
+        layers = self.model.pipeline_layers()
+        shapes, x = [], example
+        with torch.no_grad():
+            self.model.eval()
+            for a, b in self.cut.bounds:
+                shapes.append(tuple(x.shape[1:]))
+                for layer in layers[a:b]:
+                    x = layer(x)
+        return shapes
+
+    def _start(self, state: dict | None) -> None:
+        import ray
+
+        o, r = self.options, self.run.resources
+        remote = ray.remote(PipelineStage)
+        data = ray.put(self.data)
+        prefix = f"raydeep-pipeline:{self.run_dir.name}:"
+        layers = self.model.pipeline_layers()
+        saved = state["optimizer"]["stages"] if state else []
+        starts = []
+        for s, (a, b) in enumerate(self.cut.bounds):
+            # Weights come from the driver's model (the checkpoint's, on a restart); optimizer
+            # state only where the stage holds the same layers as when it was saved.
+            same = s < len(saved) and tuple(saved[s]["bounds"]) == (a, b)
+            starts.append({"block": nn.Sequential(*layers[a:b]).state_dict(),
+                           "optimizer": saved[s]["optimizer"] if same else None})
+        self.actors = [
+            remote.options(name=f"{prefix}stage-{s}-replica-{k}-{self.restarts}", max_restarts=0,
+                           num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(
+                s, k, self.run, data, self.cut.bounds[s], self.shapes, starts[s])
+            for k in range(o.replicas) for s in range(o.stages)]
+        host, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.join.remote(host, port) for a in self.actors])
+
+    def _stop(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def train(self) -> FitResult:
+        import ray
+
+        state = checkpoint.load_latest(self.run_dir) if self.run.resume else None
+        start = state["epoch"] + 1 if state else 0
+        if state:
+            self.model.load_state_dict(state["model"])
+        history: list[dict] = []
+        try:
+            self._start(state)
+            epoch = start
+            while epoch < self.run.optim.epochs:
+                began = time.perf_counter()
+                try:
+                    reports = ray.get([a.train_epoch.remote(epoch) for a in self.actors])
+                except ray.exceptions.RayActorError as e:
+                    epoch = self._restart(e)
+                    continue
+                except ray.exceptions.RayTaskError as e:
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                wall = time.perf_counter() - began
+                states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
+                self._assemble(states)
+                metrics = self._metrics(reports, wall)
+                self.tracker.log_epoch(epoch, metrics)
+                history.append(metrics)
+                checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                                model=self.model.state_dict(), optimizer={"stages": states})
+                if epoch == self.run.optim.epochs - 1:
+                    self._log_timeline(reports)
+                epoch += 1
+        finally:
+            self._stop()
+        summary = {"stage_restarts": float(self.restarts),
+                   "bubble_theoretical": theoretical_bubble(self.options.stages, self.options.microbatches)}
+        return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+                         history, summary)
+
+    def _restart(self, error: Exception) -> int:
+        o = self.options
+        if 0 <= o.max_failures <= self.restarts:
+            raise RuntimeError(f"a pipeline stage died after {self.restarts} restarts "
+                               f"(strategy.max_failures={o.max_failures}): {error}")
+        self.restarts += 1
+        self._stop()
+        state = checkpoint.load_latest(self.run_dir)
+        epoch = state["epoch"] + 1 if state else 0
+        if state:
+            self.model.load_state_dict(state["model"])
+        else:
+            self.model = build_model(self.run, self.data.input_shape, self.data.num_classes)
+        self.tracker.say(f"a pipeline stage died; restarting every stage from epoch {epoch + 1}")
+        self.tracker.log_metrics({"stage_restarts": self.restarts}, step=self.restarts)
+        self._start(state)
+        return epoch
+
+    def _assemble(self, states: list[dict]) -> None:
+        """Load replica 0's stages into the driver's whole model."""
+        layers = self.model.pipeline_layers()
+        for state in states:
+            a, b = state["bounds"]
+            nn.Sequential(*layers[a:b]).load_state_dict(state["block"])
+
+    def _metrics(self, reports: list[dict], wall: float) -> dict:
+        o = self.options
+        last = [r for r in reports if r["stage"] == o.stages - 1]
+        steps = sum(r["steps"] for r in last)
+        metrics = {"train_loss": sum(r["loss_sum"] for r in last) / max(steps, 1),
+                   "samples_per_s": sum(r["samples"] for r in last) / wall,
+                   "bubble_theoretical": theoretical_bubble(o.stages, o.microbatches)}
+        for stage in range(o.stages):
+            mine = [r for r in reports if r["stage"] == stage]
+            metrics[f"bubble_stage{stage}"] = sum(1 - r["busy"] / r["wall"] for r in mine) / len(mine)
+            metrics[f"peak_activation_mb_stage{stage}"] = max(r["peak_activation_bytes"] for r in mine) / 2**20
+        sums = evaluate_sums(self.model, self.data.x_val, self.data.y_val)
+        metrics.update(mean_metrics(sums, "val"))
+        return metrics
+
+    def _log_timeline(self, reports: list[dict]) -> None:
+        rows = {r["stage"]: r["timeline"] for r in reports if r["replica"] == 0}
+        if all(rows.values()):
+            figure = figures.pipeline_timeline([rows[s] for s in sorted(rows)])
+            self.tracker.log_figure(figure, "pipeline_timeline.png")
+            figures.close(figure)
+
+
+register(PipelineStrategy())

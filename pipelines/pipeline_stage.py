@@ -1,0 +1,203 @@
+"""One pipeline stage: a contiguous run of the model's layers in its own actor.
+
+Stages pass activations forward and their gradients backward with torch.distributed
+point-to-point (gloo on CPU, NCCL between GPU stages); Ray only starts the stages and asks
+each for one epoch at a time, so no per-micro-batch call goes through Ray. Every stage
+runs its own list of actions from the schedule (`pipelines.schedules`); sends are
+asynchronous and receives block, so any schedule that `schedules.simulate` accepts runs
+without deadlock. Gradients are accumulated over the micro-batches (each loss scaled by
+1/M), averaged over the R replicas of the stage, and applied once per mini-batch: one
+step equals a single-process step on the whole mini-batch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipelines.config import RunConfig
+from pipelines.data import Dataset
+from pipelines.loop import batch_indices, make_optimizer
+from pipelines.schedules import FORWARD, build
+from pipelines.strategy import build_model
+
+ACTIVATION, GRADIENT = 0, 1
+"""Message tags: activations flow to the next stage, their gradients to the previous one."""
+
+
+class PipelineStage:
+    def __init__(self, stage: int, replica: int, run: RunConfig, data: Dataset,
+                 bounds: tuple[int, int], shapes: list[tuple[int, ...]], state: dict):
+        self.stage, self.replica, self.run_config = stage, replica, run
+        self.options = run.strategy.params
+        self.stages, self.replicas = self.options.stages, self.options.replicas
+        self.device = torch.device("cuda" if run.resources.gpus_per_worker > 0 else "cpu")
+        self.model = build_model(run, data.input_shape, data.num_classes)
+        self.layers = self.model.pipeline_layers()
+        self.first, self.last = stage == 0, stage == self.stages - 1
+        self.bounds = bounds
+        self.block = nn.Sequential(*self.layers[bounds[0]:bounds[1]]).to(self.device)
+        self.model.to(self.device)  # output_loss may use the model's own modules
+        self.shapes = shapes
+        """shapes[s]: the activation entering stage s, per micro-batch (without batch size)."""
+        self.optimizer = make_optimizer(run.optim, self.block.parameters())
+        self.block.load_state_dict(state["block"])
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
+        self.schedule = build(self.options.schedule, self.stages, self.options.microbatches)[stage]
+
+    def address(self) -> tuple[str, int]:
+        """Where stage 0 of replica 0 hosts the process group's rendezvous."""
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def join(self, host: str, port: int) -> None:
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
+                                rank=self.rank(self.stage, self.replica),
+                                world_size=self.stages * self.replicas, timeout=timedelta(minutes=5))
+        # Every rank creates every group, in the same order (torch.distributed's rule).
+        groups = [dist.new_group([self.rank(s, r) for r in range(self.replicas)])
+                  for s in range(self.stages)]
+        self.replica_group = groups[self.stage]
+
+    def rank(self, stage: int, replica: int) -> int:
+        return replica * self.stages + stage
+
+    # --- training ------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int) -> dict:
+        run, o = self.run_config, self.options
+        torch.manual_seed(run.seed * 1009 + self.rank(self.stage, self.replica) + epoch * 7919)
+        self.block.train()
+        began = time.perf_counter()
+        busy, loss_sum, steps, samples, peak = 0.0, 0.0, 0, 0, 0
+        timeline: list[tuple[str, float, float]] = []
+        for idx in batch_indices(len(self.y), run.data.batch_size, seed=run.seed, epoch=epoch,
+                                 rank=self.replica, world=self.replicas, cap=run.optim.steps_per_epoch):
+            micro = idx.chunk(o.microbatches)
+            timeline = []
+            self.optimizer.zero_grad(set_to_none=True)
+            step_busy, loss, step_peak = self._run_schedule(micro, began, timeline)
+            busy += step_busy
+            peak = max(peak, step_peak)
+            self._average_over_replicas()
+            self.optimizer.step()
+            loss_sum += loss
+            steps += 1
+            samples += len(idx)
+        wall = time.perf_counter() - began
+        if self.last and not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
+                                     "lower optim.lr or set optim.grad_clip")
+        return {"stage": self.stage, "replica": self.replica, "loss_sum": loss_sum, "steps": steps,
+                "samples": samples, "busy": busy, "wall": wall, "peak_activation_bytes": peak,
+                "timeline": timeline}
+
+    def _run_schedule(self, micro: tuple[torch.Tensor, ...], began: float, timeline: list):
+        o = self.options
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        sends: list = []
+        rng: dict[int, torch.Tensor] = {}
+        busy, loss_total, live, peak = 0.0, 0.0, 0, 0
+        for action in self.schedule:
+            i = action.microbatch
+            if action.kind == FORWARD:
+                x = self._input(micro[i])
+                start = time.perf_counter()
+                if o.activation_checkpointing:
+                    rng[i] = torch.get_rng_state()  # the recomputation must draw the same dropout
+                    with torch.no_grad():
+                        out = self.block(x)
+                else:
+                    out = self.block(x)
+                if self.last:
+                    out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
+                    loss_total += float(out.detach())
+                busy += self._stamp(timeline, "F", start, began)
+                inputs[i], outputs[i] = x, out
+                live += _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
+                peak = max(peak, live)
+                if not self.last:
+                    sends.append(dist.isend(out.detach().contiguous(), self._peer(+1), tag=ACTIVATION))
+            else:
+                grad = None if self.last else self._receive(self._peer(+1), outputs[i].shape, GRADIENT)
+                start = time.perf_counter()
+                x, out = inputs.pop(i), outputs.pop(i)
+                if o.activation_checkpointing:
+                    now = torch.get_rng_state()
+                    torch.set_rng_state(rng.pop(i))
+                    out = self.block(x)
+                    torch.set_rng_state(now)
+                    if self.last:
+                        out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
+                out.backward(grad)
+                busy += self._stamp(timeline, "B", start, began)
+                live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
+                if not self.first:
+                    sends.append(dist.isend(x.grad.contiguous(), self._peer(-1), tag=GRADIENT))
+        for work in sends:
+            work.wait()
+        return busy, loss_total, peak
+
+    def _input(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            return self.x[idx]
+        shape = (len(idx), *self.shapes[self.stage])
+        return self._receive(self._peer(-1), shape, ACTIVATION).requires_grad_()
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[idx], self.y[idx]
+
+    def _receive(self, peer: int, shape, tag: int) -> torch.Tensor:
+        buffer = torch.empty(shape, device=self.device)
+        dist.recv(buffer, peer, tag=tag)
+        return buffer
+
+    def _peer(self, offset: int) -> int:
+        return self.rank(self.stage + offset, self.replica)
+
+    def _average_over_replicas(self) -> None:
+        if self.replicas == 1:
+            return
+        grads = [p.grad for p in self.block.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.replica_group)
+        flat /= self.replicas
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @staticmethod
+    def _stamp(timeline: list, kind: str, start: float, began: float) -> float:
+        end = time.perf_counter()
+        timeline.append((kind, start - began, end - began))
+        return end - start
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return {"block": {k: v.detach().cpu().clone() for k, v in self.block.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "bounds": self.bounds}
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
