@@ -1,0 +1,70 @@
+"""The torch.distributed.pipelining side of `benchmarks/pipeline.py` (run under torchrun).
+
+Same run config, same model and initial weights, same layer cut, same mini-batches; a
+`PipelineStage` per process and `ScheduleGPipe` / `Schedule1F1B`, gloo. Prints one JSON line
+from the last rank: samples/s of each epoch (timed from the epoch's first step to its last).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from pipelines import config, data as datasets
+    from pipelines.loop import batch_indices, make_optimizer
+    from pipelines.strategy import build_model
+
+    spec = json.loads(os.environ["RAYDEEP_PIPELINING"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run = config.from_dict(spec["config"])
+    data = datasets.load(run.data, run.seed)
+    model = build_model(run, data.input_shape, data.num_classes)
+    layers = model.pipeline_layers()
+    a, b = spec["bounds"][rank]
+    block = nn.Sequential(*layers[a:b])
+    micro = run.data.batch_size // spec["microbatches"]
+    example = data.x_train[:micro]
+    with torch.no_grad():
+        for layer in layers[:a]:
+            example = layer(example)
+    stage = PipelineStage(block, rank, world, torch.device("cpu"), input_args=(example,))
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]]
+    schedule = schedule_cls(stage, spec["microbatches"],
+                            loss_fn=lambda out, y: nn.functional.cross_entropy(out, y))
+    optimizer = make_optimizer(run.optim, block.parameters())
+    rates = []
+    for epoch in range(run.optim.epochs):
+        began, samples = time.perf_counter(), 0
+        for idx in batch_indices(len(data.y_train), run.data.batch_size, seed=run.seed, epoch=epoch,
+                                 cap=run.optim.steps_per_epoch):
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                schedule.step(data.x_train[idx])
+            elif rank == world - 1:
+                schedule.step(target=data.y_train[idx])
+            else:
+                schedule.step()
+            optimizer.step()
+            samples += len(idx)
+        rates.append(samples / (time.perf_counter() - began))
+    if rank == world - 1:
+        print(json.dumps({"samples_per_s": rates}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
