@@ -29,7 +29,7 @@ from pipelines.ps_coordinator import Coordinator
 from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
 from pipelines.ps_shard import ParameterShard, write_initial_state
 from pipelines.ps_worker import PSWorker
-from pipelines.strategy import FitResult, Strategy, build_model, register, require_even_shards
+from pipelines.strategy import FitResult, Strategy, build_model, register, require, require_even_shards
 
 WORKER_FAILURE_MODES = ("replace", "continue")
 
@@ -91,9 +91,7 @@ class ParameterServerStrategy(Strategy):
             (o.max_worker_restarts >= -1,
              f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def check_model(self, run: RunConfig, model: nn.Module) -> None:
         shards = run.strategy.params.shards

@@ -25,7 +25,7 @@ from pipelines.loop import evaluate_sums, mean_metrics
 from pipelines.pipeline_cut import CannotCut, cut, layers_of
 from pipelines.pipeline_stage import PipelineStage
 from pipelines.schedules import SCHEDULES, build, render, simulate, theoretical_bubble
-from pipelines.strategy import FitResult, Strategy, build_model, register
+from pipelines.strategy import FitResult, Strategy, build_model, register, require
 
 
 @dataclass
@@ -68,9 +68,7 @@ class PipelineStrategy(Strategy):
              f"({o.microbatches} x {o.replicas}): micro-batches are equal shards of a mini-batch"),
             (o.max_failures >= -1, f"strategy.max_failures must be >= -1, got {o.max_failures}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        require(checks)
 
     def check_model(self, run: RunConfig, model: nn.Module) -> None:
         o: PipelineOptions = run.strategy.params

@@ -69,6 +69,15 @@ def names() -> Sequence[str]:
     return sorted(_REGISTRY)
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise `ConfigError` with the message of the first check that failed."""
+    from pipelines.config import ConfigError
+
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 def require_even_shards(run: RunConfig) -> None:
     """Data-parallel strategies split every global batch evenly over their workers."""
     from pipelines.config import ConfigError

@@ -61,3 +61,38 @@ def small_run(**overrides):
     base = {"strategy.name": "local", "optim.epochs": 2, "tracking.log_model": False}
     base.update(overrides)
     return config.load(overrides=base)
+
+
+def live_actor_pids(ray, name_part: str | None = None, class_name: str | None = None) -> list[int]:
+    """Pids of this session's live actors whose name contains `name_part` (or of a class)."""
+    from ray.util.state import list_actors
+
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
+    # Name this session's cluster: other Ray instances may run on the same machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters)
+    return [a.pid for a in actors if a.pid and (name_part is None or (a.name and name_part in a.name))]
+
+
+def train_and_kill(cfg, ray, workdir: Path, name_part: str):
+    """Train `cfg` in a thread, SIGKILL the actor named `:RUN_NAME:name_part*` once the run's
+    second checkpoint exists, and return the run's result."""
+    import signal
+    import threading
+    import time
+
+    import pipelines
+
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
+    thread.start()
+    logged = workdir / "raydeep_runs" / cfg.tracking.run_name / "checkpoint_epoch_00001"
+    deadline = time.time() + 300
+    while not logged.exists() and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert logged.exists() and thread.is_alive(), "the run ended before the kill"
+    pids = live_actor_pids(ray, f":{cfg.tracking.run_name}:{name_part}")
+    assert pids, f"no live actor named *{name_part}*"
+    os.kill(pids[0], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in outcome, "the run did not finish"
+    return outcome["result"]

@@ -9,7 +9,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import small_run
+from conftest import live_actor_pids, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +39,6 @@ def test_cnn_reaches_098_under_allreduce(ray_session, store):
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
 
 
-def _worker_pids(ray):
-    from ray.util.state import list_actors
-
-    # Name this session's cluster: other Ray instances may run on the same machine.
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
-
-
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_session, store, workdir):
     cfg = small_run(**{
         "tracking.uri": store, "strategy.name": "allreduce", "tracking.run_name": "ft",
@@ -61,7 +53,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_session, store,
     while not first_checkpoint.exists() and thread.is_alive() and time.time() < deadline:
         time.sleep(0.2)
     assert first_checkpoint.exists(), "the run never wrote its checkpoints"
-    pids = _worker_pids(ray_session)
+    pids = live_actor_pids(ray_session, class_name="RayTrainWorker")
     assert pids, "no live Ray Train worker to kill"
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=600)

@@ -1,16 +1,12 @@
 """The `ps` strategy on a real local Ray: sharded servers, async workers, bounded staleness,
 failures of workers and shards."""
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import run_cli, small_run
+from conftest import run_cli, small_run, train_and_kill
 from pipelines.ps_layout import ShardLayout, flat_parameters
 
 pytestmark = pytest.mark.slow
@@ -101,37 +97,11 @@ def test_staleness_bound_is_never_exceeded(ray_session, store, bound):
     assert result.metrics["updates"] == 2 * 15 * workers
 
 
-def _actor_pid(ray, name_part: str) -> int:
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("state", "=", "ALIVE")])
-    pids = [a.pid for a in actors if a.name and name_part in a.name and a.pid]
-    assert pids, f"no live actor named *{name_part}*"
-    return pids[0]
-
-
-def _kill_during(cfg, ray, workdir, name_part: str):
-    """Train `cfg` in a thread and SIGKILL the named actor once epoch 2 has been logged."""
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
-    thread.start()
-    logged = workdir / "raydeep_runs" / cfg.tracking.run_name / "checkpoint_epoch_00001"
-    deadline = time.time() + 300
-    while not logged.exists() and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert logged.exists() and thread.is_alive(), "the run ended before the kill"
-    os.kill(_actor_pid(ray, f":{cfg.tracking.run_name}:{name_part}"), signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in outcome, "the run did not finish"
-    return outcome["result"]
-
-
 @pytest.mark.parametrize("mode", ["replace", "continue"])
 def test_killed_worker_is_survived(ray_session, store, workdir, mode):
     cfg = ps_run(store, **{"tracking.run_name": f"kill-worker-{mode}", **MLP_TO_097,
                            "strategy.on_worker_failure": mode})
-    result = _kill_during(cfg, ray_session, workdir, "worker-1")
+    result = train_and_kill(cfg, ray_session, workdir, "worker-1")
     assert result.metrics["worker_restarts"] == (1 if mode == "replace" else 0)
     # Going on without the dead worker trains the rest of the run on half of the data.
     assert result.metrics["test_accuracy"] >= (0.97 if mode == "replace" else 0.9)
@@ -143,7 +113,7 @@ def test_killed_worker_is_survived(ray_session, store, workdir, mode):
 def test_killed_shard_resumes_from_its_snapshot(ray_session, store, workdir):
     cfg = ps_run(store, **{"tracking.run_name": "kill-shard", **MLP_TO_097,
                            "strategy.shards": 2, "strategy.snapshot_every": 25})
-    result = _kill_during(cfg, ray_session, workdir, "shard-1")
+    result = train_and_kill(cfg, ray_session, workdir, "shard-1")
     assert result.metrics["shard_restarts"] == 1
     assert result.metrics["test_accuracy"] >= 0.97
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"

@@ -1,9 +1,5 @@
 """The `pipeline` strategy on a real local Ray: stages on actors, gloo point-to-point,
 GPipe and 1F1B, activation checkpointing, replicas, a killed stage."""
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -11,7 +7,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
-from conftest import run_cli, small_run
+from conftest import run_cli, small_run, train_and_kill
 from pipelines.pipeline_cut import balanced_partition, cut
 
 pytestmark = pytest.mark.slow
@@ -97,30 +93,10 @@ def test_balanced_partition_is_optimal_on_a_known_case():
     assert balanced_partition([1, 2, 3, 4, 5], 3) == [0, 3, 4]
 
 
-def _stage_pid(ray, run_name: str) -> int:
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address,
-                         filters=[("state", "=", "ALIVE")])
-    pids = [a.pid for a in actors if a.name and f":{run_name}:stage-1" in a.name and a.pid]
-    assert pids, "no live stage actor"
-    return pids[0]
-
-
 def test_a_killed_stage_restarts_every_stage_from_the_checkpoint(ray_session, store, workdir):
     cfg = small_run(**{"tracking.uri": store, "strategy.name": "pipeline", "tracking.run_name": "kill-stage",
                        "optim.lr": 0.1, "optim.epochs": 10})
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
-    thread.start()
-    logged = workdir / "raydeep_runs" / "kill-stage" / "checkpoint_epoch_00001"
-    deadline = time.time() + 300
-    while not logged.exists() and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert logged.exists() and thread.is_alive(), "the run ended before the kill"
-    os.kill(_stage_pid(ray_session, "kill-stage"), signal.SIGKILL)
-    thread.join(timeout=600)
-    result = outcome["result"]
+    result = train_and_kill(cfg, ray_session, workdir, "stage-1")
     assert result.metrics["stage_restarts"] == 1
     assert result.metrics["test_accuracy"] >= 0.97
     client = MlflowClient(store)
