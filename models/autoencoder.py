@@ -141,6 +141,15 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._output(self._decode_raw(x))
 
+    def pipeline_layers(self) -> list[nn.Module]:
+        """Encoder then decoder, layer by layer: the composition is `_decode_raw`."""
+        flatten, encoder = self.encoder
+        return [flatten, *encoder, *self.decoder]
+
+    def output_loss(self, raw: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`loss` from the decoder's raw output; the target is the clean input."""
+        return self._per_example_loss(raw, batch[0]).mean()
+
     def _per_example_loss(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.reshape(len(target), -1)
         if self.recon == "bce":

@@ -153,8 +153,9 @@ class PipelineStage:
         return busy, loss_total, peak
 
     def _input(self, idx: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            return self.x[idx]
+        if self.first:  # a denoising model corrupts what its first layer sees
+            x = self.x[idx]
+            return self.model.training_input(x) if hasattr(self.model, "training_input") else x
         shape = (len(idx), *self.shapes[self.stage])
         return self._receive(self._peer(-1), shape, ACTIVATION).requires_grad_()
 

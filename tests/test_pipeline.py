@@ -42,6 +42,16 @@ def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local
     assert moved, "training did not change the weights: the comparison would prove nothing"
 
 
+def test_an_autoencoder_pipeline_equals_local(ray_session, store):
+    common = {"tracking.uri": store, "model.name": "autoencoder", "model.hidden": [32, 16],
+              "model.code": 8, "optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32}
+    local = pipelines.train(small_run(**common))
+    piped = pipelines.train(small_run(**common, **{"strategy.name": "pipeline", "strategy.stages": 3}))
+    for key, value in local.model.state_dict().items():
+        torch.testing.assert_close(piped.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert piped.metrics["test_recon_error"] == pytest.approx(local.metrics["test_recon_error"], rel=1e-4)
+
+
 def test_mlp_and_cnn_meet_the_accuracy_bars_under_pipeline(ray_session, store):
     mlp = pipelines.train(small_run(**{"tracking.uri": store, "strategy.name": "pipeline",
                                        "optim.lr": 0.1, "optim.epochs": 10}))
