@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.base import Classifier, activation
@@ -65,10 +67,29 @@ class RNN(Classifier):
         self.head = nn.Sequential(*head)
 
     def forward(self, x):
+        return self.head(LastStep(self.rnn)(x))
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """The recurrent stack as one layer (it cannot be split by time or depth without
+        changing its kernels), then the read-out layers."""
+        return [LastStep(self.rnn), *self.head]
+
+    def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return F.cross_entropy(output, batch[1])
+
+
+class LastStep(nn.Module):
+    """The recurrent stack's output at the last time step; an image is read row by row."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # (N, C, H, W) -> (N, H, C*W)
             x = x.permute(0, 2, 1, 3).flatten(2)
         out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+        return out[:, -1]
 
 
 register(ModelSpec("rnn", RNNConfig, RNN, "stacked Elman/LSTM/GRU, deep read-out; image rows as time steps"))
