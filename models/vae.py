@@ -90,6 +90,27 @@ class VAE(nn.Module):
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return -self.elbo(self.binarize(batch[0])).mean()
 
+    # --- as pipeline stages: the code's mean and log-variance ride along with the activations
+
+    def training_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.binarize(x)
+
+    def pipeline_layers(self) -> list[nn.Module]:
+        """Encoder layers, the Gaussian heads, the reparameterised draw, then the decoder
+        layers; from the heads on, each activation carries [.., mu, logvar] for the KL term."""
+        flatten, encoder = self.encoder
+        carried = 2 * self.latent
+        return [flatten, *encoder, GaussianHeads(self.mu, self.logvar), Reparameterize(self.latent),
+                *(Carry(layer, carried) for layer in self.decoder)]
+
+    def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Negative ELBO (one draw) from the decoder's logits and the carried mu, logvar."""
+        logits, mu, logvar = output[:, :-2 * self.latent], *output[:, -2 * self.latent:].chunk(2, dim=1)
+        flat = self.binarize(batch[0]).reshape(len(output), -1)
+        log_px = -F.binary_cross_entropy_with_logits(logits, flat, reduction="none").sum(dim=1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
+        return -(log_px - kl).mean()
+
     @torch.no_grad()
     def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         x = self.binarize(batch[0])
@@ -117,6 +138,39 @@ class VAE(nn.Module):
             return {}
         binary = self.binarize(x)
         return {"samples": self.sample(len(x)), "reconstructions": side_by_side(binary, self(binary))}
+
+
+class GaussianHeads(nn.Module):
+    def __init__(self, mu: nn.Linear, logvar: nn.Linear):
+        super().__init__()
+        self.mu, self.logvar = mu, logvar
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.mu(h), self.logvar(h)], dim=1)
+
+
+class Reparameterize(nn.Module):
+    """[mu, logvar] -> [z, mu, logvar] with z = mu + exp(logvar / 2) * eps."""
+
+    def __init__(self, latent: int):
+        super().__init__()
+        self.latent = latent
+
+    def forward(self, stats: torch.Tensor) -> torch.Tensor:
+        mu, logvar = stats.chunk(2, dim=1)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return torch.cat([z, stats], dim=1)
+
+
+class Carry(nn.Module):
+    """Applies `layer` to an activation's leading columns and passes the last `carried` on."""
+
+    def __init__(self, layer: nn.Module, carried: int):
+        super().__init__()
+        self.layer, self.carried = layer, carried
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.layer(x[:, :-self.carried]), x[:, -self.carried:]], dim=1)
 
 
 register(ModelSpec("vae", VAEConfig, VAE,
