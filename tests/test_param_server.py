@@ -12,11 +12,11 @@ from pipelines.ps_layout import ShardLayout, flat_parameters
 pytestmark = pytest.mark.slow
 
 
-MLP_TO_097 = {"optim.lr": 0.1, "optim.epochs": 20, "seed": 1}
-"""The MLP's bar on digits. Seed 0's split holds every strategy, `local` included, at 0.972:
-one test example above the bar, so the noise of asynchrony alone would flip the test
-(measured under ps: 0.975, 0.969, 0.969). On seed 1's split `local` reaches 0.981 and ps
-0.975, 0.981, 0.983 in three runs."""
+MLP_TO_097 = {"optim.name": "adagrad", "optim.lr": 0.05, "optim.epochs": 20, "seed": 2}
+"""The MLP's bar on digits, with Downpour's own optimizer. The MLP sits close to 0.97 on
+every split (seed 0: `local` itself ends at 0.972), and asynchrony adds noise: SGD with
+momentum 0.9 gave 0.964-0.986 under ps over 12 runs. Adagrad at lr 0.05 varies far less;
+on seed 2's split it gave 0.975, 0.975, 0.978, 0.978 in four runs."""
 
 
 def ps_run(store, **overrides):
