@@ -22,9 +22,10 @@ from pipelines import checkpoint, figures
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.loop import evaluate_sums, mean_metrics
-from pipelines.pipeline_cut import CannotCut, cut, layers_of
+from pipelines.pipeline_cut import CannotCut, check, cut
 from pipelines.pipeline_stage import PipelineStage
-from pipelines.schedules import SCHEDULES, build, render, simulate, theoretical_bubble
+from pipelines.schedules import (SCHEDULES, bubble_fraction, build, peak_activations, render, simulate,
+                                 theoretical_bubble)
 from pipelines.strategy import FitResult, Strategy, build_model, register, require
 
 
@@ -73,19 +74,9 @@ class PipelineStrategy(Strategy):
     def check_model(self, run: RunConfig, model: nn.Module) -> None:
         o: PipelineOptions = run.strategy.params
         try:
-            layers_of(model, run.model.name)
-            from pipelines.pipeline_cut import blocks
-
-            count = len(blocks(model.pipeline_layers()))
+            check(model, run.model.name, o.stages, o.split)
         except CannotCut as e:
             raise ConfigError(str(e)) from None
-        if o.stages > count:
-            raise ConfigError(f"strategy.stages ({o.stages}) exceeds the {count} cuttable blocks of "
-                              f"model {run.model.name}")
-        if o.split is not None and (len(o.split) != o.stages - 1 or o.split != sorted(set(o.split))
-                                    or o.split[0] < 1 or o.split[-1] >= count):
-            raise ConfigError(f"strategy.split {o.split} must hold {o.stages - 1} increasing block "
-                              f"indices in 1..{count - 1}")
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
         return PipelineRun(run, data, tracker, run_dir).train()
@@ -94,10 +85,8 @@ class PipelineStrategy(Strategy):
 def schedule_grid(run: RunConfig) -> str:
     """The run's schedule drawn as a grid (forward 1 unit, backward 2), with its bubble."""
     o: PipelineOptions = run.strategy.params
-    slots = simulate(build(o.schedule, o.stages, o.microbatches), 1.0, 2.0)
-    from pipelines.schedules import bubble_fraction, peak_activations
-
     plan = build(o.schedule, o.stages, o.microbatches)
+    slots = simulate(plan, 1.0, 2.0)
     bubbles = bubble_fraction(slots, o.stages)
     lines = [f"{o.schedule} schedule, {o.stages} stages x {o.microbatches} micro-batches "
              "(F: forward, 1 unit; B: backward, 2 units; .: idle)", render(slots, o.stages), ""]
@@ -198,8 +187,7 @@ class PipelineRun:
                 epoch += 1
         finally:
             self._stop()
-        summary = {"stage_restarts": float(self.restarts),
-                   "bubble_theoretical": theoretical_bubble(self.options.stages, self.options.microbatches)}
+        summary = {"stage_restarts": float(self.restarts)}  # bubble_theoretical is logged per epoch
         return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                          history, summary)
 

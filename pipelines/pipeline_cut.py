@@ -89,25 +89,30 @@ def balanced_partition(costs: list[float], parts: int) -> list[int]:
     return starts[::-1]
 
 
-def cut(model: nn.Module, name: str, stages: int, example: torch.Tensor,
-        split: list[int] | None = None) -> Cut:
-    layers = layers_of(model, name)
-    spans = blocks(layers)
+def check(model: nn.Module, name: str, stages: int, split: list[int] | None = None) -> list[tuple[int, int]]:
+    """The model's blocks, once it is clear they can make `stages` stages (split as given)."""
+    spans = blocks(layers_of(model, name))
     if stages > len(spans):
         raise CannotCut(f"strategy.stages ({stages}) exceeds the {len(spans)} cuttable blocks of "
                         f"model {name} (a block is a layer with parameters and the bare layers after it)")
-    was_training = model.training
-    model.train()
-    costs = block_costs(layers, spans, example)
-    model.train(was_training)
-    model.zero_grad(set_to_none=True)
     if split is not None:
         starts = [0, *split]
         if len(starts) != stages or starts != sorted(set(starts)) or starts[-1] >= len(spans):
             raise CannotCut(f"strategy.split {split} must hold {stages - 1} increasing block indices "
                             f"in 1..{len(spans) - 1}")
-    else:
-        starts = balanced_partition(costs, stages)
+    return spans
+
+
+def cut(model: nn.Module, name: str, stages: int, example: torch.Tensor,
+        split: list[int] | None = None) -> Cut:
+    spans = check(model, name, stages, split)
+    layers = model.pipeline_layers()
+    was_training = model.training
+    model.train()
+    costs = block_costs(layers, spans, example)
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    starts = [0, *split] if split is not None else balanced_partition(costs, stages)
     ends = starts[1:] + [len(spans)]
     bounds = tuple((spans[a][0], spans[b - 1][1]) for a, b in zip(starts, ends))
     stage_costs = tuple(sum(costs[a:b]) for a, b in zip(starts, ends))

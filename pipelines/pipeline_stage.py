@@ -22,6 +22,7 @@ from torch import nn
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.loop import batch_indices, make_optimizer
+from pipelines.ps_layout import unflatten_into
 from pipelines.schedules import FORWARD, build
 from pipelines.strategy import build_model
 
@@ -176,11 +177,7 @@ class PipelineStage:
         grads = [p.grad for p in self.block.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.replica_group)
-        flat /= self.replicas
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        unflatten_into(grads, flat / self.replicas)
 
     @staticmethod
     def _stamp(timeline: list, kind: str, start: float, began: float) -> float:
@@ -193,11 +190,6 @@ class PipelineStage:
     def state(self) -> dict:
         return {"block": {k: v.detach().cpu().clone() for k, v in self.block.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "bounds": self.bounds}
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
 
 def _bytes(tensor: torch.Tensor) -> int:

@@ -69,15 +69,16 @@ def flat_buffers(model: nn.Module) -> torch.Tensor:
 
 
 def load_parameters(model: nn.Module, flat: torch.Tensor) -> None:
-    _unflatten(trainable(model), flat)
+    unflatten_into(trainable(model), flat)
 
 
 def load_buffers(model: nn.Module, flat: torch.Tensor) -> None:
-    _unflatten(float_buffers(model), flat)
+    unflatten_into(float_buffers(model), flat)
 
 
 @torch.no_grad()
-def _unflatten(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive slices of `flat` into `tensors`, in order."""
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))

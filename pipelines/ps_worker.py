@@ -51,11 +51,6 @@ class PSWorker:
         self.pending: list[tuple[str, list]] = []
         """In-flight ("push" | "exchange", refs per shard), oldest first."""
 
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
     def run(self, epoch: int, step: int, clock: int) -> int:
         """Train from (epoch, step) to the end; returns the number of pushes made."""
         import ray
@@ -111,15 +106,9 @@ class PSWorker:
         self.model.zero_grad(set_to_none=True)
         loss = self.model.loss((self.x[idx], self.y[idx]))
         loss.backward()
+        if self.run_config.optim.grad_clip:  # as the shared loop clips, before the local step too
+            torch.nn.utils.clip_grad_norm_(trainable(self.model), self.run_config.optim.grad_clip)
         gradient = flat_gradients(self.model)
-        clip = self.run_config.optim.grad_clip
-        if clip:  # the same rule as torch.nn.utils.clip_grad_norm_
-            gradient.mul_(torch.clamp(clip / (gradient.norm() + 1e-6), max=1.0))
-            offset = 0
-            for p in trainable(self.model):  # the local step must see the clipped gradient too
-                if p.grad is not None:
-                    p.grad.copy_(gradient[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
         return loss, gradient
 
     def _push(self, accrued: torch.Tensor, fetch_next: bool, clock: int, epoch: int,

@@ -150,6 +150,7 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     (["--microbatches", "0"], "strategy.microbatches must be >= 1"),
     (["--microbatches", "128"], "exceeds data.batch_size (64)"),
     (["--schedule", "zigzag"], "strategy.schedule must be one of gpipe, 1f1b"),
+    (["--set", "strategy.split=[5]"], "strategy.split [5] must hold 1 increasing block indices"),
     (["--model", "dbn"], "model dbn cannot be cut into pipeline stages"),
 ])
 def test_bad_pipeline_options_are_one_line_errors(workdir, flags, message):
