@@ -1,4 +1,4 @@
-"""The `raydeep` command line: run, ui, models, strategies.
+"""The `raydeep` command line: run, tune, ui, models, strategies.
 
 Bad input gets one line on stderr and exit code 2; a run that fails after it started is
 marked FAILED in MLflow and exits 1.
@@ -66,6 +66,20 @@ def build_parser() -> Parser:
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
                      help="continue a run from its last checkpoint (default: the newest run)")
 
+    tune = commands.add_parser("tune", help="sweep a tune_configs/*.yaml file with Ray Tune")
+    tune.add_argument("config", help="a sweep file: base run config, search space, metric, scheduler")
+    for flag, key in RUN_FLAGS.items():
+        tune.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets base {key}")
+    tune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                      help="override any key of the base config (repeatable)")
+    tune.add_argument("--samples", type=int, help="draws of the search space (default: the file's)")
+    tune.add_argument("--scheduler", help="fifo, asha or pbt (default: the file's)")
+    tune.add_argument("--search", help="random or optuna (default: the file's)")
+    tune.add_argument("--max-concurrent", type=int,
+                      help="trials at once (default: as many as the cluster's resources hold)")
+    tune.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP",
+                      help="finish an interrupted sweep (default: the newest sweep of this file)")
+
     ui = commands.add_parser("ui", help="serve the MLflow UI over the run store")
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ui.add_argument("--host", default="127.0.0.1")
@@ -89,13 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cluster.ui import serve
 
         return serve(args.tracking_uri, args.host, args.port)
+    if args.command == "tune":
+        return cmd_tune(args)
     return cmd_run(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import ConfigError, RunFailed, config, train
     from pipelines.run import prepare
-    from cluster.connect import connect
 
     try:
         overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
@@ -111,12 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import strategy
 
     if strategy.get(run_config.strategy.name).uses_ray:
-        try:
-            connect(run_config.resources.address, run_config.resources.num_cpus)
-        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
-            where = run_config.resources.address or "an embedded local Ray"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            return _fail(f"cannot connect to {where}: {first}")
+        failed = _connect(run_config)
+        if failed:
+            return _fail(failed)
     try:
         result = train(run_config, data)
     except ConfigError as e:
@@ -132,6 +144,71 @@ def cmd_run(args: argparse.Namespace) -> int:
         shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
         print(f"  {key:<22} {shown}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipelines import ConfigError, config
+    from pipelines.sweep_config import load
+
+    try:
+        overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
+                     if getattr(args, key) is not None}
+        sweep = load(args.config, overrides, args.sets, samples=args.samples, scheduler=args.scheduler,
+                     search=args.search, max_concurrent=args.max_concurrent)
+    except ConfigError as e:
+        return _fail(str(e))
+    failed = _connect(sweep.run_config({}))
+    if failed:
+        return _fail(failed)
+    from pipelines.sweep import run_sweep
+
+    try:
+        result = run_sweep(sweep, args.resume)
+    except ConfigError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print(f"raydeep: interrupted; finish the sweep with: raydeep tune {args.config} --resume",
+              file=sys.stderr)
+        return 130
+    print_sweep(result)
+    if result.interrupted:
+        print(f"raydeep: sweep interrupted; finish it with: raydeep tune {args.config} --resume "
+              f"{result.name}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def print_sweep(result) -> None:
+    """The trials, best first, then failures and the best config's path."""
+    counts = ", ".join(f"{result.count(s)} {s.lower()}" for s in ("FINISHED", "KILLED", "FAILED"))
+    print(f"\nsweep {result.name}: {len(result.trials)} trials ({counts}); "
+          f"MLflow parent run {result.parent_run_id}")
+    sign = 1 if result.mode == "max" else -1
+    ranked = sorted(result.trials, key=lambda t: (t.metric is None, -sign * (t.metric or 0.0)))
+    print(f"  {'trial':<28} {'status':<9} {result.metric:>14} {'epochs':>6}  params")
+    for t in ranked:
+        shown = f"{t.metric:.4f}" if t.metric is not None else "-"
+        params = " ".join(f"{k}={v}" for k, v in t.params.items())
+        print(f"  {t.name:<28} {t.status:<9} {shown:>14} {t.epochs:>6}  {params}")
+    for t in ranked:
+        if t.status == "FAILED":
+            print(f"  failed: {t.name}: {t.error or 'no reason recorded'}")
+    if result.best_config is not None:
+        print(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}); "
+              f"its config: {result.best_config}\n  raydeep run {result.best_config}")
+
+
+def _connect(run_config) -> str | None:
+    """Connect to the run's Ray; the one-line reason when that fails."""
+    from cluster.connect import connect
+
+    try:
+        connect(run_config.resources.address, run_config.resources.num_cpus)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        where = run_config.resources.address or "an embedded local Ray"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cannot connect to {where}: {first}"
+    return None
 
 
 def cmd_print_schedule(run_config) -> int:

@@ -20,7 +20,7 @@ from pipelines import checkpoint
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.epochs import Collective, train_epochs
-from pipelines.strategy import FitResult, Strategy, register, require_even_shards
+from pipelines.strategy import FitResult, Strategy, register, require_even_shards, worker_bundle
 
 
 @dataclass
@@ -37,6 +37,10 @@ class AllreduceStrategy(Strategy):
     name = "allreduce"
     config = AllreduceOptions
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
+    bundles_in_trial = False  # Ray Train reserves its worker group itself
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        return [worker_bundle(run)] * run.resources.workers
 
     def validate(self, run: RunConfig) -> None:
         require_even_shards(run)
@@ -56,9 +60,8 @@ class AllreduceStrategy(Strategy):
 
         options: AllreduceOptions = run.strategy.params
         gpus = run.resources.gpus_per_worker
-        resources: dict[str, float] = {"CPU": run.resources.cpus_per_worker}
-        if gpus > 0:
-            resources["GPU"] = gpus
+        # A Tune trial: Ray Train forwards each epoch's report to Tune.
+        callbacks = [_epochs_to_tune(tracker)] if tracker.report_to_tune else []
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={
@@ -70,13 +73,14 @@ class AllreduceStrategy(Strategy):
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
             scaling_config=ScalingConfig(num_workers=run.resources.workers, use_gpu=gpus > 0,
-                                         resources_per_worker=resources),
+                                         resources_per_worker=worker_bundle(run)),
             run_config=TrainRunConfig(
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),
                 failure_config=FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
                 logging_config=LoggingConfig(log_level="WARNING"),
+                callbacks=callbacks,
             ),
         )
         result = trainer.fit()
@@ -139,7 +143,7 @@ def _train_worker(config: dict[str, Any]) -> None:
                 checkpoint.save(tmp, epoch=epoch, model=_cpu(model.state_dict()),
                                 optimizer=optimizer.state_dict())
                 saved = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "epoch": epoch}, checkpoint=saved,
+            ray.train.report({**metrics, "epoch": epoch + 1}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint.directory_name(epoch))
 
     def first_step():
@@ -147,6 +151,19 @@ def _train_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics({"time_to_first_step_s": time.time() - config["submitted_at"]})
 
     train_epochs(run, data, tracker, comm, state, after_epoch, first_step)
+
+
+def _epochs_to_tune(tracker):
+    """Ray Train's `TuneReportCallback`, holding back the last epoch as `Tracker.checkpointed`
+    does: the trial reports it once the run is complete."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if not tracker.is_last(metrics[0]["epoch"] - 1):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return EpochsToTune()
 
 
 def _quiet_report_logs() -> None:

@@ -18,7 +18,7 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.diagnostics import GradNorms
 from pipelines.loop import (Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics,
-                            train_epoch)
+                            restore_optimizer, train_epoch)
 from pipelines.strategy import build_model
 
 
@@ -52,7 +52,7 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
     objective = comm.wrap(Objective(model))
     optimizer = make_optimizer(run.optim, model.parameters())
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(optimizer, state["optimizer"], run.optim)
     torch.manual_seed(run.seed * 1009 + comm.rank + start)  # dropout differs per worker
     x_val, y_val = data.x_val[comm.rank::comm.world], data.y_val[comm.rank::comm.world]
     meter = GradNorms(model) if run.tracking.grad_norms else None

@@ -118,3 +118,27 @@ def pipeline_timeline(stages: list[list[tuple[str, float, float]]]):
     ax.set_title("pipeline timeline, last mini-batch")
     fig.tight_layout()
     return fig
+
+
+def sweep_scatter(points: Sequence[dict], values: Sequence[float], metric: str, log_keys: Sequence[str] = ()):
+    """One panel per hyper-parameter: its value in each trial against the trial's metric.
+
+    Lists and sections (a swept strategy) are categories, drawn at their rank in sorted order.
+    """
+    keys = sorted({k for p in points for k in p})
+    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        xs = [p.get(key) for p in points]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        if not numeric:
+            labels = sorted({str(x) for x in xs})
+            ax.set_xticks(range(len(labels)), [label[:18] for label in labels], rotation=30, fontsize=7)
+            xs = [labels.index(str(x)) for x in xs]
+        elif key in log_keys:
+            ax.set_xscale("log")
+        ax.scatter(xs, values, alpha=0.8)
+        ax.set_xlabel(key, fontsize=8)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} per trial")
+    fig.tight_layout()
+    return fig

@@ -26,9 +26,10 @@ class LocalStrategy(Strategy):
         history: list[dict] = []
 
         def after_epoch(epoch, metrics, model, optimizer):
-            checkpoint.save(run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                            model=model.state_dict(), optimizer=optimizer.state_dict())
+            saved = checkpoint.save(run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                                    model=model.state_dict(), optimizer=optimizer.state_dict())
             history.append(metrics)
+            tracker.checkpointed(epoch, metrics, saved)
 
         state = checkpoint.load_latest(run_dir) if run.resume else None
         model = train_epochs(run, data, tracker, Collective(), state, after_epoch)

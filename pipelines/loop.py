@@ -48,6 +48,20 @@ def make_optimizer(section: OptimSection, params) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {section.name!r}")
 
 
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, section: OptimSection) -> None:
+    """Load a saved optimizer state but train with the config's hyper-parameters.
+
+    The saved param groups carry the lr they were saved with; a PBT trial restored from
+    another trial's checkpoint with a perturbed lr must train with its own.
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["lr"] = section.lr
+        group["weight_decay"] = section.weight_decay
+        if "momentum" in group:
+            group["momentum"] = section.momentum
+
+
 class Objective(nn.Module):
     """Wraps a model so that ``forward(*batch)`` is its training loss.
 

@@ -29,7 +29,8 @@ from pipelines.ps_coordinator import Coordinator
 from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
 from pipelines.ps_shard import ParameterShard, write_initial_state
 from pipelines.ps_worker import PSWorker
-from pipelines.strategy import FitResult, Strategy, build_model, register, require, require_even_shards
+from pipelines.strategy import (FitResult, Strategy, build_model, register, require, require_even_shards,
+                                 worker_bundle)
 
 WORKER_FAILURE_MODES = ("replace", "continue")
 
@@ -92,6 +93,11 @@ class ParameterServerStrategy(Strategy):
              f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
         ]
         require(checks)
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        o: ParameterServerOptions = run.strategy.params
+        shard = {k: v for k, v in (("CPU", o.shard_cpus), ("GPU", o.shard_gpus)) if v > 0}
+        return [worker_bundle(run)] * run.resources.workers + ([shard] * o.shards if shard else [])
 
     def check_model(self, run: RunConfig, model: nn.Module) -> None:
         shards = run.strategy.params.shards
@@ -283,10 +289,11 @@ class Downpour:
         self.tracker.log_epoch(epoch, metrics)
         self.history.append(metrics)
         states = ray.get([s.state.remote() for s in self.shards])
-        checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                        model=self.model.state_dict(), optimizer={"shards": states})
+        saved = checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                                model=self.model.state_dict(), optimizer={"shards": states})
         old = self.run_dir / checkpoint.directory_name(epoch - 2)
         shutil.rmtree(old, ignore_errors=True)
+        self.tracker.checkpointed(epoch, metrics, saved)
 
     def _assemble(self) -> None:
         """Load the shards' current parameters (and buffers) into the driver's model."""

@@ -26,7 +26,7 @@ from pipelines.pipeline_cut import CannotCut, check, cut
 from pipelines.pipeline_stage import PipelineStage
 from pipelines.schedules import (SCHEDULES, bubble_fraction, build, peak_activations, render, simulate,
                                  theoretical_bubble)
-from pipelines.strategy import FitResult, Strategy, build_model, register, require
+from pipelines.strategy import FitResult, Strategy, build_model, register, require, worker_bundle
 
 
 @dataclass
@@ -70,6 +70,10 @@ class PipelineStrategy(Strategy):
             (o.max_failures >= -1, f"strategy.max_failures must be >= -1, got {o.max_failures}"),
         ]
         require(checks)
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        o: PipelineOptions = run.strategy.params
+        return [worker_bundle(run)] * (o.stages * o.replicas)
 
     def check_model(self, run: RunConfig, model: nn.Module) -> None:
         o: PipelineOptions = run.strategy.params
@@ -180,8 +184,9 @@ class PipelineRun:
                 metrics = self._metrics(reports, wall)
                 self.tracker.log_epoch(epoch, metrics)
                 history.append(metrics)
-                checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                                model=self.model.state_dict(), optimizer={"stages": states})
+                saved = checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                                        model=self.model.state_dict(), optimizer={"stages": states})
+                self.tracker.checkpointed(epoch, metrics, saved)
                 if epoch == self.run.optim.epochs - 1:
                     self._log_timeline(reports)
                 epoch += 1

@@ -21,7 +21,7 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import batch_indices, make_optimizer
+from pipelines.loop import batch_indices, make_optimizer, restore_optimizer
 from pipelines.ps_layout import unflatten_into
 from pipelines.schedules import FORWARD, build
 from pipelines.strategy import build_model
@@ -48,7 +48,7 @@ class PipelineStage:
         self.optimizer = make_optimizer(run.optim, self.block.parameters())
         self.block.load_state_dict(state["block"])
         if state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(self.optimizer, state["optimizer"], run.optim)
         self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
         self.schedule = build(self.options.schedule, self.stages, self.options.microbatches)[stage]
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pipelines.config import OptimSection
-from pipelines.loop import make_optimizer
+from pipelines.loop import make_optimizer, restore_optimizer
 from pipelines.ps_layout import from_wire
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
@@ -43,6 +43,7 @@ class ParameterShard:
         state = torch.load(self.snapshot_path, weights_only=False)
         self.param = torch.nn.Parameter(state["param"].clone().to(self.device))
         self.buffers = None if state["buffers"] is None else state["buffers"].clone()
+        self.optim = optim
         self.optimizer = make_optimizer(optim, [self.param])
         self.base_lr, self.staleness_aware_lr = optim.lr, staleness_aware_lr
         self._restore(state)
@@ -111,7 +112,7 @@ class ParameterShard:
 
     def _restore(self, state: dict) -> None:
         if state.get("optimizer"):
-            self.optimizer.load_state_dict(state["optimizer"])
+            restore_optimizer(self.optimizer, state["optimizer"], self.optim)
         self.version = state.get("version", 0)
         self.incarnation = state.get("incarnation", -1)
         self.histograms = {e: Counter(h) for e, h in state.get("histograms", {}).items()}

@@ -59,27 +59,19 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
     return data, model
 
 
-def train(config: RunConfig, data: datasets.Dataset | None = None) -> Result:
+def train(config: RunConfig, data: datasets.Dataset | None = None, *,
+          tracker: Tracker | None = None, run_dir: Path | None = None) -> Result:
     """Train as `config` says, record it in MLflow, and return the final metrics and model.
 
     `data` is the result of `prepare(config)` when the caller has checked the run already.
+    A caller that keeps the MLflow run and the run's directory itself (a Tune trial) passes
+    `tracker` and `run_dir`.
     """
     if data is None:
         data, _ = prepare(config)
     strategy = strategies.get(config.strategy.name)
-    uri = absolute_uri(config.tracking.uri)
-    run_dir, previous = _run_directory(config)
-    if previous:
-        tracker = Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
-    else:
-        tracker = Tracker.start(
-            uri, config.tracking.experiment, run_dir.name, config.flat(),
-            tags={"raydeep.model": config.model.name, "raydeep.strategy": strategy.name,
-                  "raydeep.data": data.name},
-            epochs=config.optim.epochs)
-        (run_dir / RUN_FILE).write_text(json.dumps(
-            {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "config": config.to_dict()},
-            indent=1))
+    if tracker is None or run_dir is None:
+        run_dir, tracker = _open_run(config, data)
     try:
         fit = strategy.fit(config, data, tracker, run_dir)
         model = strategies.build_model(config, data.input_shape, data.num_classes)
@@ -100,6 +92,24 @@ def train(config: RunConfig, data: datasets.Dataset | None = None) -> Result:
         tracker.finish("FAILED", message)
         raise RunFailed(message, tracker.run_id) from e
     return Result(tracker.run_id, run_dir.name, final, history, model, run_dir)
+
+
+def run_tags(config: RunConfig, data: datasets.Dataset) -> dict[str, str]:
+    return {"raydeep.model": config.model.name, "raydeep.strategy": config.strategy.name,
+            "raydeep.data": data.name}
+
+
+def _open_run(config: RunConfig, data: datasets.Dataset) -> tuple[Path, Tracker]:
+    """The run's directory and its MLflow run: new, or the earlier one of a resumed run."""
+    uri = absolute_uri(config.tracking.uri)
+    run_dir, previous = _run_directory(config)
+    if previous:
+        return run_dir, Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
+    tracker = Tracker.start(uri, config.tracking.experiment, run_dir.name, config.flat(),
+                            tags=run_tags(config, data), epochs=config.optim.epochs)
+    (run_dir / RUN_FILE).write_text(json.dumps(
+        {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "config": config.to_dict()}, indent=1))
+    return run_dir, tracker
 
 
 def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:

@@ -36,6 +36,13 @@ class Strategy:
     """Dataclass of the strategy's own options (the `strategy` config section)."""
     description: str = ""
     uses_ray: bool = True
+    bundles_in_trial: bool = True
+    """Whether a Tune trial reserves `actor_bundles` in its own placement group (False where
+    the strategy's framework reserves its workers itself, as Ray Train does)."""
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        """Resources of the actors this strategy starts beside its driver, one bundle each."""
+        return []
 
     def validate(self, run: RunConfig) -> None:
         """Raise `ConfigError` for options this strategy cannot run with."""
@@ -94,3 +101,11 @@ def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) ->
     spec = models.get(run.model.name)
     torch.manual_seed(run.seed)
     return spec.build(run.model.params, tuple(input_shape), num_classes)
+
+
+def worker_bundle(run: RunConfig) -> dict[str, float]:
+    """The resources of one worker actor as the run's `resources` section asks."""
+    bundle = {"CPU": run.resources.cpus_per_worker}
+    if run.resources.gpus_per_worker > 0:
+        bundle["GPU"] = run.resources.gpus_per_worker
+    return bundle

@@ -38,6 +38,8 @@ class Tracker:
     epochs: int = 0
     echo: bool = True
     """Print a progress line per epoch."""
+    report_to_tune: bool = False
+    """This run is a Ray Tune trial: each checkpointed epoch is reported to Tune too."""
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
@@ -82,6 +84,25 @@ class Tracker:
             for k in keys if k in metrics)
         total = f"/{self.epochs}" if self.epochs else ""
         self.say(f"epoch {epoch + 1}{total}  {shown}")
+
+    def checkpointed(self, epoch: int, metrics: dict[str, float], directory) -> None:
+        """Epoch `epoch` (0-based) ended with `metrics` and its state saved in `directory`.
+
+        Inside a Tune trial this is the report that lets a scheduler stop the trial (ASHA)
+        or restore another from it (PBT); elsewhere it does nothing. Strategies call it from
+        the trial's own process, after the checkpoint is whole on disk. The last epoch is
+        reported by the trial once the run is complete (test metrics, figures): a scheduler
+        that stops trials at their last epoch must not cut the run short.
+        """
+        if not self.report_to_tune or self.is_last(epoch):
+            return
+        from ray import tune
+
+        tune.report({**metrics, "epoch": epoch + 1},
+                    checkpoint=tune.Checkpoint.from_directory(str(directory)))
+
+    def is_last(self, epoch: int) -> bool:
+        return bool(self.epochs) and epoch >= self.epochs - 1
 
     def say(self, line: str) -> None:
         """A progress line on the terminal (when `echo`)."""

@@ -1,0 +1,297 @@
+"""`run_sweep(sweep) -> SweepResult`: a Ray Tune sweep of one sweep file, recorded in MLflow.
+
+A sweep lives in `<storage_path>/sweeps/<name>/`: Tune's experiment state (`tune/`), each
+trial's run directory (`runs/<trial id>/`), the sweep's own record (`raydeep_sweep.json`,
+which `--resume` reads to continue the same MLflow parent run) and, at the end, the best
+trial's config as a YAML file that `raydeep run` takes as it is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray import tune
+
+from pipelines import figures
+from pipelines import strategy as strategies
+from pipelines.config import ConfigError, RunConfig
+from pipelines.sweep_config import SweepConfig
+from pipelines.sweep_tracking import PARAMS_TAG, SweepRecord
+from pipelines.sweep_trial import TrialContext, run_trial
+from pipelines.tracking import _client, absolute_uri
+
+SWEEP_FILE = "raydeep_sweep.json"
+
+
+@dataclass
+class TrialOutcome:
+    trial_id: str
+    name: str
+    status: str
+    """FINISHED, FAILED, KILLED (stopped by the scheduler) or RUNNING (interrupted)."""
+    params: dict[str, Any]
+    """The trial's sampled values as Tune gave them (lists and sections as YAML text)."""
+    metric: float | None
+    epochs: int
+    run_id: str
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    name: str
+    directory: Path
+    parent_run_id: str
+    metric: str
+    mode: str
+    trials: list[TrialOutcome] = field(default_factory=list)
+    best: TrialOutcome | None = None
+    best_config: Path | None = None
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
+
+
+def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
+    """Run (or, with `resume`, finish) the sweep; trials that fail are recorded, not raised."""
+    base = sweep.run_config({})
+    uri = absolute_uri(base.tracking.uri)
+    directory, state = _sweep_directory(Path(base.resources.storage_path).absolute() / "sweeps",
+                                        sweep, resume)
+    if state:
+        record = SweepRecord.reopen(uri, state["parent_run_id"], state["name"])
+    else:
+        record = SweepRecord.start(uri, base.tracking.experiment, directory.name, _parent_params(sweep))
+        (directory / SWEEP_FILE).write_text(json.dumps(
+            {"name": directory.name, "parent_run_id": record.parent.run_id, "tracking_uri": uri,
+             "file": sweep.path}, indent=1))
+    sweep.name = directory.name
+    context = TrialContext(sweep, uri, record.parent.run_id, str(directory / "runs"))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
+                                    resources=lambda params: trial_resources(sweep, params))
+    watcher = TrialWatcher(record, sweep.scheduler)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic live table, with our columns
+    # Keeping 2 checkpoints per trial snapshots the experiment often; that is wanted here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    try:
+        if state and tune.Tuner.can_restore(str(directory / "tune")):
+            tuner = tune.Tuner.restore(str(directory / "tune"), trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(trainable, param_space=sweep.param_space(),
+                               tune_config=_tune_config(sweep, base),
+                               run_config=_run_config(sweep, directory, watcher))
+        tuner.fit()
+    except KeyboardInterrupt:
+        record.parent.finish("KILLED", "interrupted; finish it with raydeep tune --resume")
+        raise
+    result = summarise(sweep, record, directory)
+    result.interrupted = watcher.interrupted
+    _record_result(sweep, record, result)
+    return result
+
+
+def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
+    """The trial's process plus the actors its strategy starts, as one placement group
+    (Ray places a trial's actors in its group: they are reserved before the trial starts)."""
+    from ray.tune import PlacementGroupFactory
+
+    head = {"CPU": sweep.trial_cpus, **({"GPU": sweep.trial_gpus} if sweep.trial_gpus else {})}
+    try:
+        run = sweep.run_config(params)
+    except ConfigError:  # the trial fails with the reason in its child run; it needs no actors
+        return PlacementGroupFactory([head])
+    strategy = strategies.get(run.strategy.name)
+    actors = strategy.actor_bundles(run) if strategy.bundles_in_trial else []
+    return PlacementGroupFactory([head, *actors])
+
+
+def default_max_concurrent(sweep: SweepConfig, cluster: dict[str, float]) -> int:
+    """As many trials as the cluster holds at once, counting every actor of the widest trial."""
+    need: dict[str, float] = {}
+    for run in _probe_runs(sweep):
+        strategy = strategies.get(run.strategy.name)
+        demand = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
+        for bundle in strategy.actor_bundles(run):
+            for key, value in bundle.items():
+                demand[key] = demand.get(key, 0.0) + value
+        for key, value in demand.items():
+            need[key] = max(need.get(key, 0.0), value)
+    fits = [math.floor(cluster.get(key, 0.0) / value + 1e-9) for key, value in need.items() if value > 0]
+    return max(1, min(fits, default=1))
+
+
+class TrialWatcher(tune.Callback):
+    """Gives a child run the status its trial's process could not give it."""
+
+    def __init__(self, record: SweepRecord, scheduler: str):
+        self.record, self.scheduler = record, scheduler
+        self.interrupted = False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        # A trial that ran to its end finished its child run itself; one still RUNNING was
+        # stopped by the scheduler.
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        self.record.end_child(trial.trial_id, "KILLED",
+                              f"stopped by the {self.scheduler} scheduler after {epochs} epochs")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.record.end_child(trial.trial_id, "FAILED", f"trial process failed: {trial.error_file or ''}")
+
+    def on_experiment_end(self, trials, **info):
+        self.interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+
+def summarise(sweep: SweepConfig, record: SweepRecord, directory: Path) -> SweepResult:
+    """The sweep as MLflow holds it: one outcome per child run, the best one, its config."""
+    trials = []
+    for run in record.children():
+        metric = run.data.metrics.get(sweep.metric)
+        trials.append(TrialOutcome(
+            trial_id=run.data.tags.get("raydeep.trial_id", ""), name=run.info.run_name,
+            status=run.info.status, params=json.loads(run.data.tags.get(PARAMS_TAG, "{}")),
+            metric=metric if metric is not None and math.isfinite(metric) else None,
+            epochs=len(record_history(record, run.info.run_id, sweep.metric)),
+            run_id=run.info.run_id, error=run.data.tags.get("error")))
+    sign = 1 if sweep.mode == "max" else -1
+    ranked = sorted((t for t in trials if t.metric is not None), key=lambda t: -sign * t.metric)
+    finished = [t for t in ranked if t.status == "FINISHED"]
+    best = (finished or ranked or [None])[0]
+    result = SweepResult(sweep.name, directory, record.parent.run_id, sweep.metric, sweep.mode,
+                         sorted(trials, key=lambda t: t.name), best)
+    if best is not None:
+        result.best_config = directory / "best_config.yaml"
+        result.best_config.write_text(best_config_yaml(sweep, best))
+    return result
+
+
+def best_config_yaml(sweep: SweepConfig, best: TrialOutcome) -> str:
+    """The best trial's full run config, ready for `raydeep run FILE`."""
+    run: RunConfig = sweep.run_config(best.params)
+    run.tracking.run_name = None
+    run.resume = None
+    header = (f"# best trial of sweep {sweep.name} ({sweep.path}): {best.name}, "
+              f"{sweep.metric} = {best.metric:.4f}\n# raydeep run THIS_FILE trains it again\n")
+    return header + yaml.safe_dump(run.to_dict(), sort_keys=False)
+
+
+def record_history(record: SweepRecord, run_id: str, key: str) -> list[float]:
+    return [m.value for m in _client(record.parent.uri).get_metric_history(run_id, key)]
+
+
+def _record_result(sweep: SweepConfig, record: SweepRecord, result: SweepResult) -> None:
+    parent = record.parent
+    counts = {f"trials_{s.lower()}": float(result.count(s)) for s in ("FINISHED", "FAILED", "KILLED")}
+    parent.log_metrics({"trials": float(len(result.trials)), **counts,
+                        **({f"best_{sweep.metric}": result.best.metric} if result.best else {})})
+    if result.best is not None:
+        parent.set_tags({"best_trial": result.best.name, "best_run_id": result.best.run_id})
+        scored = [t for t in result.trials if t.metric is not None]
+        fig = figures.sweep_scatter([sweep.decoded(t.params) for t in scored], [t.metric for t in scored],
+                                    sweep.metric, [a.key for a in sweep.space if a.kind == "loguniform"])
+        parent.log_figure(fig, "hyperparameters_vs_metric.png")
+        figures.close(fig)
+        _client(parent.uri).log_artifact(parent.run_id, str(result.best_config))
+    if result.interrupted:
+        parent.finish("KILLED", "interrupted; finish it with raydeep tune --resume")
+    else:
+        parent.finish("FINISHED")
+
+
+def _parent_params(sweep: SweepConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"file": sweep.path, "metric": sweep.metric, "mode": sweep.mode,
+                              "samples": sweep.samples, "search": sweep.search,
+                              "scheduler": sweep.scheduler}
+    params.update({f"search.{k}": v for k, v in sweep.search_options.items()})
+    params.update({f"scheduler.{k}": v for k, v in sweep.scheduler_options.items()})
+    params.update({f"space.{a.key}": f"{a.kind} {a.values}" for a in sweep.space})
+    params.update({f"base.{k}": v for k, v in sweep.run_config({}).flat().items()})
+    return params
+
+
+def _tune_config(sweep: SweepConfig, base: RunConfig):
+    import ray
+
+    concurrent = sweep.max_concurrent or default_max_concurrent(sweep, ray.cluster_resources())
+    return tune.TuneConfig(
+        metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
+        search_alg=_search(sweep, concurrent), scheduler=_scheduler(sweep, base), reuse_actors=True,
+        max_concurrent_trials=concurrent if sweep.search != "random" else None)
+
+
+def _run_config(sweep: SweepConfig, directory: Path, watcher: TrialWatcher):
+    return tune.RunConfig(
+        name="tune", storage_path=str(directory), callbacks=[watcher],
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        progress_reporter=tune.CLIReporter(
+            metric_columns=[sweep.metric, "train_loss", "training_iteration"],
+            parameter_columns=[a.key.replace(".", "/") for a in sweep.space], max_report_frequency=15,
+            sort_by_metric=True, max_progress_rows=20),
+        verbose=1)
+
+
+def _search(sweep: SweepConfig, concurrent: int):
+    seed = sweep.search_options.get("seed")
+    if sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    # Tune ignores max_concurrent_trials for a variant generator: it takes its own limit.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+
+
+def _scheduler(sweep: SweepConfig, base: RunConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    o = sweep.scheduler_options
+    if sweep.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=o["max_t"] or base.optim.epochs,
+                             grace_period=o["grace_period"], reduction_factor=o["reduction_factor"])
+    if sweep.scheduler == "pbt":
+        return PopulationBasedTraining(
+            time_attr="training_iteration", perturbation_interval=o["perturbation_interval"],
+            quantile_fraction=o["quantile_fraction"], hyperparam_mutations=sweep.mutations())
+    return FIFOScheduler()
+
+
+def _probe_runs(sweep: SweepConfig) -> list[RunConfig]:
+    runs = [sweep.run_config({})]
+    for axis in sweep.space:
+        for value in axis.probes():
+            try:
+                runs.append(sweep.run_config({axis.key: axis.param(value)}))
+            except ConfigError:
+                continue
+    return runs
+
+
+def _sweep_directory(root: Path, sweep: SweepConfig, resume: str | None) -> tuple[Path, dict | None]:
+    if resume:
+        if resume != "latest":
+            found = root / resume
+            if not (found / SWEEP_FILE).is_file():
+                raise ConfigError(f"--resume {resume!r}: no sweep of that name under {root}")
+        else:
+            earlier = sorted(root.glob(f"{sweep.name}-*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
+            if not earlier:
+                raise ConfigError(f"--resume: no earlier sweep of {sweep.path} under {root}")
+            found = earlier[-1].parent
+        return found, json.loads((found / SWEEP_FILE).read_text())
+    directory = root / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        directory.mkdir(parents=True, exist_ok=False)
+    except FileExistsError:
+        directory = root / f"{directory.name}-{os.getpid()}"
+        directory.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"resources.storage_path {str(root)!r} cannot hold sweeps: {e.strerror}") from None
+    return directory, None

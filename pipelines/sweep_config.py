@@ -1,0 +1,299 @@
+"""A sweep: a base run config, a search space over its keys, the metric, search and scheduler.
+
+Each file under `tune_configs/` holds one:
+
+    base:                        # a run config, the same schema as `raydeep run`
+      model: {name: mlp}
+      strategy: {name: local}
+      optim: {epochs: 8}
+    space:                       # dotted run-config keys -> a distribution
+      model.depth: {grid: [1, 2, 4]}
+      model.width: {choice: [64, 256]}
+      optim.lr: {loguniform: [0.001, 0.3]}
+    metric: val_accuracy         # a per-epoch metric of the model (train_loss, val_*)
+    mode: max
+    samples: 4                   # draws of the space (each grid point gets this many)
+    search: random               # random (grid axes crossed) or {name: optuna, seed: 0}
+    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+    trial: {cpus: 1}             # the trial's own process; strategies add their actors
+
+A `choice` may hold lists or whole sections (`strategy: {choice: [{name: ps, shards: 2},
+...]}`): Tune and Optuna see them as their YAML text, the trial reads them back. Everything
+is checked before Ray starts, and every error names the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines import config as run_configs
+from pipelines.config import ConfigError, RunConfig
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+SCHEDULERS: dict[str, dict[str, Any]] = {
+    "fifo": {},
+    "asha": {"grace_period": 1, "reduction_factor": 2, "max_t": None},
+    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "mutate": None},
+}
+"""Each scheduler's settings and their defaults (`max_t` defaults to the epochs; PBT mutates
+the space's `optim.*` axes unless `mutate` lists others)."""
+SEARCHES: dict[str, dict[str, Any]] = {"random": {"seed": None}, "optuna": {"seed": 0}}
+TOP_KEYS = ("base", "space", "metric", "mode", "samples", "search", "scheduler", "trial",
+            "max_concurrent", "name")
+
+
+@dataclass
+class Axis:
+    """One swept key and its distribution."""
+
+    key: str
+    kind: str
+    values: list
+
+    @property
+    def encoded(self) -> bool:
+        """Options that are lists or mappings travel as YAML text (Optuna takes scalars only)."""
+        return self.kind in ("choice", "grid") and any(isinstance(v, (list, dict)) for v in self.values)
+
+    def probes(self) -> list:
+        """Values that stand for the whole axis when the schema checks it."""
+        if self.kind == "randint":
+            return [self.values[0], self.values[1] - 1]
+        return list(self.values)
+
+    def domain(self):
+        from ray import tune
+
+        options = [self.param(v) for v in self.values]
+        if self.kind == "choice":
+            return tune.choice(options)
+        if self.kind == "grid":
+            return tune.grid_search(options)
+        low, high = self.values
+        return {"uniform": tune.uniform, "loguniform": tune.loguniform,
+                "randint": tune.randint}[self.kind](low, high)
+
+    def param(self, value: Any) -> Any:
+        """A value of this axis as Tune carries it."""
+        return _text(value) if self.encoded else value
+
+    def decode(self, sampled: Any) -> Any:
+        return yaml.safe_load(sampled) if self.encoded else sampled
+
+
+@dataclass
+class SweepConfig:
+    path: str
+    name: str
+    base: dict
+    """The base run config as a nested dict (CLI overrides applied)."""
+    space: list[Axis]
+    metric: str
+    mode: str
+    samples: int = 1
+    search: str = "random"
+    search_options: dict = field(default_factory=dict)
+    scheduler: str = "fifo"
+    scheduler_options: dict = field(default_factory=dict)
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.0
+    max_concurrent: int | None = None
+
+    def run_config(self, params: dict[str, Any]) -> RunConfig:
+        """The base config with one trial's sampled values (nested as Tune gives them, or
+        under their dotted keys)."""
+        raw = copy.deepcopy(self.base)
+        for key, value in self.decoded(params).items():
+            run_configs.apply_override(raw, key, value)
+        return run_configs.from_dict(raw)
+
+    def param_space(self) -> dict[str, Any]:
+        """Tune's search space, nested by the dotted keys (Tune's own separator is `/`)."""
+        return _nest({axis.key: axis.domain() for axis in self.space})
+
+    def flat_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The trial's sampled values under their dotted keys, as Tune carries them."""
+        found = {}
+        for axis in self.space:
+            node: Any = params
+            if axis.key in params:
+                found[axis.key] = params[axis.key]
+                continue
+            for part in axis.key.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is not _MISSING:
+                found[axis.key] = node
+        return found
+
+    def decoded(self, params: dict[str, Any]) -> dict[str, Any]:
+        axes = {a.key: a for a in self.space}
+        return {k: axes[k].decode(v) for k, v in self.flat_params(params).items()}
+
+    def mutations(self) -> dict[str, Any]:
+        """PBT's hyperparam_mutations: the axes it may perturb, as Tune domains or lists."""
+        keys = self.scheduler_options.get("mutate") or [
+            a.key for a in self.space if a.key.startswith("optim.")]
+        axes = {a.key: a for a in self.space}
+        return _nest({k: (axes[k].domain() if axes[k].kind not in ("choice", "grid")
+                          else [axes[k].param(v) for v in axes[k].values]) for k in keys})
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None,
+         *, samples: int | None = None, scheduler: str | None = None, search: str | None = None,
+         max_concurrent: int | None = None) -> SweepConfig:
+    """Read and check a sweep file; the keyword arguments are the `raydeep tune` flags."""
+    where = str(path)
+    raw = run_configs.load_yaml(path)
+
+    def fail(message: str) -> None:
+        raise ConfigError(f"{where}: {message}")
+
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        fail(f"unknown key {unknown[0]!r} (known: {', '.join(TOP_KEYS)})")
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        fail(f"base must be a run config mapping, got {base!r}")
+    base = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        run_configs.apply_override(base, key, value)
+    for assignment in sets or []:
+        run_configs.apply_override(base, *run_configs.parse_set(assignment))
+    try:
+        run_configs.from_dict(copy.deepcopy(base))
+    except ConfigError as e:
+        fail(f"base: {e}")
+
+    space_raw = raw.get("space") or {}
+    if not isinstance(space_raw, dict) or not space_raw:
+        fail("space must map run-config keys to distributions, e.g. optim.lr: {loguniform: [0.001, 0.1]}")
+    space = [_axis(key, spec, fail) for key, spec in space_raw.items()]
+
+    search_name, search_options = _named(raw.get("search", "random"), "search", SEARCHES, fail)
+    if search is not None:
+        search_name, search_options = _named(search, "search", SEARCHES, fail)
+    scheduler_name, scheduler_options = _named(raw.get("scheduler", "fifo"), "scheduler", SCHEDULERS, fail)
+    if scheduler is not None and scheduler != scheduler_name:
+        scheduler_name, scheduler_options = _named(scheduler, "scheduler", SCHEDULERS, fail)
+    trial = raw.get("trial") or {}
+    if not isinstance(trial, dict) or set(trial) - {"cpus", "gpus"}:
+        fail(f"trial must be a mapping with cpus and/or gpus, got {trial!r}")
+    sweep = SweepConfig(
+        path=where, name=str(raw.get("name") or Path(where).stem), base=base, space=space,
+        metric=str(raw.get("metric", "")), mode=str(raw.get("mode", "")),
+        samples=samples if samples is not None else raw.get("samples", 1),
+        search=search_name, search_options=search_options,
+        scheduler=scheduler_name, scheduler_options=scheduler_options,
+        trial_cpus=trial.get("cpus", 1.0), trial_gpus=trial.get("gpus", 0.0),
+        max_concurrent=max_concurrent if max_concurrent is not None else raw.get("max_concurrent"))
+    _check(sweep, fail)
+    return sweep
+
+
+def _axis(key: Any, spec: Any, fail) -> Axis:
+    where = f"space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        fail(f"{where} must be one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    (kind, values), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        fail(f"{where}: unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})")
+    if not isinstance(values, list) or not values:
+        fail(f"{where}: {kind} needs a non-empty list, got {values!r}")
+    if kind in ("choice", "grid"):
+        return Axis(str(key), kind, values)
+    if len(values) != 2 or not all(_number(v) for v in values):
+        fail(f"{where}: {kind} needs [low, high] numbers, got {values!r}")
+    low, high = (float(v) for v in values)
+    if low > high or (kind == "randint" and low >= high):
+        fail(f"{where}: low ({values[0]}) {'>' if low > high else '>='} high ({values[1]})")
+    if kind == "loguniform" and low <= 0:
+        fail(f"{where}: loguniform needs low > 0, got {values[0]}")
+    if kind == "randint":
+        if not all(float(v).is_integer() for v in values):
+            fail(f"{where}: randint needs integers, got {values!r}")
+        return Axis(str(key), kind, [int(low), int(high)])  # high is exclusive, as in Tune
+    return Axis(str(key), kind, [low, high])
+
+
+def _named(spec: Any, what: str, known: dict[str, dict], fail) -> tuple[str, dict]:
+    """`asha` or `{name: asha, grace_period: 2}`: the name and its settings over the defaults."""
+    options = dict(spec) if isinstance(spec, dict) else {"name": spec}
+    name = options.pop("name", None)
+    if name not in known:
+        fail(f"{what} {name!r} is unknown (known: {', '.join(known)})")
+    extra = [k for k in options if k not in known[name]]
+    if extra:
+        fail(f"{what}.{extra[0]} is not a setting of {name} (settings: {', '.join(known[name]) or 'none'})")
+    return name, {**known[name], **options}
+
+
+def _check(sweep: SweepConfig, fail) -> None:
+    from pipelines.run import prepare
+
+    if not isinstance(sweep.samples, int) or isinstance(sweep.samples, bool) or sweep.samples < 1:
+        fail(f"samples must be an integer >= 1, got {sweep.samples!r}")
+    if sweep.mode not in ("min", "max"):
+        fail(f"mode must be min or max, got {sweep.mode!r}")
+    if sweep.max_concurrent is not None and (not isinstance(sweep.max_concurrent, int)
+                                             or sweep.max_concurrent < 1):
+        fail(f"max_concurrent must be an integer >= 1, got {sweep.max_concurrent!r}")
+    if not all(_number(v) and v >= 0 for v in (sweep.trial_cpus, sweep.trial_gpus)) or sweep.trial_cpus <= 0:
+        fail(f"trial.cpus must be > 0 and trial.gpus >= 0, got {sweep.trial_cpus!r}, {sweep.trial_gpus!r}")
+    if sweep.search == "optuna" and any(a.kind == "grid" for a in sweep.space):
+        fail("grid axes need search random (Optuna samples; it does not cross grids)")
+    firsts = {a.key: a.probes()[0] for a in sweep.space}
+    for axis in sweep.space:
+        for value in axis.probes():
+            raw = copy.deepcopy(sweep.base)
+            for key, first in {**firsts, axis.key: value}.items():
+                run_configs.apply_override(raw, key, first)
+            try:
+                prepare(run_configs.from_dict(raw))  # the model is built: its own checks run too
+            except ConfigError as e:
+                fail(f"space.{axis.key} = {value!r}: {e}")
+    if sweep.scheduler == "pbt":
+        keys = {a.key for a in sweep.space}
+        mutate = sweep.mutations() if all(k in keys for k in sweep.scheduler_options.get("mutate") or []) else None
+        if mutate is None:
+            fail(f"scheduler.mutate names keys outside the space: {sweep.scheduler_options['mutate']!r}")
+        if not mutate:
+            fail("pbt needs axes to perturb: put optim.* keys in the space or list them in scheduler.mutate")
+    reported = _reported_metrics(run_configs.from_dict(copy.deepcopy(sweep.base)))
+    if sweep.metric not in reported:
+        fail(f"metric {sweep.metric!r} is not reported per epoch here (reported: {', '.join(reported)})")
+
+
+def _reported_metrics(run: RunConfig) -> list[str]:
+    """The per-epoch metrics a run of this config reports: train_loss and val_* of its model."""
+    import torch
+
+    from pipelines.run import prepare
+
+    data, model = prepare(run)
+    with torch.no_grad():
+        model.eval()
+        keys = model.evaluate((data.x_train[:2], data.y_train[:2]))
+    return ["train_loss", *(f"val_{k}" for k in keys if k != "count")]
+
+
+_MISSING = object()
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        run_configs.apply_override(nested, key, value)
+    return nested
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _text(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip()

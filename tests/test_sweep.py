@@ -1,0 +1,178 @@
+"""Ray Tune sweeps recorded in MLflow: one parent run per sweep, one child per trial."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, run_cli
+from pipelines.sweep import run_sweep
+from pipelines.sweep_config import Axis, load
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_file(workdir: Path, store: str, space: str, *, epochs: int = 2, extra: str = "",
+               base: str = "model: {name: mlp, depth: 1, width: 64}\n  strategy: {name: local}") -> Path:
+    path = workdir / "sweep.yaml"
+    path.write_text(f"""
+base:
+  {base}
+  optim: {{name: adam, lr: 0.003, epochs: {epochs}}}
+  tracking: {{uri: "{store}", log_model: false}}
+space:
+{space}
+metric: val_accuracy
+mode: max
+samples: 1
+{extra}
+""")
+    return path
+
+
+def children(store: str, parent_run_id: str) -> list:
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("raydeep")
+    return client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def sweeps(store: str) -> list:
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("raydeep")
+    return client.search_runs([experiment.experiment_id], filter_string="tags.`raydeep.kind` = 'sweep'")
+
+
+def test_asha_sweep_records_a_parent_and_a_child_per_trial_and_stops_the_laggards(
+        ray_session, workdir, store):
+    # One trial at a time, the good learning rate first: ASHA's first rung then holds a
+    # good accuracy that the hopeless rates (1e-5) cannot reach, so it must stop them.
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.003, 1.0e-5, 1.0e-5, 1.0e-5]}",
+                      extra="scheduler: {name: asha, grace_period: 1, reduction_factor: 2}\n"
+                            "max_concurrent: 1")
+    result = run_sweep(load(path))
+    runs = children(store, result.parent_run_id)
+    assert len(runs) == 4 and len({r.data.tags["raydeep.trial_id"] for r in runs}) == 4
+    client = MlflowClient(store)
+    for run in runs:
+        assert float(run.data.params["optim.lr"]) in (0.003, 1e-5)
+        assert "val_accuracy" in run.data.metrics and "train_loss" in run.data.metrics
+    statuses = {r.data.params["optim.lr"]: r.info.status for r in runs}
+    assert statuses["0.003"] == "FINISHED"
+    killed = [r for r in runs if r.info.status == "KILLED"]
+    assert killed, "ASHA stopped no trial"
+    for run in killed:
+        assert "stopped by the asha scheduler after 1 epochs" in run.data.tags["error"]
+        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 4 and parent.data.metrics["trials_killed"] == len(killed)
+    assert parent.data.params["space.optim.lr"].startswith("grid")
+    assert parent.data.tags["best_run_id"] == result.best.run_id
+    assert result.best.params == {"optim.lr": 0.003}
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
+    assert {"hyperparameters_vs_metric.png", "best_config.yaml"} <= artifacts
+
+    # The exported config is a run config: `raydeep run` trains the best trial again.
+    done = run_cli("run", str(result.best_config), "--run-name", "again", cwd=workdir)
+    assert done.returncode == 0, done.stderr
+    again = client.search_runs([parent.info.experiment_id], filter_string="attributes.run_name = 'again'")[0]
+    assert again.data.metrics["val_accuracy"] == pytest.approx(result.best.metric, abs=0.02)
+
+
+def test_a_diverging_trial_fails_alone_and_the_sweep_exits_0(workdir, store):
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.003, 1.0e+12]}",
+                      extra="scheduler: fifo\nmax_concurrent: 1")
+    path.write_text(path.read_text().replace("name: adam", "name: sgd"))
+    done = run_cli("tune", str(path), "--num-cpus", "2", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(1 finished, 0 killed, 1 failed)" in done.stdout
+    assert "failed: " in done.stdout and "training loss became nan" in done.stdout
+    (parent,) = sweeps(store)
+    runs = {r.data.params["optim.lr"]: r for r in children(store, parent.info.run_id)}
+    assert runs["1000000000000.0"].info.status == "FAILED"
+    assert "training loss became nan" in runs["1000000000000.0"].data.tags["error"]
+    assert runs["0.003"].info.status == "FINISHED"
+    assert MlflowClient(store).get_run(parent.info.run_id).data.metrics["trials_failed"] == 1
+
+
+def test_a_killed_sweep_resumes_with_one_child_per_trial(workdir, store):
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.001, 0.002, 0.003, 0.004]}", epochs=3,
+                      extra="scheduler: fifo\nmax_concurrent: 1")
+    command = [sys.executable, "-m", "cluster.cli", "tune", str(path), "--num-cpus", "2"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # kill it once the first trial is done and the second has started
+        deadline = time.time() + 240
+        while (time.time() < deadline and first.poll() is None
+               and len(list(workdir.glob("raydeep_runs/sweeps/*/runs/*"))) < 2):
+            time.sleep(0.2)
+        assert first.poll() is None, "the sweep ended before it could be killed"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
+        first.wait()
+    (parent,) = sweeps(store)
+    assert 1 <= len(children(store, parent.info.run_id)) < 4
+
+    done = run_cli("tune", str(path), "--num-cpus", "2", "--resume", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(sweeps(store)) == 1  # the same parent run, continued
+    runs = children(store, parent.info.run_id)
+    trial_ids = [r.data.tags["raydeep.trial_id"] for r in runs]
+    assert len(runs) == 4 and len(set(trial_ids)) == 4
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert MlflowClient(store).get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_strategies_sweep_runs_every_strategy_as_a_trial(ray_session, workdir, store):
+    sweep = load(REPO / "tune_configs" / "strategies.yaml",
+                 {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 4})
+    result = run_sweep(sweep)
+    runs = children(store, result.parent_run_id)
+    by_strategy = {r.data.params["strategy.name"]: r for r in runs}
+    assert set(by_strategy) == {"local", "allreduce", "ps", "pipeline"}
+    for name, run in by_strategy.items():
+        assert run.info.status == "FINISHED", (name, run.data.tags.get("error"))
+        history = MlflowClient(store).get_metric_history(run.info.run_id, "val_accuracy")
+        assert len({m.step for m in history}) == 2, name
+    # Same data, seed and steps: the synchronous strategies agree with local.
+    accuracy = {n: r.data.metrics["val_accuracy"] for n, r in by_strategy.items()}
+    assert accuracy["allreduce"] == pytest.approx(accuracy["local"], abs=1e-6)
+    assert accuracy["pipeline"] == pytest.approx(accuracy["local"], abs=1e-6)
+
+
+def test_pbt_sweep_restores_trials_from_checkpoints(ray_session, workdir, store):
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [1.0e-5, 0.003]}", epochs=4,
+                      extra="scheduler: {name: pbt, perturbation_interval: 1, quantile_fraction: 0.5}\n"
+                            "max_concurrent: 2")
+    result = run_sweep(load(path))
+    runs = children(store, result.parent_run_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # The hopeless trial was given the good trial's weights (and a rate from the space): its
+    # child run goes on and ends far above where four epochs at 1e-5 leave an MLP (about 0.2).
+    slow = next(r for r in runs if r.data.params["optim.lr"] == "1e-05")
+    assert slow.data.metrics["val_accuracy"] > 0.5
+
+
+SMOKE_FILES = sorted(p for p in (REPO / "tune_configs").glob("*.yaml")
+                     if p.stem not in ("strategies", "pbt"))  # those two have tests of their own
+
+
+@pytest.mark.parametrize("path", SMOKE_FILES, ids=lambda p: p.stem)
+def test_every_family_sweep_file_runs_as_a_smoke_sweep(ray_session, workdir, store, path):
+    sweep = load(path, {"tracking.uri": store, "optim.epochs": 1, "optim.steps_per_epoch": 2},
+                 samples=1, scheduler="fifo")
+    # One trial per file: grids become choices.
+    sweep.space = [Axis(a.key, "choice", a.values) if a.kind == "grid" else a for a in sweep.space]
+    result = run_sweep(sweep)
+    (run,) = children(store, result.parent_run_id)
+    assert run.info.status == "FINISHED", run.data.tags.get("error")
+    assert sweep.metric in run.data.metrics
+    assert result.best_config is not None and result.best_config.is_file()
