@@ -75,6 +75,15 @@ class Tracker:
         if items:
             _client(self.uri).log_batch(self.run_id, metrics=items)
 
+    def log_series(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Metrics of many steps in few writes: [(step, {key: value}), ...]."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()]
+        for start in range(0, len(items), 1000):
+            _client(self.uri).log_batch(self.run_id, metrics=items[start:start + 1000])
+
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step `epoch` (0-based) and a progress line."""
         self.log_metrics(metrics, step=epoch)

@@ -1,0 +1,282 @@
+"""`lbfgs`: full-batch (or large-batch) L-BFGS on Ray actors (DistBelief's Sandblaster).
+
+S shard actors (`lbfgs_shard`) hold slices of the parameters and of every vector L-BFGS
+keeps (gradient, direction, the m history pairs); W worker actors (`lbfgs_worker`) hold
+the training data and compute the loss and gradient of portions of it; the coordinator
+(`lbfgs_engine`, run here in the driver) runs torch.optim.LBFGS's algorithm, strong-Wolfe
+line search included, by sending the shards scalar-only commands and the workers portions
+to evaluate (`lbfgs_pool`: handed out as workers finish, with backups for stragglers and
+replacements for dead workers). It never holds a whole vector; this driver assembles the
+model only at the end of an epoch, to validate and checkpoint it.
+
+An "epoch" is one call of torch's ``LBFGS.step``: up to `iterations_per_epoch` iterations
+on that epoch's objective (the mean loss over the training split, or over a fixed sample
+of `batch_size` examples drawn per epoch), then validation and a checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipelines import checkpoint
+from pipelines import data as datasets
+from pipelines.config import ConfigError, RunConfig
+from pipelines.data import Dataset
+from pipelines.epochs import Collective, pretrain
+from pipelines.lbfgs_engine import DistributedLbfgs, Iteration, LbfgsState
+from pipelines.lbfgs_pool import PortionPool
+from pipelines.lbfgs_shard import LbfgsShard, ShardGroup
+from pipelines.lbfgs_worker import (LbfgsWorker, epoch_examples, has_batch_norm, load_batch_norm_statistics,
+                                    portion_bounds)
+from pipelines.loop import evaluate_sums, mean_metrics
+from pipelines.ps_layout import ShardLayout, flat_parameters, load_parameters, trainable
+from pipelines.strategy import FitResult, Strategy, build_model, register, require, worker_bundle
+
+
+@dataclass
+class LbfgsOptions:
+    shards: int = 1
+    """Parameter shards (`--ps-shards`) holding the slices of every L-BFGS vector."""
+    history: int = 10
+    """Pairs (s, y) kept for the inverse-Hessian approximation (torch's history_size)."""
+    iterations_per_epoch: int = 20
+    """Iterations per epoch (torch's max_iter of one `step`); validation and a checkpoint follow."""
+    max_evals_per_epoch: Optional[int] = None
+    """Objective evaluations per epoch (torch's max_eval); default 5/4 of the iterations."""
+    lr: float = 1.0
+    """Scale of each line search's first trial step (torch's lr; optim.lr is SGD's and unused)."""
+    line_search: str = "strong_wolfe"
+    """The line search: strong_wolfe (torch's, the only one)."""
+    tolerance_grad: float = 1e-7
+    """An epoch stops once max |gradient| is at most this (torch's)."""
+    tolerance_change: float = 1e-9
+    """An epoch stops once the loss or the step changes less than this (torch's)."""
+    batch_size: Optional[int] = None
+    """Examples per objective: unset for the whole training split, else a fixed sample of
+    this many drawn anew each epoch (large-batch L-BFGS)."""
+    portions: Optional[int] = None
+    """Portions the examples are cut into, handed to workers as they finish; default 4 x workers."""
+    backup_after: float = 2.0
+    """A portion still running this many times the median portion time gets a backup copy on
+    an idle worker (the first answer wins); 0: no backups."""
+    max_worker_restarts: int = 3
+    """Dead workers replaced before the run fails; -1: no limit."""
+    allow_stochastic: bool = False
+    """Train a model whose loss draws random numbers (dropout, sampling): the draws then come
+    from a fixed seed per portion, so each evaluation of a point sees the same noise."""
+
+    def portions_for(self, run: RunConfig) -> int:
+        return self.portions or 4 * run.resources.workers
+
+
+class LbfgsStrategy(Strategy):
+    name = "lbfgs"
+    config = LbfgsOptions
+    description = "distributed L-BFGS (Sandblaster): vector arithmetic on shards, portions load-balanced"
+
+    def validate(self, run: RunConfig) -> None:
+        o: LbfgsOptions = run.strategy.params
+        workers = run.resources.workers
+        require([
+            (o.shards >= 1, f"strategy.shards must be >= 1, got {o.shards}"),
+            (o.history >= 1, f"strategy.history must be >= 1, got {o.history}"),
+            (o.iterations_per_epoch >= 1,
+             f"strategy.iterations_per_epoch must be >= 1, got {o.iterations_per_epoch}"),
+            (o.max_evals_per_epoch is None or o.max_evals_per_epoch >= 2,
+             f"strategy.max_evals_per_epoch must be >= 2 (one at the start, one for the line "
+             f"search), got {o.max_evals_per_epoch}"),
+            (o.lr > 0, f"strategy.lr must be > 0, got {o.lr}"),
+            (o.line_search == "strong_wolfe",
+             f"strategy.line_search must be strong_wolfe, got {o.line_search!r}"),
+            (o.tolerance_grad >= 0, f"strategy.tolerance_grad must be >= 0, got {o.tolerance_grad}"),
+            (o.tolerance_change >= 0, f"strategy.tolerance_change must be >= 0, got {o.tolerance_change}"),
+            (o.batch_size is None or o.batch_size >= 1,
+             f"strategy.batch_size must be >= 1 (or unset for the full batch), got {o.batch_size}"),
+            (o.portions is None or o.portions >= workers,
+             f"strategy.portions ({o.portions}) must be >= resources.workers ({workers}): "
+             "every worker needs a portion"),
+            (o.backup_after == 0 or o.backup_after >= 1,
+             f"strategy.backup_after must be 0 (no backups) or >= 1, got {o.backup_after}"),
+            (o.max_worker_restarts >= -1,
+             f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
+            (run.optim.grad_clip is None,
+             f"optim.grad_clip ({run.optim.grad_clip}) does not apply to lbfgs: its line search "
+             "sets the step; unset it"),
+            (run.optim.weight_decay >= 0,
+             f"optim.weight_decay must be >= 0, got {run.optim.weight_decay}"),
+        ])
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        return [worker_bundle(run)] * run.resources.workers  # shards take no CPU of their own
+
+    def check_model(self, run: RunConfig, model: nn.Module) -> None:
+        o: LbfgsOptions = run.strategy.params
+        numel = sum(p.numel() for p in trainable(model))
+        if o.shards > numel:
+            raise ConfigError(f"strategy.shards ({o.shards}) exceeds the {numel:,} trainable "
+                              f"parameters of model {run.model.name}: a shard would hold nothing")
+        data = datasets.load(run.data, run.seed)
+        train = len(data.y_train)
+        examples = min(o.batch_size or train, train)
+        if o.batch_size is not None and o.batch_size > train:
+            raise ConfigError(f"strategy.batch_size ({o.batch_size}) exceeds the training split "
+                              f"({train} examples)")
+        if o.portions_for(run) > examples:
+            raise ConfigError(f"strategy.portions ({o.portions_for(run)}) exceeds the {examples} "
+                              "examples of each objective: a portion would be empty")
+        reason = stochastic_loss(model, (data.x_train[:64], data.y_train[:64]))
+        if reason and not o.allow_stochastic:
+            raise ConfigError(
+                f"model {run.model.name} has a stochastic loss ({reason}): L-BFGS's line search "
+                "needs the same loss each time it evaluates a point; set "
+                "strategy.allow_stochastic=true to draw the noise from a fixed seed per portion")
+
+    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+        driver = Sandblaster(run, data, tracker, run_dir)
+        try:
+            return driver.train()
+        finally:
+            driver.close()
+
+
+def stochastic_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the model's training loss is random, or None: dropout layers, or two evaluations
+    of the same batch that differ (sampling, corruption, persistent chains...)."""
+    dropout = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropout:
+        return f"{len(dropout)} dropout layer{'s' if len(dropout) > 1 else ''} with p={dropout[0].p}"
+    probe = copy.deepcopy(model).train()
+    with torch.no_grad():
+        first, second = probe.loss(batch), probe.loss(batch)
+    if not torch.equal(first, second):
+        return (f"two evaluations of the same batch gave {float(first):.6g} and "
+                f"{float(second):.6g}")
+    return None
+
+
+class Sandblaster:
+    """One `lbfgs` run: its actors, the coordinator, and the epoch loop around it."""
+
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+        import ray
+
+        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.options: LbfgsOptions = run.strategy.params
+        self.model = build_model(run, data.input_shape, data.num_classes)
+        state = checkpoint.load_latest(run_dir) if run.resume else None
+        self.start_epoch = 0
+        if state:
+            self.model.load_state_dict(state["model"])
+            self.start_epoch = state["epoch"] + 1
+            tracker.say(f"resumed from the checkpoint of epoch {self.start_epoch}")
+        else:
+            pretrain(self.model, run, data.x_train, data.y_train, tracker, Collective())
+        o = self.options
+        self.layout = ShardLayout.of(self.model, o.shards)
+        saved = (state or {}).get("optimizer", {})
+        if saved and len(saved["shards"]) != o.shards:
+            tracker.say(f"the checkpoint has {len(saved['shards'])} shards, this run {o.shards}: "
+                        "the weights carry over, the L-BFGS history starts afresh")
+            saved = {}
+        prefix = f"raydeep-lbfgs:{run_dir.name}:"
+        self.shards = [ray.remote(LbfgsShard).options(name=f"{prefix}shard-{i}", num_cpus=0).remote(
+                           i, part, o.history, saved["shards"][i] if saved else None)
+                       for i, part in enumerate(self.layout.split(flat_parameters(self.model)))]
+        data_ref = ray.put(data)
+        initial_ref = ray.put({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        self.pool = None
+
+        def start_worker(slot: int):
+            restarts = self.pool.restarts if self.pool else 0
+            return ray.remote(LbfgsWorker).options(
+                name=f"{prefix}worker-{slot}" + (f"-r{restarts}" if restarts else ""),
+                num_cpus=run.resources.cpus_per_worker, max_restarts=0,
+            ).remote(run, data_ref, initial_ref, self.shards, self.layout)
+
+        try:
+            self.pool = PortionPool(start_worker, run.resources.workers, o.backup_after,
+                                    o.max_worker_restarts, tracker.say)
+        except BaseException:
+            self.close()
+            raise
+        self.lbfgs = DistributedLbfgs(ShardGroup(self.shards, self.layout), self.pool, o,
+                                      o.portions_for(run), run.optim.weight_decay,
+                                      LbfgsState(**saved["lbfgs"]) if saved else None)
+        self.history: list[dict] = []
+        self.iterations: list[Iteration] = []
+
+    def train(self) -> FitResult:
+        for epoch in range(self.start_epoch, self.run.optim.epochs):
+            self.lbfgs.epoch(epoch, self._log_iteration)
+            self._flush_iterations()
+            self._assemble(epoch)
+            metrics = {"train_loss": self.lbfgs.state.loss,
+                       **mean_metrics(evaluate_sums(self.model, self.data.x_val, self.data.y_val), "val")}
+            self.tracker.log_epoch(epoch, metrics)
+            self.history.append(metrics)
+            state = dataclasses.asdict(self.lbfgs.state)
+            directory = checkpoint.save(
+                self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
+                model=self.model.state_dict(),
+                optimizer={"shards": self.lbfgs.shards.states(), "lbfgs": state})
+            self.tracker.checkpointed(epoch, metrics, directory)
+            shutil.rmtree(self.run_dir / checkpoint.directory_name(epoch - 2), ignore_errors=True)
+        if self.start_epoch >= self.run.optim.epochs:
+            self._assemble(self.run.optim.epochs - 1)
+        state = self.lbfgs.state
+        summary = {"iterations": float(state.n_iter), "function_evaluations": float(state.func_evals),
+                   "worker_restarts": float(self.pool.restarts),
+                   "backup_portions": float(self.pool.backups),
+                   "rerun_portions": float(self.pool.reruns),
+                   "portions": float(self.lbfgs.portions)}
+        weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return FitResult(weights, self.history, summary)
+
+    def close(self) -> None:
+        import ray
+
+        if self.pool is not None:
+            self.pool.close()
+        for shard in self.shards:
+            ray.kill(shard)
+
+    def _log_iteration(self, it: Iteration) -> None:
+        self.iterations.append(it)
+
+    def _flush_iterations(self) -> None:
+        """Per-iteration metrics, at step = iteration number, written once per epoch: an
+        iteration takes milliseconds, a write to the tracking store about as long."""
+        self.tracker.log_series([
+            (it.number, {"loss": it.loss, "grad_norm": it.grad_norm, "step_size": it.step_size,
+                         "line_search_evals": it.line_search_evals,
+                         "samples_per_s": it.examples / max(it.seconds, 1e-9)})
+            for it in self.iterations])
+        self.iterations = []
+
+    def _assemble(self, epoch: int) -> None:
+        """The shards' x into the driver's model; batch norm's statistics from the workers."""
+        load_parameters(self.model, self.lbfgs.shards.gather("x"))
+        if not has_batch_norm(self.model):
+            return
+        evaluation = self.lbfgs.evaluations
+        self.lbfgs.evaluations += 1
+        self.lbfgs.shards.run([("copy", "trial", "x")])
+        portions = self.lbfgs.portions
+        answers = self.pool.run("statistics", evaluation, epoch, portions)
+        examples = len(epoch_examples(len(self.data.y_train), self.options.batch_size,
+                                      self.run.seed, epoch))
+        total = None
+        for (start, stop), stats in zip(portion_bounds(examples, portions), answers.values):
+            part = torch.from_numpy(stats.copy()) * ((stop - start) / examples)
+            total = part if total is None else total + part
+        load_batch_norm_statistics(self.model, total)
+
+
+register(LbfgsStrategy())
