@@ -229,7 +229,8 @@ def _tune_config(sweep: SweepConfig, base: RunConfig):
 def _run_config(sweep: SweepConfig, directory: Path, watcher: TrialWatcher):
     return tune.RunConfig(
         name="tune", storage_path=str(directory), callbacks=[watcher],
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # PBT clones any trial's recent checkpoints: keep them all; otherwise the newest two.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler == "pbt" else 2),
         progress_reporter=tune.CLIReporter(
             metric_columns=[sweep.metric, "train_loss", "training_iteration"],
             parameter_columns=[a.key.replace(".", "/") for a in sweep.space], max_report_frequency=15,
@@ -259,7 +260,8 @@ def _scheduler(sweep: SweepConfig, base: RunConfig):
     if sweep.scheduler == "pbt":
         return PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=o["perturbation_interval"],
-            quantile_fraction=o["quantile_fraction"], hyperparam_mutations=sweep.mutations())
+            quantile_fraction=o["quantile_fraction"], hyperparam_mutations=sweep.mutations(),
+            synch=o["synch"])
     return FIFOScheduler()
 
 

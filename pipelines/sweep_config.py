@@ -38,10 +38,11 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS: dict[str, dict[str, Any]] = {
     "fifo": {},
     "asha": {"grace_period": 1, "reduction_factor": 2, "max_t": None},
-    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "mutate": None},
+    "pbt": {"perturbation_interval": 1, "quantile_fraction": 0.25, "mutate": None, "synch": False},
 }
 """Each scheduler's settings and their defaults (`max_t` defaults to the epochs; PBT mutates
-the space's `optim.*` axes unless `mutate` lists others)."""
+the space's `optim.*` axes unless `mutate` lists others; `synch` makes every trial wait for the
+others at each perturbation, which makes exploits certain at the cost of idle time)."""
 SEARCHES: dict[str, dict[str, Any]] = {"random": {"seed": None}, "optuna": {"seed": 0}}
 TOP_KEYS = ("base", "space", "metric", "mode", "samples", "search", "scheduler", "trial",
             "max_concurrent", "name")

@@ -58,19 +58,26 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     tracker.echo = False  # Tune's table is the progress display
     tracker.report_to_tune = True
     run_dir = Path(context.runs_dir) / trial.get_trial_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    given = tune.get_checkpoint()
-    if given is not None:
-        with given.as_directory() as directory:
-            _adopt(Path(directory), run_dir)
-        run.resume = run_dir.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        given = tune.get_checkpoint()
+        if given is not None:
+            with given.as_directory() as directory:
+                _adopt(Path(directory), run_dir)
+            run.resume = run_dir.name
+    except Exception as e:
+        tracker.finish("FAILED", f"cannot restore the trial's checkpoint: {type(e).__name__}: {e}")
+        raise
     try:
         result = train(run, data, tracker=tracker, run_dir=run_dir)
     except RunFailed as e:  # the child is FAILED with the reason; Tune records the error
         raise RuntimeError(str(e)) from None
     last = run.optim.epochs - 1
     saved = run_dir / checkpoint.directory_name(last)
-    tune.report({**(result.history[-1] if result.history else {}), **result.metrics, "epoch": last + 1},
+    # done: the run is over, so no scheduler acts on this report (PBT would clone a finished
+    # run into this trial again and again).
+    tune.report({**(result.history[-1] if result.history else {}), **result.metrics, "epoch": last + 1,
+                 "done": True},
                 checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved.is_dir() else None)
 
 
