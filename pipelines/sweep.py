@@ -93,7 +93,7 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
         record.parent.finish("KILLED", "interrupted; finish it with raydeep tune --resume")
         raise
     result = summarise(sweep, record, directory)
-    result.interrupted = watcher.interrupted
+    result.interrupted = TrialWatcher.interrupted.get(record.parent.run_id, False)
     _record_result(sweep, record, result)
     return result
 
@@ -131,9 +131,12 @@ def default_max_concurrent(sweep: SweepConfig, cluster: dict[str, float]) -> int
 class TrialWatcher(tune.Callback):
     """Gives a child run the status its trial's process could not give it."""
 
+    interrupted: dict[str, bool] = {}
+    """Parent run id -> whether its experiment ended with trials left. Class-level: a resumed
+    sweep runs the watcher Tune unpickles from its saved state, not the one made here."""
+
     def __init__(self, record: SweepRecord, scheduler: str):
         self.record, self.scheduler = record, scheduler
-        self.interrupted = False
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # A trial that ran to its end finished its child run itself; one still RUNNING was
@@ -146,7 +149,8 @@ class TrialWatcher(tune.Callback):
         self.record.end_child(trial.trial_id, "FAILED", f"trial process failed: {trial.error_file or ''}")
 
     def on_experiment_end(self, trials, **info):
-        self.interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+        TrialWatcher.interrupted[self.record.parent.run_id] = any(
+            t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def summarise(sweep: SweepConfig, record: SweepRecord, directory: Path) -> SweepResult:

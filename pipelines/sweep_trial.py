@@ -42,7 +42,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     trial = tune.get_context()
     record = SweepRecord.attach(context.uri, context.parent_run_id, context.sweep.name)
     decoded = context.sweep.decoded(params)
-    tags = {PARAMS_TAG: json.dumps(context.sweep.flat_params(params)), **{f"space.{k}": str(v) for k, v in decoded.items()}}
+    tags = {PARAMS_TAG: json.dumps(context.sweep.flat_params(params)),
+            **{f"space.{k}": str(v) for k, v in decoded.items()}}
     try:
         run = context.sweep.run_config(params)
         run.tracking.run_name = trial.get_trial_name()
@@ -53,8 +54,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
         tracker.finish("FAILED", str(e))
         raise
     tracker = record.child(trial.get_trial_id(), trial.get_trial_name(), run.flat(),
-                           {**run_tags(run, data), **tags},
-                           run.optim.epochs)
+                           {**run_tags(run, data), **tags}, run.optim.epochs)
     tracker.echo = False  # Tune's table is the progress display
     tracker.report_to_tune = True
     run_dir = Path(context.runs_dir) / trial.get_trial_id()

@@ -14,7 +14,7 @@ def test_models_and_strategies_are_listed(tmp_path):
         assert line in models.stdout
     strategies = run_cli("strategies", cwd=tmp_path)
     assert strategies.returncode == 0
-    assert all(name in strategies.stdout for name in ("allreduce", "local", "pipeline", "ps"))
+    assert all(name in strategies.stdout for name in ("allreduce", "lbfgs", "local", "pipeline", "ps"))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def files(tmp_path_factory):
 
 BAD_INPUTS = [
     (["--model", "resnet"], "unknown model 'resnet' (known: "),
-    (["--strategy", "magic"], "unknown strategy 'magic' (known: allreduce, local, pipeline, ps)"),
+    (["--strategy", "magic"], "unknown strategy 'magic' (known: allreduce, lbfgs, local, pipeline, ps)"),
     (["--set", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["--epochs", "ten"], "config key 'optim.epochs' expects int, got 'ten'"),
     (["--workers", "0"], "resources.workers must be >= 1, got 0"),
