@@ -1,4 +1,4 @@
-"""The `raydeep` command line: run, tune, ui, models, strategies.
+"""The `raydeep` command line: run, tune, submit, jobs, ui, models, strategies.
 
 Bad input gets one line on stderr and exit code 2; a run that fails after it started is
 marked FAILED in MLflow and exits 1.
@@ -19,6 +19,7 @@ RUN_FLAGS = {
     "--num-cpus": "resources.num_cpus",
     "--address": "resources.address",
     "--storage-path": "resources.storage_path",
+    "--pack": "resources.pack",
     "--epochs": "optim.epochs",
     "--lr": "optim.lr",
     "--optimizer": "optim.name",
@@ -58,7 +59,8 @@ def build_parser() -> Parser:
     run = commands.add_parser("run", help="train a model with a strategy")
     run.add_argument("config", nargs="?", help="a run config YAML (flags and --set override it)")
     for flag, key in RUN_FLAGS.items():
-        run.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}")
+        run.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}",
+                         **_switch(flag))
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
     run.add_argument("--print-schedule", action="store_true",
@@ -69,7 +71,8 @@ def build_parser() -> Parser:
     tune = commands.add_parser("tune", help="sweep a tune_configs/*.yaml file with Ray Tune")
     tune.add_argument("config", help="a sweep file: base run config, search space, metric, scheduler")
     for flag, key in RUN_FLAGS.items():
-        tune.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets base {key}")
+        tune.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets base {key}",
+                          **_switch(flag))
     tune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override any key of the base config (repeatable)")
     tune.add_argument("--samples", type=int, help="draws of the search space (default: the file's)")
@@ -79,6 +82,24 @@ def build_parser() -> Parser:
                       help="trials at once (default: as many as the cluster's resources hold)")
     tune.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP",
                       help="finish an interrupted sweep (default: the newest sweep of this file)")
+
+    submit = commands.add_parser("submit", help="run a raydeep command on a Ray cluster as a job")
+    submit.add_argument("--address", help="the cluster's Jobs server (default: RAY_ADDRESS or "
+                        "http://127.0.0.1:8265)")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--submission-id", help="the job's id (default: one Ray picks)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable of the job and its workers (repeatable)")
+    submit.add_argument("--pip", action="store_true",
+                        help="install raydeep's Python requirements in the job's environment")
+    submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                        help="the raydeep command to run, e.g. -- raydeep run --strategy ps")
+
+    jobs = commands.add_parser("jobs", help="list the cluster's jobs, show or stop one")
+    jobs.add_argument("action", choices=["list", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?")
+    jobs.add_argument("--address", help="as for raydeep submit")
+    jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
 
     ui = commands.add_parser("ui", help="serve the MLflow UI over the run store")
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -105,7 +126,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args.tracking_uri, args.host, args.port)
     if args.command == "tune":
         return cmd_tune(args)
+    if args.command in ("submit", "jobs"):
+        return cmd_cluster_jobs(args)
     return cmd_run(args)
+
+
+def cmd_cluster_jobs(args: argparse.Namespace) -> int:
+    from cluster.jobs import JobsError, cmd_jobs
+    from cluster.submit import cmd_submit
+
+    try:
+        return cmd_submit(args) if args.command == "submit" else cmd_jobs(args)
+    except JobsError as e:
+        return _fail(str(e))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -199,8 +232,10 @@ def print_sweep(result) -> None:
 
 
 def _connect(run_config) -> str | None:
-    """Connect to the run's Ray; the one-line reason when that fails."""
+    """Connect to the run's Ray; the one-line reason when that fails, or when the cluster
+    has several nodes and the run's storage is on one of them."""
     from cluster.connect import connect
+    from cluster.storage import shared_storage_problem
 
     try:
         connect(run_config.resources.address, run_config.resources.num_cpus)
@@ -208,7 +243,12 @@ def _connect(run_config) -> str | None:
         where = run_config.resources.address or "an embedded local Ray"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"cannot connect to {where}: {first}"
-    return None
+    return shared_storage_problem(run_config)
+
+
+def _switch(flag: str) -> dict:
+    """`--pack` alone means `--pack true`."""
+    return {"nargs": "?", "const": "true"} if flag == "--pack" else {}
 
 
 def cmd_print_schedule(run_config) -> int:

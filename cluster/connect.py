@@ -37,6 +37,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
     import ray
 
     quiet_ray_logs()
+    # A Ray job's driver (`raydeep submit`) finds its cluster in RAY_ADDRESS; starting an
+    # embedded Ray there would fail on `_system_config`, which only a new cluster takes.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address and not ray.is_initialized():
         check_reachable(address)
     if not ray.is_initialized():

@@ -73,7 +73,9 @@ class AllreduceStrategy(Strategy):
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
             scaling_config=ScalingConfig(num_workers=run.resources.workers, use_gpu=gpus > 0,
-                                         resources_per_worker=worker_bundle(run)),
+                                         resources_per_worker=worker_bundle(run),
+                                         # Ray Train makes the group; SPREAD unless --pack
+                                         placement_strategy="PACK" if run.resources.pack else "SPREAD"),
             run_config=TrainRunConfig(
                 name=run_dir.name,
                 storage_path=str(run_dir.parent),

@@ -86,6 +86,14 @@ class ResourcesSection:
     """CPUs of the embedded local Ray (default: all of this machine's)."""
     storage_path: str = "raydeep_runs"
     """Where checkpoints and run state are kept (a shared path or URI on a cluster)."""
+    shared_storage: bool = False
+    """The user vouches that `storage_path` and a SQLite tracking URI are on storage every
+    node of a multi-node cluster sees (an NFS mount); without it raydeep refuses a local path
+    on more than one node instead of losing checkpoints on a worker's disk."""
+    pack: bool = False
+    """Place a strategy's actors with PACK (fewest nodes) instead of SPREAD (one per node
+    where it fits): SPREAD survives a node's loss and uses every node's NIC, PACK keeps
+    traffic on one machine."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipelines import checkpoint
+from pipelines import checkpoint, placement
 from pipelines import data as datasets
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
@@ -139,11 +139,13 @@ class LbfgsStrategy(Strategy):
                 "strategy.allow_stochastic=true to draw the noise from a fixed seed per portion")
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
-        driver = Sandblaster(run, data, tracker, run_dir)
-        try:
-            return driver.train()
-        finally:
-            driver.close()
+        labels = [f"worker-{i}" for i in range(run.resources.workers)]
+        with placement.reserve(self, run, tracker.say, labels) as place:
+            driver = Sandblaster(run, data, tracker, run_dir, place)
+            try:
+                return driver.train()
+            finally:
+                driver.close()
 
 
 def stochastic_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> str | None:
@@ -164,7 +166,8 @@ def stochastic_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> str | 
 class Sandblaster:
     """One `lbfgs` run: its actors, the coordinator, and the epoch loop around it."""
 
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+                 place: placement.Placement = placement.Placement()):
         import ray
 
         self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
@@ -186,7 +189,8 @@ class Sandblaster:
                         "the weights carry over, the L-BFGS history starts afresh")
             saved = {}
         prefix = f"raydeep-lbfgs:{run_dir.name}:"
-        self.shards = [ray.remote(LbfgsShard).options(name=f"{prefix}shard-{i}", num_cpus=0).remote(
+        self.shards = [ray.remote(LbfgsShard).options(name=f"{prefix}shard-{i}", num_cpus=0,
+                                                      **place.at(-1)).remote(
                            i, part, o.history, saved["shards"][i] if saved else None)
                        for i, part in enumerate(self.layout.split(flat_parameters(self.model)))]
         data_ref = ray.put(data)
@@ -198,6 +202,7 @@ class Sandblaster:
             return ray.remote(LbfgsWorker).options(
                 name=f"{prefix}worker-{slot}" + (f"-r{restarts}" if restarts else ""),
                 num_cpus=run.resources.cpus_per_worker, max_restarts=0,
+                **place.at(slot),  # bundle per worker slot; a replacement takes its slot's
             ).remote(run, data_ref, initial_ref, self.shards, self.layout)
 
         try:

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipelines import checkpoint, figures
+from pipelines import checkpoint, figures, placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.epochs import Collective, pretrain
@@ -107,7 +107,10 @@ class ParameterServerStrategy(Strategy):
                               f"parameters of model {run.model.name}: a shard would hold nothing")
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
-        return Downpour(run, data, tracker, run_dir).train()
+        labels = ([f"worker-{i}" for i in range(run.resources.workers)]
+                  + [f"shard-{i}" for i in range(run.strategy.params.shards)])
+        with placement.reserve(self, run, tracker.say, labels) as place:
+            return Downpour(run, data, tracker, run_dir, place).train()
 
 
 class Downpour:
@@ -115,10 +118,12 @@ class Downpour:
 
     POLL_S = 0.25
 
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+                 place: placement.Placement = placement.Placement()):
         import ray
 
         self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.place = place  # bundles: workers by rank, then shards
         self.options: ParameterServerOptions = run.strategy.params
         self.model = build_model(run, data.input_shape, data.num_classes)
         state = checkpoint.load_latest(run_dir) if run.resume else None
@@ -134,7 +139,8 @@ class Downpour:
         self.snapshot_dir = run_dir / "ps_snapshots"
         shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # restarts resume this run's state only
         self.shards = self._start_shards(state)
-        self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=1000).remote(
+        self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=1000,
+                                                           **place.at(-1)).remote(
             run.resources.workers, self.options.staleness)
         self.data_ref = ray.put(data)
         self.initial_ref = ray.put({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
@@ -166,7 +172,8 @@ class Downpour:
         return [remote.options(
                     name=f"{self._prefix()}shard-{i}", num_cpus=o.shard_cpus,
                     num_gpus=o.shard_gpus if o.device == "cuda" else 0,
-                    max_restarts=-1, max_task_retries=-1).remote(
+                    max_restarts=-1, max_task_retries=-1,
+                    **self.place.at(self.run.resources.workers + i)).remote(
                     i, self.run.optim, o.device, str(self.snapshot_dir), o.snapshot_every,
                     o.staleness_aware_lr)
                 for i in range(o.shards)]
@@ -178,8 +185,8 @@ class Downpour:
         device = "cuda" if r.gpus_per_worker > 0 else "cpu"
         name = f"{self._prefix()}worker-{rank}" + (f"-r{self.worker_restarts}" if self.worker_restarts else "")
         actor = ray.remote(PSWorker).options(
-            num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0, name=name
-        ).remote(rank, r.workers, self.run, self.data_ref, self.initial_ref, self.shards,
+            num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0, name=name,
+            **self.place.at(rank)).remote(rank, r.workers, self.run, self.data_ref, self.initial_ref, self.shards,
                  self.coordinator, self.layout, device)
         self.workers[rank] = actor
         return actor.run.remote(epoch, step, clock)

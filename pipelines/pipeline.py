@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipelines import checkpoint, figures
+from pipelines import checkpoint, figures, placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.loop import evaluate_sums, mean_metrics
@@ -83,7 +83,10 @@ class PipelineStrategy(Strategy):
             raise ConfigError(str(e)) from None
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
-        return PipelineRun(run, data, tracker, run_dir).train()
+        o: PipelineOptions = run.strategy.params
+        labels = [f"stage-{s}-replica-{k}" for k in range(o.replicas) for s in range(o.stages)]
+        with placement.reserve(self, run, tracker.say, labels) as place:
+            return PipelineRun(run, data, tracker, run_dir, place).train()
 
 
 def schedule_grid(run: RunConfig) -> str:
@@ -102,8 +105,10 @@ def schedule_grid(run: RunConfig) -> str:
 
 
 class PipelineRun:
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path):
+    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+                 place: placement.Placement = placement.Placement()):
         self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.place = place  # one bundle per actor, in `self.actors` order
         self.options: PipelineOptions = run.strategy.params
         self.model = build_model(run, data.input_shape, data.num_classes)
         micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
@@ -145,7 +150,8 @@ class PipelineRun:
                            "optimizer": saved[s]["optimizer"] if same else None})
         self.actors = [
             remote.options(name=f"{prefix}stage-{s}-replica-{k}-{self.restarts}", max_restarts=0,
-                           num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker).remote(
+                           num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
+                           **self.place.at(k * o.stages + s)).remote(
                 s, k, self.run, data, self.cut.bounds[s], self.shapes, starts[s])
             for k in range(o.replicas) for s in range(o.stages)]
         host, port = ray.get(self.actors[0].address.remote())

@@ -1,0 +1,81 @@
+"""`raydeep submit -- raydeep run ...`: send a raydeep command to a cluster as a Ray job.
+
+The repository goes up as the job's `working_dir` (`.rayignore` keeps data, MLflow stores,
+checkpoints and virtual environments out), so the cluster runs the code on this laptop, not
+whatever version its image holds. The job's driver runs the command on the head node; the
+environment variables given here reach it and every worker it starts, which is how the MLflow
+tracking URI and the Ray token get to all of them.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from cluster import jobs as jobs_api
+from cluster.jobs import JobsError
+
+REPO = Path(__file__).resolve().parents[1]
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                 "MLFLOW_EXPERIMENT_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+"""Set here, they are set in the job too: where runs are tracked and how storage is reached.
+RAY_AUTH_TOKEN is not among them: the cluster's own processes hold the cluster's token."""
+
+WORKER_PIP = ["mlflow>=3.0", "pyarrow>=14", "pyyaml>=6", "scikit-learn>=1.3", "matplotlib>=3.7",
+              "optuna>=3.0"]
+"""`--pip`: what raydeep needs beyond an image that has torch and Ray (a `rayproject/ray`
+image, say). Off by default: installing per job is slow and a cluster built from
+cluster/configs/ has them already."""
+
+
+def runtime_env(env_pairs: list[str], pip: bool) -> dict:
+    """The job's runtime_env: this repository, the forwarded variables, optionally pip."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    for pair in env_pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise JobsError(f"--env takes KEY=VALUE, got {pair!r}")
+        env[key] = value
+    env.setdefault("PYTHONUNBUFFERED", "1")  # progress lines reach the log as they are printed
+    spec: dict = {"working_dir": str(REPO), "env_vars": env}
+    if pip:
+        spec["pip"] = list(WORKER_PIP)
+    return spec
+
+
+def entrypoint(command: list[str]) -> str:
+    """The shell command the job runs; only raydeep commands are accepted."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise JobsError("nothing to submit: raydeep submit [OPTIONS] -- raydeep run ...")
+    if command[0] not in ("raydeep", "python", "python3"):
+        raise JobsError(f"the job must be a raydeep command (raydeep run|tune ...), got {command[0]!r}")
+    return shlex.join(command)
+
+
+def cmd_submit(args) -> int:
+    """Submit, then (unless --no-wait) follow the logs and exit with the job's result."""
+    command = entrypoint(args.job_command)
+    spec = runtime_env(args.env, args.pip)
+    jobs = jobs_api.client(args.address)
+    url = jobs.get_address()
+    job_id = jobs_api.guarded(lambda: jobs.submit_job(
+        entrypoint=command, runtime_env=spec, submission_id=args.submission_id,
+        metadata={"raydeep": "submit"}), url)
+    print(f"raydeep: submitted job {job_id} to {url}", file=sys.stderr, flush=True)
+    if args.no_wait:
+        print(job_id)
+        print(f"raydeep: follow it with: raydeep jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    try:
+        status = jobs_api.follow(jobs, job_id)
+    except KeyboardInterrupt:
+        print(f"\nraydeep: stopped following; the job goes on (raydeep jobs stop {job_id})",
+              file=sys.stderr)
+        return 130
+    print(f"raydeep: job {job_id} {status}", file=sys.stderr)
+    return jobs_api.TERMINAL_EXIT.get(status, 1)

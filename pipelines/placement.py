@@ -1,0 +1,91 @@
+"""Where a strategy's own actors run: one placement group over `Strategy.actor_bundles`.
+
+SPREAD by default: workers on different nodes use every node's network link and a lost node
+takes one worker with it, not all. `resources.pack` asks for PACK (fewest nodes, traffic
+stays inside a machine). Each actor is pinned to its bundle, so the group's table says which
+node runs which actor, and the run's log says it before training starts.
+
+Inside a Ray Tune trial the trial has reserved these bundles in its own group already
+(`Strategy.bundles_in_trial`); a second group would wait forever for resources the first
+holds, so there the actors are simply captured by the trial's group.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from pipelines.config import RunConfig
+
+
+class Placement:
+    """The scheduling options of each actor slot; empty where no group of ours exists."""
+
+    def __init__(self, group=None, size: int = 0):
+        self.group, self.size = group, size
+
+    def at(self, index: int) -> dict:
+        """Keyword arguments for `.options(...)` of the actor in bundle `index`.
+
+        An actor without a bundle (index -1: a coordinator, a shard that takes no CPU) goes
+        on the driver's node: the run ends with that node anyway, and a lost worker node
+        then never takes the state the survivors need with it.
+        """
+        if self.group is None:
+            return {}
+        import ray
+        from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
+                                                    PlacementGroupSchedulingStrategy)
+
+        if not 0 <= index < self.size:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True)}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=index)}
+
+    def nodes(self) -> list[str]:
+        """Node id of each bundle, in bundle order (empty without a group)."""
+        if self.group is None:
+            return []
+        from ray.util import placement_group_table
+
+        table = placement_group_table(self.group)["bundles_to_node_id"]
+        return [table.get(i, "") for i in range(self.size)]
+
+
+@contextmanager
+def reserve(strategy, run: RunConfig, say, labels: list[str] | None = None,
+            timeout_s: float = 120.0) -> Iterator[Placement]:
+    """A placement group over the strategy's bundles for the body; none inside a Tune trial.
+
+    `labels` names the actor of each bundle for the log line (default: bundle-N).
+    """
+    import ray
+    from ray.util import get_current_placement_group, placement_group, remove_placement_group
+
+    bundles = strategy.actor_bundles(run)
+    if not bundles or get_current_placement_group() is not None:
+        yield Placement()
+        return
+    mode = "PACK" if run.resources.pack else "SPREAD"
+    group = placement_group(bundles, strategy=mode, name=f"raydeep-{strategy.name}")
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(
+                f"the cluster cannot hold {len(bundles)} actors of {bundles[0]} ({mode}) within "
+                f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}")
+        place = Placement(group, len(bundles))
+        say(describe(place.nodes(), labels or [f"bundle-{i}" for i in range(len(bundles))], mode))
+        yield place
+    finally:
+        remove_placement_group(group)
+
+
+def describe(nodes: list[str], labels: list[str], mode: str) -> str:
+    """'placement (SPREAD) over 2 nodes: worker-0 on 10.0.0.1 (node 3f2a9c1d), ...'"""
+    import ray
+
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    where = ", ".join(f"{label} on {ips.get(node, '?')} (node {node[:8]})"
+                      for label, node in zip(labels, nodes))
+    return f"placement ({mode}) over {len(set(nodes))} node(s): {where}"
