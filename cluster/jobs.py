@@ -71,9 +71,10 @@ def guarded(call, url: str):
 
     try:
         return call()
-    except AuthenticationError as e:
-        first = str(e).strip().splitlines()[0]
-        if first.startswith("Authentication required"):
+    except AuthenticationError:
+        # Whether we had a token decides the message: Ray words the same failure differently
+        # depending on RAY_AUTH_MODE in this process (which `ray.init` sets).
+        if auth_token() is None:
             raise JobsError(f"the Ray cluster at {url} needs a token and none was found: "
                             f"{TOKEN_HELP}") from None
         raise JobsError(f"the Ray cluster at {url} refused the token: {TOKEN_HELP}") from None

@@ -79,6 +79,22 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
     return model
 
 
+def driver_model(run: RunConfig, data: Dataset, tracker, run_dir) -> tuple[nn.Module, dict | None]:
+    """A driver's starting model and the state it resumes from: the run's last checkpoint
+    under `--resume`, else fresh weights, greedily pre-trained on the driver if the model
+    has pre-training phases (strategies whose workers only fine-tune)."""
+    from pipelines import checkpoint
+
+    model = build_model(run, data.input_shape, data.num_classes)
+    state = checkpoint.load_latest(run_dir) if run.resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        tracker.say(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
+    else:
+        pretrain(model, run, data.x_train, data.y_train, tracker, Collective())
+    return model, state
+
+
 def pretrain(model: nn.Module, run: RunConfig, x: torch.Tensor, y: torch.Tensor, tracker,
              comm: Collective) -> None:
     """Greedy layer-wise phases, each trained like a model of its own, logged per phase."""

@@ -29,7 +29,7 @@ from pipelines import checkpoint, placement
 from pipelines import data as datasets
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.epochs import Collective, pretrain
+from pipelines.epochs import driver_model
 from pipelines.lbfgs_engine import DistributedLbfgs, Iteration, LbfgsState
 from pipelines.lbfgs_pool import PortionPool
 from pipelines.lbfgs_shard import LbfgsShard, ShardGroup
@@ -37,7 +37,7 @@ from pipelines.lbfgs_worker import (LbfgsWorker, epoch_examples, has_batch_norm,
                                     portion_bounds)
 from pipelines.loop import evaluate_sums, mean_metrics
 from pipelines.ps_layout import ShardLayout, flat_parameters, load_parameters, trainable
-from pipelines.strategy import FitResult, Strategy, build_model, register, require, worker_bundle
+from pipelines.strategy import FitResult, Strategy, register, require, worker_bundle
 
 
 @dataclass
@@ -172,15 +172,8 @@ class Sandblaster:
 
         self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
         self.options: LbfgsOptions = run.strategy.params
-        self.model = build_model(run, data.input_shape, data.num_classes)
-        state = checkpoint.load_latest(run_dir) if run.resume else None
-        self.start_epoch = 0
-        if state:
-            self.model.load_state_dict(state["model"])
-            self.start_epoch = state["epoch"] + 1
-            tracker.say(f"resumed from the checkpoint of epoch {self.start_epoch}")
-        else:
-            pretrain(self.model, run, data.x_train, data.y_train, tracker, Collective())
+        self.model, state = driver_model(run, data, tracker, run_dir)
+        self.start_epoch = state["epoch"] + 1 if state else 0
         o = self.options
         self.layout = ShardLayout.of(self.model, o.shards)
         saved = (state or {}).get("optimizer", {})

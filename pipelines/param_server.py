@@ -23,13 +23,13 @@ from torch import nn
 from pipelines import checkpoint, figures, placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.epochs import Collective, pretrain
+from pipelines.epochs import driver_model
 from pipelines.loop import evaluate_sums, mean_metrics
 from pipelines.ps_coordinator import Coordinator
 from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
 from pipelines.ps_shard import ParameterShard, write_initial_state
 from pipelines.ps_worker import PSWorker
-from pipelines.strategy import (FitResult, Strategy, build_model, register, require, require_even_shards,
+from pipelines.strategy import (FitResult, Strategy, register, require, require_even_shards,
                                  worker_bundle)
 
 WORKER_FAILURE_MODES = ("replace", "continue")
@@ -125,15 +125,8 @@ class Downpour:
         self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
         self.place = place  # bundles: workers by rank, then shards
         self.options: ParameterServerOptions = run.strategy.params
-        self.model = build_model(run, data.input_shape, data.num_classes)
-        state = checkpoint.load_latest(run_dir) if run.resume else None
-        self.start_epoch = 0
-        if state:
-            self.model.load_state_dict(state["model"])
-            self.start_epoch = state["epoch"] + 1
-            tracker.say(f"resumed from the checkpoint of epoch {self.start_epoch}")
-        else:
-            pretrain(self.model, run, data.x_train, data.y_train, tracker, Collective())
+        self.model, state = driver_model(run, data, tracker, run_dir)
+        self.start_epoch = state["epoch"] + 1 if state else 0
         self.layout = ShardLayout.of(self.model, self.options.shards)
         self.started_at = time.time()
         self.snapshot_dir = run_dir / "ps_snapshots"

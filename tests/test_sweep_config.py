@@ -139,3 +139,18 @@ def test_cli_bad_sweep_file_is_one_line_and_exit_2(tmp_path):
     done = run_cli("tune", str(path), "--scheduler", "median", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert f"{path}: scheduler 'median' is unknown" in done.stderr
+
+
+def test_optuna_draws_configs_the_sweep_accepts():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.sweep import _search
+
+    sweep = load(REPO / "tune_configs" / "cnn.yaml", search="optuna")
+    searcher = _search(sweep, concurrent=1)
+    assert isinstance(searcher, OptunaSearch)
+    assert searcher.set_search_properties(sweep.metric, sweep.mode, sweep.param_space())
+    for i in range(3):  # lists (channels) come back as YAML text and decode into the config
+        run = sweep.run_config(searcher.suggest(f"trial-{i}"))
+        assert run.model.params.channels in ([16, 32], [32, 64])
+        assert 0.005 <= run.optim.lr <= 0.2
