@@ -8,10 +8,6 @@ raydeep says so in one line.
 """
 from __future__ import annotations
 
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "az://")
-"""URIs pyarrow's filesystems reach from every node."""
-
-
 def alive_nodes() -> int:
     import ray
 
@@ -22,12 +18,12 @@ def shared_storage_problem(run_config, nodes: int | None = None) -> str | None:
     """The one-line reason `run_config` cannot run on this cluster's `nodes`, or None."""
     r, uri = run_config.resources, run_config.tracking.uri
     nodes = alive_nodes() if nodes is None else nodes
-    if nodes <= 1 or r.shared_storage:
+    if nodes <= 1:
         return None
-    if not r.storage_path.startswith(REMOTE_SCHEMES):
+    if not r.shared_storage:
         return (f"the cluster has {nodes} nodes but resources.storage_path {r.storage_path!r} is "
-                "local to one of them: pass --storage-path s3://bucket/runs (or gs://), or an NFS "
-                "path every node mounts with --set resources.shared_storage=true")
+                "local to one of them: pass --storage-path with a path every node mounts (NFS) "
+                "and --set resources.shared_storage=true")
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         return (f"the cluster has {nodes} nodes but tracking.uri {uri!r} is a file on one of them: "
                 "run an MLflow tracking server (mlflow server --backend-store-uri ... --host 0.0.0.0) "

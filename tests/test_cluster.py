@@ -286,9 +286,10 @@ def test_unreachable_address_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("sets, refused", [
     ({}, "resources.storage_path 'raydeep_runs' is local"),
-    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True}, None),
-    ({"resources.storage_path": "s3://bucket/runs"}, "tracking.uri 'sqlite:///mlflow.db' is a file"),
-    ({"resources.storage_path": "gs://bucket/runs", "tracking.uri": "http://mlflow:5000"}, None),
+    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True,
+      "tracking.uri": "sqlite:///mlflow.db"}, "tracking.uri 'sqlite:///mlflow.db' is a file"),
+    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True,
+      "tracking.uri": "http://mlflow:5000"}, None),
 ])
 def test_storage_on_several_nodes(sets, refused):
     from cluster.storage import shared_storage_problem
@@ -298,3 +299,10 @@ def test_storage_on_several_nodes(sets, refused):
     assert shared_storage_problem(run, nodes=1) is None
     problem = shared_storage_problem(run, nodes=3)
     assert (problem is None) if refused is None else (refused in problem and "\n" not in problem)
+
+
+def test_object_store_storage_is_refused_until_supported():
+    from pipelines import config
+
+    with pytest.raises(config.ConfigError, match="object-store URIs are not supported yet"):
+        config.load(overrides={"resources.storage_path": "s3://bucket/runs"})

@@ -82,8 +82,16 @@ def test_kuberay_rayjob_runs_a_raydeep_command_that_parses():
     command = shlex.split(spec["entrypoint"])
     assert command[:2] == ["raydeep", "run"]
     args = build_parser().parse_args(command[1:])  # every flag is one raydeep knows
-    # Several nodes: storage and tracking every node reaches (raydeep refuses local ones).
-    assert getattr(args, "resources.storage_path").startswith("s3://")
+    # Several nodes: storage and tracking every node reaches (raydeep refuses local ones):
+    # the storage path is on the volume every pod mounts, and the run says it is shared.
+    storage = getattr(args, "resources.storage_path")
+    assert "resources.shared_storage=true" in args.sets
+    cluster_spec = spec["rayClusterSpec"]
+    pods = [cluster_spec["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+    for pod in pods:
+        mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+        assert any(storage.startswith(m + "/") for m in mounts), mounts
     assert getattr(args, "tracking.uri").startswith("http://")
     workers = int(getattr(args, "resources.workers"))
     (gpu,) = spec["rayClusterSpec"]["workerGroupSpecs"]
