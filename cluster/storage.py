@@ -15,17 +15,18 @@ def alive_nodes() -> int:
 
 
 def shared_storage_problem(run_config, nodes: int | None = None) -> str | None:
-    """The one-line reason `run_config` cannot run on this cluster's `nodes`, or None."""
+    """The one-line reason `run_config` cannot run on this cluster's `nodes`, or None.
+
+    `resources.shared_storage: true` vouches that the storage path (and a SQLite tracking
+    file beside it) are on a filesystem every node mounts.
+    """
     r, uri = run_config.resources, run_config.tracking.uri
     nodes = alive_nodes() if nodes is None else nodes
-    if nodes <= 1:
+    if nodes <= 1 or r.shared_storage:
         return None
-    if not r.shared_storage:
-        return (f"the cluster has {nodes} nodes but resources.storage_path {r.storage_path!r} is "
-                "local to one of them: pass --storage-path with a path every node mounts (NFS) "
-                "and --set resources.shared_storage=true")
-    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        return (f"the cluster has {nodes} nodes but tracking.uri {uri!r} is a file on one of them: "
-                "run an MLflow tracking server (mlflow server --backend-store-uri ... --host 0.0.0.0) "
-                "and pass --tracking-uri http://HOST:5000")
-    return None
+    local_tracking = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    what = (f"resources.storage_path {r.storage_path!r} and tracking.uri {uri!r} are"
+            if local_tracking else f"resources.storage_path {r.storage_path!r} is")
+    return (f"the cluster has {nodes} nodes but {what} local to one of them: keep runs on a path "
+            "every node mounts (NFS) and pass --set resources.shared_storage=true"
+            + ("; or track in an MLflow server (--tracking-uri http://HOST:5000)" if local_tracking else ""))

@@ -210,7 +210,7 @@ def test_a_failing_job_exits_non_zero(cluster, tmp_path):
                             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert result.returncode == 1, result.stderr[-2000:]
     assert "FAILED" in result.stderr.splitlines()[-1]
-    assert "the cluster has 2 nodes but resources.storage_path 'raydeep_runs' is local" in result.stdout
+    assert "the cluster has 2 nodes but resources.storage_path 'raydeep_runs' and tracking.uri" in result.stdout
 
 
 def test_no_wait_then_stop(cluster):
@@ -285,11 +285,9 @@ def test_unreachable_address_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("sets, refused", [
-    ({}, "resources.storage_path 'raydeep_runs' is local"),
-    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True,
-      "tracking.uri": "sqlite:///mlflow.db"}, "tracking.uri 'sqlite:///mlflow.db' is a file"),
-    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True,
-      "tracking.uri": "http://mlflow:5000"}, None),
+    ({}, "resources.storage_path 'raydeep_runs' and tracking.uri 'sqlite:///mlflow.db' are local"),
+    ({"tracking.uri": "http://mlflow:5000"}, "resources.storage_path 'raydeep_runs' is local"),
+    ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True}, None),
 ])
 def test_storage_on_several_nodes(sets, refused):
     from cluster.storage import shared_storage_problem
