@@ -55,7 +55,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
             f"{str(e).splitlines()[0]}") from None
     strategies.get(config.strategy.name).check_model(config, model)
     if config.resume:
-        _find_resumable(Path(config.resources.storage_path).absolute(), config.resume)
+        find_resumable(Path(config.resources.storage_path).absolute(), config.resume)
     return data, model
 
 
@@ -115,7 +115,7 @@ def _open_run(config: RunConfig, data: datasets.Dataset) -> tuple[Path, Tracker]
 def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
     storage = Path(config.resources.storage_path).absolute()
     if config.resume:
-        run_dir = _find_resumable(storage, config.resume)
+        run_dir = find_resumable(storage, config.resume)
         return run_dir, json.loads((run_dir / RUN_FILE).read_text())
     name = config.tracking.run_name or (
         f"{config.model.name}-{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -131,16 +131,19 @@ def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
     return run_dir, None
 
 
-def _find_resumable(storage: Path, name: str) -> Path:
+def find_resumable(storage: Path, name: str, marker: str = RUN_FILE, prefix: str = "",
+                   what: str = "run") -> Path:
+    """The directory under `storage` that `--resume NAME` means: the one called `name`, or
+    for `latest` the newest whose name starts with `prefix`; each holds its `marker` file."""
     if name != "latest":
-        run_dir = storage / name
-        if not (run_dir / RUN_FILE).is_file():
-            raise ConfigError(f"--resume {name!r}: no run of that name under {storage}")
-        return run_dir
-    runs = sorted((p for p in storage.glob(f"*/{RUN_FILE}")), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise ConfigError(f"--resume: no earlier run under {storage}")
-    return runs[-1].parent
+        found = storage / name
+        if not (found / marker).is_file():
+            raise ConfigError(f"--resume {name!r}: no {what} of that name under {storage}")
+        return found
+    earlier = sorted(storage.glob(f"{prefix}*/{marker}"), key=lambda p: p.stat().st_mtime)
+    if not earlier:
+        raise ConfigError(f"--resume: no earlier {what} under {storage}")
+    return earlier[-1].parent
 
 
 def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:

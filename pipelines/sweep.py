@@ -24,7 +24,8 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.sweep_config import SweepConfig
 from pipelines.sweep_tracking import PARAMS_TAG, SweepRecord
 from pipelines.sweep_trial import TrialContext, run_trial
-from pipelines.tracking import _client, absolute_uri
+from pipelines.run import find_resumable
+from pipelines.tracking import Tracker, absolute_uri
 
 SWEEP_FILE = "raydeep_sweep.json"
 
@@ -162,7 +163,8 @@ def summarise(sweep: SweepConfig, record: SweepRecord, directory: Path) -> Sweep
             trial_id=run.data.tags.get("raydeep.trial_id", ""), name=run.info.run_name,
             status=run.info.status, params=json.loads(run.data.tags.get(PARAMS_TAG, "{}")),
             metric=metric if metric is not None and math.isfinite(metric) else None,
-            epochs=len(record_history(record, run.info.run_id, sweep.metric)),
+            epochs=len(Tracker(record.parent.uri, run.info.run_id,
+                               run.info.experiment_id).metric_history(sweep.metric)),
             run_id=run.info.run_id, error=run.data.tags.get("error")))
     sign = 1 if sweep.mode == "max" else -1
     ranked = sorted((t for t in trials if t.metric is not None), key=lambda t: -sign * t.metric)
@@ -186,10 +188,6 @@ def best_config_yaml(sweep: SweepConfig, best: TrialOutcome) -> str:
     return header + yaml.safe_dump(run.to_dict(), sort_keys=False)
 
 
-def record_history(record: SweepRecord, run_id: str, key: str) -> list[float]:
-    return [m.value for m in _client(record.parent.uri).get_metric_history(run_id, key)]
-
-
 def _record_result(sweep: SweepConfig, record: SweepRecord, result: SweepResult) -> None:
     parent = record.parent
     counts = {f"trials_{s.lower()}": float(result.count(s)) for s in ("FINISHED", "FAILED", "KILLED")}
@@ -202,7 +200,7 @@ def _record_result(sweep: SweepConfig, record: SweepRecord, result: SweepResult)
                                     sweep.metric, [a.key for a in sweep.space if a.kind == "loguniform"])
         parent.log_figure(fig, "hyperparameters_vs_metric.png")
         figures.close(fig)
-        _client(parent.uri).log_artifact(parent.run_id, str(result.best_config))
+        parent.log_artifact(result.best_config)
     if result.interrupted:
         parent.finish("KILLED", "interrupted; finish it with raydeep tune --resume")
     else:
@@ -282,15 +280,7 @@ def _probe_runs(sweep: SweepConfig) -> list[RunConfig]:
 
 def _sweep_directory(root: Path, sweep: SweepConfig, resume: str | None) -> tuple[Path, dict | None]:
     if resume:
-        if resume != "latest":
-            found = root / resume
-            if not (found / SWEEP_FILE).is_file():
-                raise ConfigError(f"--resume {resume!r}: no sweep of that name under {root}")
-        else:
-            earlier = sorted(root.glob(f"{sweep.name}-*/{SWEEP_FILE}"), key=lambda p: p.stat().st_mtime)
-            if not earlier:
-                raise ConfigError(f"--resume: no earlier sweep of {sweep.path} under {root}")
-            found = earlier[-1].parent
+        found = find_resumable(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
         return found, json.loads((found / SWEEP_FILE).read_text())
     directory = root / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

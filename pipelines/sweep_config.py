@@ -251,18 +251,18 @@ def _check(sweep: SweepConfig, fail) -> None:
     for axis in sweep.space:
         for value in axis.probes():
             raw = copy.deepcopy(sweep.base)
-            for key, first in {**firsts, axis.key: value}.items():
-                run_configs.apply_override(raw, key, first)
             try:
+                for key, first in {**firsts, axis.key: value}.items():
+                    run_configs.apply_override(raw, key, first)
                 prepare(run_configs.from_dict(raw))  # the model is built: its own checks run too
             except ConfigError as e:
                 fail(f"space.{axis.key} = {value!r}: {e}")
     if sweep.scheduler == "pbt":
         keys = {a.key for a in sweep.space}
-        mutate = sweep.mutations() if all(k in keys for k in sweep.scheduler_options.get("mutate") or []) else None
-        if mutate is None:
-            fail(f"scheduler.mutate names keys outside the space: {sweep.scheduler_options['mutate']!r}")
-        if not mutate:
+        outside = [k for k in sweep.scheduler_options.get("mutate") or [] if k not in keys]
+        if outside:
+            fail(f"scheduler.mutate names keys outside the space: {outside}")
+        if not sweep.mutations():
             fail("pbt needs axes to perturb: put optim.* keys in the space or list them in scheduler.mutate")
     reported = _reported_metrics(run_configs.from_dict(copy.deepcopy(sweep.base)))
     if sweep.metric not in reported:

@@ -124,6 +124,9 @@ class Tracker:
         for k, v in tags.items():
             client.set_tag(self.run_id, k, v)
 
+    def log_artifact(self, path) -> None:
+        _client(self.uri).log_artifact(self.run_id, str(path))
+
     def log_figure(self, figure, name: str) -> None:
         _client(self.uri).log_figure(self.run_id, figure, name)
 

@@ -4,9 +4,8 @@ ports, driven through `raydeep submit` / `raydeep jobs` as a user would from a l
 The nodes run in their own process groups under their own temp dir and are stopped by
 killing those groups: a bare `ray stop` would also stop every other Ray on this machine.
 Token auth is on, with a token of the test's own (never ~/.ray/auth_token). The `ps` test
-runs last on the pair: it checks SPREAD placement by node id and stops the second node mid-run
-(the multi-node checks run on this real pair rather than on a `ray.cluster_utils.Cluster` in
-a further process, which cost ~100 s more on 2 cores).
+checks SPREAD placement by node id on this real pair (a `ray.cluster_utils.Cluster` in a
+further process cost ~100 s more on 2 cores).
 """
 from __future__ import annotations
 
@@ -103,10 +102,10 @@ class TwoNodes:
                          headers={"Authorization": f"Bearer {self.token}"})
         return sum(1 for n in r.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE")
 
-    def _until(self, ok, what: str, timeout: float = 90, stop: bool = True) -> None:
+    def _until(self, ok, what: str, timeout: float = 90) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if stop and any(p.poll() is not None for p in self.processes):
+            if any(p.poll() is not None for p in self.processes):
                 break
             try:
                 if ok():
@@ -115,15 +114,8 @@ class TwoNodes:
                 pass
             time.sleep(0.5)
         logs = "".join(p.read_text()[-1500:] for p in Path(self.temp).glob("*.out"))
-        if stop:
-            self.stop()
+        self.stop()
         pytest.fail(f"{what} did not come up:\n{logs}")
-
-    def stop_node(self) -> None:
-        """Stop the second node as a scale-down would: SIGTERM to its processes."""
-        os.killpg(self.processes[1].pid, signal.SIGTERM)
-        self.processes[1].wait(timeout=30)
-        self._until(lambda: self.alive_nodes() == 1, "the second node's removal", stop=False)
 
     def stop(self) -> None:
         for sig, grace in ((signal.SIGTERM, 8.0), (signal.SIGKILL, 2.0)):

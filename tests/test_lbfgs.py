@@ -145,7 +145,11 @@ def test_stochastic_losses_are_found_without_naming_the_model():
     vae = build(**{"model.name": "vae"})
     assert not any(isinstance(m, nn.Dropout) for m in vae.modules())
     assert "two evaluations" in stochastic_loss(vae, batch)  # its sampled z, found by evaluating
+
+
+def test_portions_are_contiguous_and_differ_by_at_most_one_example():
     assert portion_bounds(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert portion_bounds(7, 1) == [(0, 7)]
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -139,6 +139,10 @@ def test_cli_bad_sweep_file_is_one_line_and_exit_2(tmp_path):
     done = run_cli("tune", str(path), "--scheduler", "median", cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert f"{path}: scheduler 'median' is unknown" in done.stderr
+    done = run_cli("tune", str(path), "--resume", "never-ran", "--num-cpus", "1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"raydeep: error: --resume 'never-ran': no sweep of that name under {tmp_path / 'raydeep_runs' / 'sweeps'}")
 
 
 def test_optuna_draws_configs_the_sweep_accepts():
