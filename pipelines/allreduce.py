@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from pipelines import checkpoint
+from pipelines import checkpoint, object_store, placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
 from pipelines.epochs import Collective, train_epochs
@@ -60,6 +60,13 @@ class AllreduceStrategy(Strategy):
 
         options: AllreduceOptions = run.strategy.params
         gpus = run.resources.gpus_per_worker
+        # Ray Train writes the checkpoints itself: on an object store, straight to it.
+        location = tracker.mirror or str(run_dir)
+        if tracker.mirror:
+            filesystem, root = object_store.open_uri(run.resources.storage_path)
+            storage = {"storage_path": root, "storage_filesystem": filesystem}
+        else:
+            storage = {"storage_path": str(run_dir.parent)}
         # A Tune trial: Ray Train forwards each epoch's report to Tune.
         callbacks = [_epochs_to_tune(tracker)] if tracker.report_to_tune else []
         trainer = TorchTrainer(
@@ -68,7 +75,7 @@ class AllreduceStrategy(Strategy):
                 "run": run,
                 "data": ray.put(data),
                 "tracker": tracker,
-                "run_dir": str(run_dir),
+                "run_dir": location,
                 "submitted_at": time.time(),
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
@@ -78,7 +85,7 @@ class AllreduceStrategy(Strategy):
                                          placement_strategy="PACK" if run.resources.pack else "SPREAD"),
             run_config=TrainRunConfig(
                 name=run_dir.name,
-                storage_path=str(run_dir.parent),
+                **storage,
                 failure_config=FailureConfig(max_failures=options.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
                 logging_config=LoggingConfig(log_level="WARNING"),
@@ -92,9 +99,9 @@ class AllreduceStrategy(Strategy):
             with result.checkpoint.as_directory() as directory:
                 state = checkpoint.load(directory)
         else:  # a resumed run that had no epoch left to train
-            state = checkpoint.load_latest(run_dir)
+            state = checkpoint.load_latest(location)
         if state is None:
-            raise RuntimeError(f"allreduce finished without a checkpoint under {run_dir}")
+            raise RuntimeError(f"allreduce finished without a checkpoint under {location}")
         starts = tracker.metric_history("worker_group_start_epoch")
         summary = {"worker_restarts": float(max(len(starts) - 1, 0))}
         first = tracker.metric_history("time_to_first_step_s")
@@ -124,6 +131,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     comm = Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
                       wrap=ray.train.torch.prepare_model, sum=all_sum)
+    _say_placement(run, tracker, comm)
     state = _restore(config)
     start = state["epoch"] + 1 if state else 0
     # A worker's first MLflow call imports mlflow (about 2 s on one CPU): off the critical
@@ -153,6 +161,19 @@ def _train_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics({"time_to_first_step_s": time.time() - config["submitted_at"]})
 
     train_epochs(run, data, tracker, comm, state, after_epoch, first_step)
+
+
+def _say_placement(run: RunConfig, tracker, comm: Collective) -> None:
+    """Rank 0 logs which node each rank of this worker group runs on, as the actor
+    strategies do from their placement group (Ray Train keeps its group to itself)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list = [None] * comm.world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if comm.rank == 0:
+        mode = "PACK" if run.resources.pack else "SPREAD"
+        tracker.say(placement.describe(nodes, [f"rank-{r}" for r in range(comm.world)], mode))
 
 
 def _epochs_to_tune(tracker):

@@ -28,7 +28,9 @@ class Placement:
 
         An actor without a bundle (index -1: a coordinator, a shard that takes no CPU) goes
         on the driver's node: the run ends with that node anyway, and a lost worker node
-        then never takes the state the survivors need with it.
+        then never takes the state the survivors need with it. The affinity is hard: a soft
+        one let Ray put these zero-CPU actors on any node (seen on a 3-node cluster), and a
+        node lost there then failed the run.
         """
         if self.group is None:
             return {}
@@ -38,7 +40,7 @@ class Placement:
 
         if not 0 <= index < self.size:
             return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True)}
+                ray.get_runtime_context().get_node_id(), soft=False)}
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.group, placement_group_bundle_index=index)}
 

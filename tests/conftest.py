@@ -20,9 +20,8 @@ def one_torch_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray started once for the whole session (Ray Train needs 2 worker CPUs)."""
+def start_session_ray():
+    """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
     import ray
 
     from cluster.connect import LOCAL_SYSTEM_CONFIG, quiet_ray_logs
@@ -33,6 +32,13 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray started once for the whole session."""
+    ray = start_session_ray()
     yield ray
     ray.shutdown()
 
