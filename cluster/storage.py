@@ -25,6 +25,11 @@ def shared_storage_problem(run_config, nodes: int | None = None) -> str | None:
     if nodes <= 1 or r.shared_storage:
         return None
     local_tracking = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if "://" in r.storage_path:  # an object store: every node reaches it
+        if not local_tracking:
+            return None
+        return (f"the cluster has {nodes} nodes but tracking.uri {uri!r} is local to one of them: "
+                "track in an MLflow server (--tracking-uri http://HOST:5000)")
     what = (f"resources.storage_path {r.storage_path!r} and tracking.uri {uri!r} are"
             if local_tracking else f"resources.storage_path {r.storage_path!r} is")
     return (f"the cluster has {nodes} nodes but {what} local to one of them: keep runs on a path "

@@ -33,8 +33,12 @@ def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
     """The state of the highest epoch under `run_dir` that loads whole, if any.
 
     A process killed while copying a checkpoint can leave a truncated file; the one before
-    it is then the newest usable state.
+    it is then the newest usable state. `run_dir` may be an object-store URI.
     """
+    if "://" in str(run_dir):
+        from pipelines import object_store
+
+        return object_store.load_state(str(run_dir), STATE_FILE)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None

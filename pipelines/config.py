@@ -85,7 +85,8 @@ class ResourcesSection:
     num_cpus: Optional[int] = None
     """CPUs of the embedded local Ray (default: all of this machine's)."""
     storage_path: str = "raydeep_runs"
-    """Where checkpoints and run state are kept (a shared path or URI on a cluster)."""
+    """Where checkpoints and run state are kept: a path, or an object-store URI that pyarrow
+    opens (s3://bucket/runs, gs://...; options in its query, e.g. ?endpoint_override=host:9000)."""
     shared_storage: bool = False
     """The user vouches that `storage_path` and a SQLite tracking URI are on storage every
     node of a multi-node cluster sees (an NFS mount); without it raydeep refuses a local path
@@ -345,10 +346,6 @@ def validate(config: RunConfig) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
-    need("://" not in r.storage_path,
-         f"resources.storage_path {r.storage_path!r}: object-store URIs are not supported yet "
-         "(checkpoints are written with local file operations); use a path every node mounts, "
-         "e.g. NFS, with --set resources.shared_storage=true")
     need("://" in config.tracking.uri,
          f"tracking.uri {config.tracking.uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
     from pipelines import strategy as registry

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipelines import data as datasets
-from pipelines import figures
+from pipelines import figures, object_store
 from pipelines import strategy as strategies
 from pipelines.config import ConfigError, RunConfig
 from pipelines.loop import evaluate_sums, mean_metrics
@@ -54,8 +54,13 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
             f"model {config.model.name} (input shape {list(data.input_shape)}): "
             f"{str(e).splitlines()[0]}") from None
     strategies.get(config.strategy.name).check_model(config, model)
-    if config.resume:
-        find_resumable(Path(config.resources.storage_path).absolute(), config.resume)
+    storage = config.resources.storage_path
+    if object_store.is_uri(storage):
+        object_store.open_uri(storage)
+        if config.resume:
+            _resumable_on_store(storage, config.resume)
+    elif config.resume:
+        find_resumable(Path(storage).absolute(), config.resume)
     return data, model
 
 
@@ -102,23 +107,65 @@ def run_tags(config: RunConfig, data: datasets.Dataset) -> dict[str, str]:
 def _open_run(config: RunConfig, data: datasets.Dataset) -> tuple[Path, Tracker]:
     """The run's directory and its MLflow run: new, or the earlier one of a resumed run."""
     uri = absolute_uri(config.tracking.uri)
-    run_dir, previous = _run_directory(config)
+    on_store = object_store.is_uri(config.resources.storage_path)
+    run_dir, previous, mirror = (_staged_run_directory if on_store else _run_directory)(config)
     if previous:
-        return run_dir, Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
+        tracker = Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
+        tracker.mirror = mirror
+        return run_dir, tracker
     tracker = Tracker.start(uri, config.tracking.experiment, run_dir.name, config.flat(),
                             tags=run_tags(config, data), epochs=config.optim.epochs)
-    (run_dir / RUN_FILE).write_text(json.dumps(
-        {"mlflow_run_id": tracker.run_id, "tracking_uri": uri, "config": config.to_dict()}, indent=1))
+    tracker.mirror = mirror
+    marker = json.dumps({"mlflow_run_id": tracker.run_id, "tracking_uri": uri,
+                         "config": config.to_dict()}, indent=1)
+    (run_dir / RUN_FILE).write_text(marker)
+    if mirror:
+        object_store.write_text(object_store.join(mirror, RUN_FILE), marker)
     return run_dir, tracker
 
 
-def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
+def _staged_run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None, str]:
+    """A run kept on an object store: (local staging directory, the earlier run's marker
+    when resuming, the run's URI). A resumed run's newest checkpoint is downloaded first."""
+    storage = config.resources.storage_path
+    if config.resume:
+        name = _resumable_on_store(storage, config.resume)
+        mirror = object_store.join(storage, name)
+        run_dir = object_store.staging_dir(storage, name)
+        newest = object_store.checkpoints(mirror)[:1]
+        object_store.download(mirror, [RUN_FILE, *(n for _, n in newest)], run_dir)
+        return run_dir, json.loads((run_dir / RUN_FILE).read_text()), mirror
+    name = _new_run_name(config)
+    mirror = object_store.join(storage, name)
+    if object_store.exists(object_store.join(mirror, RUN_FILE)):
+        raise ConfigError(f"tracking.run_name {name!r} already has a run under {storage}; "
+                          "pick another name or pass --resume to continue it")
+    return object_store.staging_dir(storage, name), None, mirror
+
+
+def _resumable_on_store(storage: str, name: str) -> str:
+    """The run name `--resume NAME` means on object store `storage` (see `find_resumable`)."""
+    if name == "latest":
+        found = object_store.newest_holding(storage, RUN_FILE)
+        if found is None:
+            raise ConfigError(f"--resume: no earlier run under {storage}")
+        return found
+    if not object_store.exists(object_store.join(storage, name, RUN_FILE)):
+        raise ConfigError(f"--resume {name!r}: no run of that name under {storage}")
+    return name
+
+
+def _new_run_name(config: RunConfig) -> str:
+    return config.tracking.run_name or (
+        f"{config.model.name}-{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None, str]:
     storage = Path(config.resources.storage_path).absolute()
     if config.resume:
         run_dir = find_resumable(storage, config.resume)
-        return run_dir, json.loads((run_dir / RUN_FILE).read_text())
-    name = config.tracking.run_name or (
-        f"{config.model.name}-{config.strategy.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return run_dir, json.loads((run_dir / RUN_FILE).read_text()), ""
+    name = _new_run_name(config)
     run_dir = storage / name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +175,7 @@ def _run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None]:
         raise ConfigError(
             f"tracking.run_name {name!r} already has a run under {storage}; "
             "pick another name or pass --resume to continue it")
-    return run_dir, None
+    return run_dir, None, ""
 
 
 def find_resumable(storage: Path, name: str, marker: str = RUN_FILE, prefix: str = "",

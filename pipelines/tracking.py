@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 EPOCH_KEYS = ("train_loss", "samples_per_s")
@@ -40,6 +41,9 @@ class Tracker:
     """Print a progress line per epoch."""
     report_to_tune: bool = False
     """This run is a Ray Tune trial: each checkpointed epoch is reported to Tune too."""
+    mirror: str = ""
+    """The run's URI on an object store, where each checkpoint is uploaded (empty: the
+    run's directory is its storage)."""
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
@@ -102,7 +106,13 @@ class Tracker:
         the trial's own process, after the checkpoint is whole on disk. The last epoch is
         reported by the trial once the run is complete (test metrics, figures): a scheduler
         that stops trials at their last epoch must not cut the run short.
+
+        On an object store (`mirror`), the checkpoint is uploaded first.
         """
+        if self.mirror:
+            from pipelines import object_store
+
+            object_store.upload_checkpoint(Path(directory), self.mirror)
         if not self.report_to_tune or self.is_last(epoch):
             return
         from ray import tune

@@ -264,6 +264,9 @@ def test_unreachable_address_is_one_line(tmp_path):
     ({}, "resources.storage_path 'raydeep_runs' and tracking.uri 'sqlite:///mlflow.db' are local"),
     ({"tracking.uri": "http://mlflow:5000"}, "resources.storage_path 'raydeep_runs' is local"),
     ({"resources.storage_path": "/mnt/nfs/runs", "resources.shared_storage": True}, None),
+    # an object store is shared; a SQLite tracking file still is not
+    ({"resources.storage_path": "s3://bucket/runs"}, "tracking.uri 'sqlite:///mlflow.db' is local"),
+    ({"resources.storage_path": "s3://bucket/runs", "tracking.uri": "http://mlflow:5000"}, None),
 ])
 def test_storage_on_several_nodes(sets, refused):
     from cluster.storage import shared_storage_problem
@@ -275,8 +278,11 @@ def test_storage_on_several_nodes(sets, refused):
     assert (problem is None) if refused is None else (refused in problem and "\n" not in problem)
 
 
-def test_object_store_storage_is_refused_until_supported():
-    from pipelines import config
+def test_a_sweep_on_an_object_store_is_refused_in_one_line(tmp_path):
+    from pipelines import sweep_config
+    from pipelines.config import ConfigError
 
-    with pytest.raises(config.ConfigError, match="object-store URIs are not supported yet"):
-        config.load(overrides={"resources.storage_path": "s3://bucket/runs"})
+    with pytest.raises(ConfigError, match="a sweep keeps its Tune state on a path") as e:
+        sweep_config.load(REPO / "tune_configs" / "mlp.yaml",
+                          overrides={"resources.storage_path": "s3://bucket/runs"})
+    assert "\n" not in str(e.value)

@@ -1,0 +1,105 @@
+"""Runs kept on an S3 object store: moto's S3 server, a real HTTP server speaking the S3 API,
+run in its own process on a free port and reached through pyarrow's S3 filesystem, as a
+MinIO or AWS bucket would be.
+
+The credentials travel in the URI (`s3://KEY:SECRET@bucket/...`): the session's Ray workers
+were started before this module and do not see variables it sets.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import pipelines
+from conftest import run_cli, small_run
+
+pytest.importorskip("moto")
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """`s3://...` of a fresh bucket on a moto S3 server; yields (uri, pyarrow filesystem)."""
+    import socket
+
+    import pyarrow.fs
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            requests.get(f"http://127.0.0.1:{port}", timeout=1)
+            break
+        except requests.RequestException:
+            time.sleep(0.2)
+    fs = pyarrow.fs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1",
+                                 endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                                 allow_bucket_creation=True)
+    fs.create_dir("runs")
+    yield f"s3://test:test@runs/raydeep?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", fs
+    server.kill()
+    server.wait()
+
+
+def listing(fs, path: str) -> list[str]:
+    import pyarrow.fs
+
+    return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, store):
+    uri, fs = bucket
+    common = ["--strategy", "local", "--storage-path", uri, "--tracking-uri", store,
+              "--set", "tracking.log_model=false", "--set", "optim.steps_per_epoch=4"]
+    first = run_cli("run", "--run-name", "on-s3", "--epochs", "3", *common, cwd=workdir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    # the marker and the two newest checkpoints; nothing of the run on the local disk
+    assert listing(fs, "runs/raydeep/on-s3") == ["checkpoint_epoch_00001", "checkpoint_epoch_00002",
+                                                 "raydeep_run.json"]
+    assert not (workdir / "raydeep_runs").exists()
+    marker = json.loads(fs.open_input_stream("runs/raydeep/on-s3/raydeep_run.json").read())
+
+    again = run_cli("run", "--resume", "on-s3", "--epochs", "4", *common, cwd=workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    # continued from epoch 3's state, downloaded from the bucket, not from scratch
+    assert "epoch 4/4" in again.stdout and "epoch 3/4" not in again.stdout, again.stdout
+    assert listing(fs, "runs/raydeep/on-s3")[:2] == ["checkpoint_epoch_00002", "checkpoint_epoch_00003"]
+    client = MlflowClient(store)
+    run = client.get_run(marker["mlflow_run_id"])  # the same MLflow run, continued
+    assert run.info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {0, 1, 2, 3}
+
+    taken = run_cli("run", "--run-name", "on-s3", "--epochs", "1", *common, cwd=workdir)
+    assert taken.returncode == 2 and "already has a run under" in taken.stderr
+
+
+def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_session, store):
+    uri, fs = bucket
+    result = pipelines.train(small_run(**{
+        "strategy.name": "allreduce", "resources.storage_path": uri, "tracking.uri": store,
+        "tracking.run_name": "allreduce-on-s3", "optim.steps_per_epoch": 4}))
+    assert result.metrics["test_accuracy"] > 0.2
+    names = listing(fs, "runs/raydeep/allreduce-on-s3")
+    assert {"checkpoint_epoch_00000", "checkpoint_epoch_00001", "raydeep_run.json"} <= set(names)
+    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("where, says", [
+    ("nosuch://bucket/runs", "resources.storage_path 'nosuch://bucket/runs' cannot be opened"),
+])
+def test_a_storage_uri_pyarrow_cannot_open_is_one_line(workdir, where, says):
+    result = run_cli("run", "--storage-path", where, "--epochs", "1", cwd=workdir)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
