@@ -1,8 +1,9 @@
 """Several Ray nodes in this process (`ray.cluster_utils.Cluster`): where each strategy puts
 its actors, and runs that lose a node.
 
-Three nodes of 1 CPU each: a 2-actor run under SPREAD must use two different nodes, and
-after a worker's node is removed the third node has room for its replacement. The
+A head of 1 CPU and two worker nodes of 2: a 2-actor run under SPREAD must use two
+different nodes, under PACK one node, and after a worker's node is removed the others have
+room for its replacement. The
 session's local Ray is stopped for this module and started again after it.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from conftest import small_run, start_session_ray
 
 
 class Nodes:
-    """A head and two worker nodes of 1 CPU each; a removed node is replaced by a fresh one.
+    """A head of 1 CPU and two worker nodes of 2; a removed node is replaced by a fresh one.
 
     Each worker node has an address of its own (127.0.0.N): a driver attaches to the node
     at its machine's address, and with all three at one address it may attach to a worker
@@ -36,7 +37,7 @@ class Nodes:
     def restore(self) -> None:
         while len(self.cluster.worker_nodes) < 2:
             self.added += 1
-            self.cluster.add_node(num_cpus=1, node_ip_address=f"127.0.0.{self.added + 1}")
+            self.cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{self.added + 1}")
         self.cluster.wait_for_nodes()
 
     def remove(self, node_id: str) -> None:
@@ -90,30 +91,34 @@ def cluster_run(workdir: Path, strategy: str, name: str, **overrides):
                         "resources.shared_storage": True, **overrides})
 
 
-PLACED = {  # strategy -> (extra settings, how its actors are found)
-    "pipeline": ({"strategy.stages": 2, "model.depth": 2}, {"name_part": ":spread-pipeline:stage-"}),
+PLACED = {  # case -> (strategy, extra settings, how its actors are found, PACK?)
+    "pipeline": ("pipeline", {"strategy.stages": 2, "model.depth": 2}, "stage-", False),
     # no backups: a worker whose process starts slowly would see its portion answered by
     # the other one, and might never run at all
-    "lbfgs": ({"strategy.portions": 2, "strategy.iterations_per_epoch": 2, "strategy.backup_after": 0},
-              {"name_part": ":spread-lbfgs:worker-"}),
+    "lbfgs": ("lbfgs", {"strategy.portions": 2, "strategy.iterations_per_epoch": 2,
+                        "strategy.backup_after": 0}, "worker-", False),
+    "pipeline-pack": ("pipeline", {"strategy.stages": 2, "model.depth": 2, "resources.pack": True},
+                      "stage-", True),
 }  # ps and allreduce: in the node-loss tests below, before the node goes
 
 
-def assert_spread(placed: list[str], out: str) -> None:
-    """Two actors on two nodes, and the run's placement line names those nodes."""
-    assert len(placed) == 2 and len(set(placed)) == 2, f"actors on nodes {placed}"
-    line = next((l for l in out.splitlines() if "placement (SPREAD) over 2 node(s)" in l), "")
+def assert_placed(placed: list[str], out: str, pack: bool = False) -> None:
+    """Two actors on two nodes (one under PACK), and the run's placement line names them."""
+    assert len(placed) == 2 and len(set(placed)) == (1 if pack else 2), f"actors on nodes {placed}"
+    heading = "placement (PACK) over 1 node(s)" if pack else "placement (SPREAD) over 2 node(s)"
+    line = next((l for l in out.splitlines() if heading in l), "")
     for node in placed:
         assert f"(node {node[:8]})" in line, out[-2000:]
 
 
-@pytest.mark.parametrize("strategy", list(PLACED))
-def test_each_strategy_spreads_its_actors_over_the_nodes(nodes, workdir, capfd, strategy):
-    extra, find = PLACED[strategy]
+@pytest.mark.parametrize("case", list(PLACED))
+def test_each_strategy_places_its_actors_as_asked(nodes, workdir, capfd, case):
+    strategy, extra, actor, pack = PLACED[case]
+    find = {"name_part": f":{case}:{actor}"}
     before = actors(**find)
-    result = pipelines.train(cluster_run(workdir, strategy, f"spread-{strategy}", **extra))
-    assert_spread([node for actor, node in actors(**find).items() if actor not in before],
-                  capfd.readouterr().out)
+    result = pipelines.train(cluster_run(workdir, strategy, case, **extra))
+    assert_placed([node for a, node in actors(**find).items() if a not in before],
+                  capfd.readouterr().out, pack)
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(result.run_id).info.status == "FINISHED"
 
 
@@ -130,7 +135,7 @@ def train_and_lose_a_node(nodes: Nodes, cfg, workdir: Path, find: dict, capfd):
         time.sleep(0.05)
     assert saved.exists() and thread.is_alive(), "the run ended before a node could be removed"
     placed = list(actors(**find, alive=True).values())
-    assert_spread(placed, capfd.readouterr().out)
+    assert_placed(placed, capfd.readouterr().out)
     victim = next(n for n in placed if n != nodes.head_id)  # the driver's node stays
     nodes.remove(victim)
     thread.join(timeout=600)
