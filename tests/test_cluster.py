@@ -251,6 +251,21 @@ def test_ps_job_spreads_its_workers_over_the_nodes(cluster, tmp_path):
     assert "epoch 2/2" in logs
 
 
+def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_path):
+    """`raydeep run --address HOST:PORT` on a machine of the cluster (no job): the driver joins
+    it, and the run's workers are spread over both nodes."""
+    result = run_cli("run", "--address", f"127.0.0.1:{cluster.gcs}", "--strategy", "ps",
+                     "--workers", "2", *TINY, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--storage-path", str(tmp_path / "runs"), "--set", "resources.shared_storage=true",
+                     cwd=tmp_path, timeout=300,
+                     env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "placement (SPREAD) over 2 node(s)" in result.stdout, result.stdout[-2000:]
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("raydeep").experiment_id])
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+
 def test_unreachable_address_is_one_line(tmp_path):
     line = one_line_error(run_cli("submit", "--address", f"http://127.0.0.1:{free_port()}", "--",
                                   "raydeep", "run", cwd=tmp_path, timeout=60))
