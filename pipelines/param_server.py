@@ -91,6 +91,12 @@ class ParameterServerStrategy(Strategy):
              f"strategy.on_worker_failure must be replace or continue, got {o.on_worker_failure!r}"),
             (o.max_worker_restarts >= -1,
              f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
+            # Shards with resources of their own may run on other nodes, and read and write
+            # their snapshots under the run's directory: that needs a path every node mounts.
+            ("://" not in run.resources.storage_path or (o.shard_cpus == 0 and o.shard_gpus == 0),
+             "strategy.shard_cpus/shard_gpus place shards on other nodes, whose snapshots need a "
+             "shared path (NFS with resources.shared_storage), not an object store; keep them 0 "
+             "(shards on the driver's node) or use a shared path"),
         ]
         require(checks)
 

@@ -141,6 +141,8 @@ def test_resume_continues_a_ps_run(ray_session, store):
     (["--staleness", "-1"], "strategy.staleness must be >= 0"),
     (["--ps-device", "tpu"], "strategy.device must be cpu or cuda"),
     (["--set", "strategy.push_dtype=int8"], "strategy.push_dtype must be float32 or bfloat16"),
+    (["--set", "strategy.shard_cpus=1", "--storage-path", "s3://bucket/runs"],
+     "whose snapshots need a shared path"),
 ])
 def test_bad_ps_options_are_one_line_errors(workdir, flags, message):
     done = run_cli("run", "--strategy", "ps", *flags, cwd=workdir, timeout=120)
