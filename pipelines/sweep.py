@@ -3,7 +3,9 @@
 A sweep lives in `<storage_path>/sweeps/<name>/`: Tune's experiment state (`tune/`), each
 trial's run directory (`runs/<trial id>/`), the sweep's own record (`raydeep_sweep.json`,
 which `--resume` reads to continue the same MLflow parent run) and, at the end, the best
-trial's config as a YAML file that `raydeep run` takes as it is.
+trial's config as a YAML file that `raydeep run` takes as it is. On an object store, Tune
+keeps its state there and the record and best config are uploaded; the rest stays in a
+local staging directory.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipelines import figures
+from pipelines import figures, object_store
 from pipelines import strategy as strategies
 from pipelines.config import ConfigError, RunConfig
 from pipelines.sweep_config import SweepConfig
@@ -64,16 +66,30 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     """Run (or, with `resume`, finish) the sweep; trials that fail are recorded, not raised."""
     base = sweep.run_config({})
     uri = absolute_uri(base.tracking.uri)
-    directory, state = _sweep_directory(Path(base.resources.storage_path).absolute() / "sweeps",
-                                        sweep, resume)
+    storage = base.resources.storage_path
+    if object_store.is_uri(storage):
+        directory, state, remote = _staged_sweep_directory(object_store.join(storage, "sweeps"),
+                                                           storage, sweep, resume)
+    else:
+        (directory, state), remote = _sweep_directory(Path(storage).absolute() / "sweeps", sweep, resume), ""
     if state:
         record = SweepRecord.reopen(uri, state["parent_run_id"], state["name"])
     else:
         record = SweepRecord.start(uri, base.tracking.experiment, directory.name, _parent_params(sweep))
-        (directory / SWEEP_FILE).write_text(json.dumps(
-            {"name": directory.name, "parent_run_id": record.parent.run_id, "tracking_uri": uri,
-             "file": sweep.path}, indent=1))
+        marker = json.dumps({"name": directory.name, "parent_run_id": record.parent.run_id,
+                             "tracking_uri": uri, "file": sweep.path}, indent=1)
+        (directory / SWEEP_FILE).write_text(marker)
+        if remote:
+            object_store.write_text(object_store.join(remote, SWEEP_FILE), marker)
     sweep.name = directory.name
+    # Tune's experiment (trial checkpoints included) lives on the sweep's storage; a trial's
+    # run directory may be local to its node, since Tune hands a restarted trial its checkpoint.
+    if remote:
+        filesystem, root = object_store.open_uri(remote)
+        tune_storage = {"storage_path": root, "storage_filesystem": filesystem}
+    else:
+        filesystem, tune_storage = None, {"storage_path": str(directory)}
+    tune_path = f"{tune_storage['storage_path']}/tune"
     context = TrialContext(sweep, uri, record.parent.run_id, str(directory / "runs"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
                                     resources=lambda params: trial_resources(sweep, params))
@@ -82,13 +98,14 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     # Keeping 2 checkpoints per trial snapshots the experiment often; that is wanted here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
-        if state and tune.Tuner.can_restore(str(directory / "tune")):
-            tuner = tune.Tuner.restore(str(directory / "tune"), trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+        if state and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
+            tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False,
+                                       storage_filesystem=filesystem)
         else:
             tuner = tune.Tuner(trainable, param_space=sweep.param_space(),
                                tune_config=_tune_config(sweep, base),
-                               run_config=_run_config(sweep, directory, watcher))
+                               run_config=_run_config(sweep, tune_storage, watcher))
         tuner.fit()
     except KeyboardInterrupt:
         record.parent.finish("KILLED", "interrupted; finish it with raydeep tune --resume")
@@ -96,6 +113,9 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     result = summarise(sweep, record, directory)
     result.interrupted = TrialWatcher.interrupted.get(record.parent.run_id, False)
     _record_result(sweep, record, result)
+    if remote and result.best_config is not None:
+        object_store.write_text(object_store.join(remote, result.best_config.name),
+                                result.best_config.read_text())
     return result
 
 
@@ -228,9 +248,9 @@ def _tune_config(sweep: SweepConfig, base: RunConfig):
         max_concurrent_trials=concurrent if sweep.search != "random" else None)
 
 
-def _run_config(sweep: SweepConfig, directory: Path, watcher: TrialWatcher):
+def _run_config(sweep: SweepConfig, storage: dict, watcher: TrialWatcher):
     return tune.RunConfig(
-        name="tune", storage_path=str(directory), callbacks=[watcher],
+        name="tune", **storage, callbacks=[watcher],
         # PBT clones any trial's recent checkpoints: keep them all; otherwise the newest two.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler == "pbt" else 2),
         progress_reporter=tune.CLIReporter(
@@ -276,6 +296,24 @@ def _probe_runs(sweep: SweepConfig) -> list[RunConfig]:
             except ConfigError:
                 continue
     return runs
+
+
+def _staged_sweep_directory(root: str, storage: str, sweep: SweepConfig,
+                            resume: str | None) -> tuple[Path, dict | None, str]:
+    """A sweep kept on an object store under `root`: (local staging directory, the earlier
+    sweep's record when resuming, the sweep's URI)."""
+    if resume:
+        name = (object_store.newest_holding(root, SWEEP_FILE, prefix=f"{sweep.name}-")
+                if resume == "latest" else resume)
+        if name is None:
+            raise ConfigError(f"--resume: no earlier sweep under {root}")
+        if not object_store.exists(object_store.join(root, name, SWEEP_FILE)):
+            raise ConfigError(f"--resume {name!r}: no sweep of that name under {root}")
+        directory = object_store.staging_dir(storage, f"sweeps/{name}")
+        object_store.download(object_store.join(root, name), [SWEEP_FILE], directory)
+        return directory, json.loads((directory / SWEEP_FILE).read_text()), object_store.join(root, name)
+    name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    return object_store.staging_dir(storage, f"sweeps/{name}"), None, object_store.join(root, name)
 
 
 def _sweep_directory(root: Path, sweep: SweepConfig, resume: str | None) -> tuple[Path, dict | None]:

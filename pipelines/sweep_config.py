@@ -166,12 +166,9 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[s
     for assignment in sets or []:
         run_configs.apply_override(base, *run_configs.parse_set(assignment))
     try:
-        storage = run_configs.from_dict(copy.deepcopy(base)).resources.storage_path
+        run_configs.from_dict(copy.deepcopy(base))
     except ConfigError as e:
         fail(f"base: {e}")
-    if "://" in storage:
-        fail(f"resources.storage_path {storage!r}: a sweep keeps its Tune state on a path (local, "
-             "or NFS with resources.shared_storage); object-store URIs serve `raydeep run` only")
 
     space_raw = raw.get("space") or {}
     if not isinstance(space_raw, dict) or not space_raw:

@@ -6,6 +6,7 @@ from there; it talks to the store through `MlflowClient`, never through global s
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,15 @@ def absolute_uri(uri: str) -> str:
     if "://" not in uri:
         raise ValueError(f"tracking.uri {uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
     return uri
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any URI in it hidden (s3://KEY:SECRET@bucket -> s3://KEY:***@bucket):
+    params are readable by everyone who can browse the runs."""
+    return _CREDENTIALS.sub(r"\1\2:***@", text)
+
+
+_CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
 
 
 def _client(uri: str):
@@ -67,7 +77,7 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, "None" if v is None else str(v)) for k, v in params.items()]
+        items = [Param(k, "None" if v is None else redact(str(v))) for k, v in params.items()]
         for start in range(0, len(items), 100):
             _client(self.uri).log_batch(self.run_id, params=items[start:start + 100])
 

@@ -82,26 +82,44 @@ def live_actor_pids(ray, name_part: str | None = None, class_name: str | None = 
     return [a.pid for a in actors if a.pid and (name_part is None or (a.name and name_part in a.name))]
 
 
+class TrainingInBackground:
+    """`pipelines.train(cfg)` in a thread, so that a test can act on the run while it trains."""
+
+    def __init__(self, cfg):
+        import threading
+
+        import pipelines
+
+        self.cfg, self.outcome = cfg, {}
+        self.thread = threading.Thread(target=lambda: self.outcome.update(result=pipelines.train(cfg)))
+        self.thread.start()
+
+    def wait_for_checkpoint(self, workdir: Path, epoch: int, timeout: float = 300) -> None:
+        """Until the run has saved epoch `epoch` (0-based); it must still be running then."""
+        import time
+
+        from pipelines import checkpoint
+
+        saved = workdir / "raydeep_runs" / self.cfg.tracking.run_name / checkpoint.directory_name(epoch)
+        deadline = time.time() + timeout
+        while not saved.exists() and self.thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert saved.exists() and self.thread.is_alive(), "the run ended before the test could act"
+
+    def result(self):
+        self.thread.join(timeout=600)
+        assert "result" in self.outcome, "the run did not finish"
+        return self.outcome["result"]
+
+
 def train_and_kill(cfg, ray, workdir: Path, name_part: str):
-    """Train `cfg` in a thread, SIGKILL the actor named `:RUN_NAME:name_part*` once the run's
-    second checkpoint exists, and return the run's result."""
+    """Train `cfg`, SIGKILL the actor named `:RUN_NAME:name_part*` once the run's second
+    checkpoint exists, and return the run's result."""
     import signal
-    import threading
-    import time
 
-    import pipelines
-
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
-    thread.start()
-    logged = workdir / "raydeep_runs" / cfg.tracking.run_name / "checkpoint_epoch_00001"
-    deadline = time.time() + 300
-    while not logged.exists() and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert logged.exists() and thread.is_alive(), "the run ended before the kill"
+    training = TrainingInBackground(cfg)
+    training.wait_for_checkpoint(workdir, 1)
     pids = live_actor_pids(ray, f":{cfg.tracking.run_name}:{name_part}")
     assert pids, f"no live actor named *{name_part}*"
     os.kill(pids[0], signal.SIGKILL)
-    thread.join(timeout=600)
-    assert "result" in outcome, "the run did not finish"
-    return outcome["result"]
+    return training.result()

@@ -1,15 +1,13 @@
 """Tier 2/3: allreduce on a real local Ray (Ray Train, DDP over gloo) against the reference."""
 import os
 import signal
-import threading
-import time
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import live_actor_pids, small_run
+from conftest import TrainingInBackground, live_actor_pids, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -44,20 +42,13 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_session, store,
         "tracking.uri": store, "strategy.name": "allreduce", "tracking.run_name": "ft",
         "data.source": "synthetic", "data.synthetic_samples": 40000, "data.synthetic_shape": [64],
         "optim.epochs": 6, "model.width": 256})
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
-    thread.start()
+    training = TrainingInBackground(cfg)
     # The second checkpoint's directory proves the first one was committed: ranks report in step.
-    first_checkpoint = workdir / "raydeep_runs" / "ft" / "checkpoint_epoch_00001"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.2)
-    assert first_checkpoint.exists(), "the run never wrote its checkpoints"
+    training.wait_for_checkpoint(workdir, 1)
     pids = live_actor_pids(ray_session, class_name="RayTrainWorker")
     assert pids, "no live Ray Train worker to kill"
     os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=600)
-    result = outcome["result"]
+    result = training.result()
     assert result.metrics["worker_restarts"] >= 1
     client = MlflowClient(store)
     starts = [m.value for m in client.get_metric_history(result.run_id, "worker_group_start_epoch")]

@@ -292,12 +292,3 @@ def test_storage_on_several_nodes(sets, refused):
     problem = shared_storage_problem(run, nodes=3)
     assert (problem is None) if refused is None else (refused in problem and "\n" not in problem)
 
-
-def test_a_sweep_on_an_object_store_is_refused_in_one_line(tmp_path):
-    from pipelines import sweep_config
-    from pipelines.config import ConfigError
-
-    with pytest.raises(ConfigError, match="a sweep keeps its Tune state on a path") as e:
-        sweep_config.load(REPO / "tune_configs" / "mlp.yaml",
-                          overrides={"resources.storage_path": "s3://bucket/runs"})
-    assert "\n" not in str(e.value)

@@ -8,15 +8,13 @@ session's local Ray is stopped for this module and started again after it.
 """
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import small_run, start_session_ray
+from conftest import TrainingInBackground, small_run, start_session_ray
 
 
 class Nodes:
@@ -123,25 +121,19 @@ def test_each_strategy_places_its_actors_as_asked(nodes, workdir, capfd, case):
 
 
 def train_and_lose_a_node(nodes: Nodes, cfg, workdir: Path, find: dict, capfd):
-    """Train in a thread; once the first epoch is checkpointed, check that the actors `find`
-    names are spread over two nodes, then remove the one that is not the head. Returns the
-    run's result and the removed node's id."""
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=pipelines.train(cfg)))
-    thread.start()
-    saved = workdir / "raydeep_runs" / cfg.tracking.run_name / "checkpoint_epoch_00000"
-    deadline = time.time() + 300
-    while not saved.exists() and thread.is_alive() and time.time() < deadline:
-        time.sleep(0.05)
-    assert saved.exists() and thread.is_alive(), "the run ended before a node could be removed"
+    """Train; once the first epoch is checkpointed, check that the actors `find` names are
+    spread over two nodes, then remove the one that is not the head. Returns the run's
+    result and the removed node's id."""
+    training = TrainingInBackground(cfg)
+    training.wait_for_checkpoint(workdir, 0)
     placed = list(actors(**find, alive=True).values())
     assert_placed(placed, capfd.readouterr().out)
     victim = next(n for n in placed if n != nodes.head_id)  # the driver's node stays
     nodes.remove(victim)
-    thread.join(timeout=600)
-    nodes.restore()
-    assert "result" in outcome, "the run did not finish"
-    return outcome["result"], victim
+    try:
+        return training.result(), victim
+    finally:
+        nodes.restore()
 
 
 def test_ps_spreads_its_workers_and_replaces_those_of_a_lost_node(nodes, workdir, capfd):

@@ -79,6 +79,8 @@ def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, stor
     run = client.get_run(marker["mlflow_run_id"])  # the same MLflow run, continued
     assert run.info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {0, 1, 2, 3}
+    # the secret in the URI is not shown to whoever browses the runs
+    assert run.data.params["resources.storage_path"].startswith("s3://test:***@runs/raydeep?")
 
     taken = run_cli("run", "--run-name", "on-s3", "--epochs", "1", *common, cwd=workdir)
     assert taken.returncode == 2 and "already has a run under" in taken.stderr
@@ -103,3 +105,38 @@ def test_a_storage_uri_pyarrow_cannot_open_is_one_line(workdir, where, says):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
+    from pipelines.sweep import run_sweep
+    from pipelines.sweep_config import load
+
+    uri, fs = bucket
+    path = workdir / "sweep.yaml"
+    path.write_text(f"""
+name: s3sweep
+base:
+  model: {{name: mlp, depth: 1, width: 32}}
+  strategy: {{name: local}}
+  optim: {{name: adam, lr: 0.003, epochs: 2, steps_per_epoch: 3}}
+  tracking: {{uri: "{store}", log_model: false}}
+  resources: {{storage_path: "{uri}"}}
+space:
+  optim.lr: {{grid: [0.003, 0.01]}}
+metric: val_accuracy
+mode: max
+""")
+    result = run_sweep(load(path))
+    assert result.count("FINISHED") == 2
+    (name,) = listing(fs, "runs/raydeep/sweeps")
+    assert name == result.directory.name and name.startswith("s3sweep-")
+    held = listing(fs, f"runs/raydeep/sweeps/{name}")
+    assert {"raydeep_sweep.json", "best_config.yaml", "tune"} <= set(held), held
+    import pyarrow.fs
+
+    stored = fs.get_file_info(pyarrow.fs.FileSelector(f"runs/raydeep/sweeps/{name}/tune", recursive=True))
+    assert any("/checkpoint_" in f.path for f in stored), "no trial checkpoint on the bucket"
+    # Tune's experiment, with the trials' checkpoints, is on the bucket, and resumes from it
+    again = run_sweep(load(path), resume="latest")
+    assert again.parent_run_id == result.parent_run_id and again.count("FINISHED") == 2
+    assert MlflowClient(store).get_run(result.parent_run_id).info.status == "FINISHED"
