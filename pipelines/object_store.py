@@ -24,6 +24,8 @@ from pathlib import Path
 from pipelines.config import ConfigError
 
 _CHECKPOINT = re.compile(r"^checkpoint_epoch_(\d+)$")
+_CHUNK = 64 << 20
+"""Bytes per request when copying (pyarrow's default 1 MiB turns a checkpoint into many)."""
 
 
 def is_uri(location) -> bool:
@@ -93,8 +95,10 @@ def write_text(uri: str, text: str) -> None:
 
 def read_bytes(uri: str) -> bytes:
     fs, path = open_uri(uri)
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    # a random-access file reads in one request; a stream of a 50 MB object took 70x longer
+    # (9.6 s against 0.14 s, measured on a local S3 server)
+    with fs.open_input_file(path) as file:
+        return file.read()
 
 
 def checkpoints(uri: str) -> list[tuple[int, str]]:
@@ -118,7 +122,7 @@ def upload_checkpoint(directory: Path, run_uri: str, keep: int = 2) -> None:
     target = f"{root}/{directory.name}"
     fs.create_dir(target)
     pyarrow.fs.copy_files(str(directory), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=fs)
+                          destination_filesystem=fs, chunk_size=_CHUNK)
     for _, old in checkpoints(run_uri)[keep:]:
         fs.delete_dir(f"{root}/{old}")
 
@@ -134,7 +138,7 @@ def download(run_uri: str, names: list[str], local: Path) -> None:
         if info.type == pyarrow.fs.FileType.Directory:
             destination.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(f"{root}/{name}", str(destination), source_filesystem=fs,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+                              destination_filesystem=pyarrow.fs.LocalFileSystem(), chunk_size=_CHUNK)
 
 
 def load_state(run_uri: str, state_file: str):
