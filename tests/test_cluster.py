@@ -183,6 +183,7 @@ def check_job(cluster, tmp_path: Path, strategy: str, code: int, stdout: str, st
     return logs
 
 
+@pytest.mark.slow
 def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
     result = cluster.submit(*run_args("allreduce", tmp_path))
     check_job(cluster, tmp_path, "allreduce", result.returncode, result.stdout, result.stderr)
@@ -196,6 +197,7 @@ def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
 
+@pytest.mark.slow
 def test_a_failing_job_exits_non_zero(cluster, tmp_path):
     """Local storage on two nodes: the run refuses to start, in one line, and the job fails."""
     result = cluster.submit("--", "raydeep", "run", "--strategy", "ps", *TINY,
@@ -205,6 +207,7 @@ def test_a_failing_job_exits_non_zero(cluster, tmp_path):
     assert "the cluster has 2 nodes but resources.storage_path 'raydeep_runs' and tracking.uri" in result.stdout
 
 
+@pytest.mark.slow
 def test_no_wait_then_stop(cluster):
     result = cluster.submit("--no-wait", "--submission-id", "raydeep-test-stop", "--",
                             "raydeep", "run", "--strategy", "ps", "--epochs", "50",
@@ -227,6 +230,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_wrong_or_missing_token_is_one_line(cluster, tmp_path):
     command = ["--", "raydeep", "run", "--epochs", "1"]
     wrong = one_line_error(cluster.submit(*command, token="not-the-token"))
@@ -236,6 +240,7 @@ def test_wrong_or_missing_token_is_one_line(cluster, tmp_path):
     assert "needs a token and none was found" in missing
 
 
+@pytest.mark.slow
 def test_ps_job_spreads_its_workers_over_the_nodes(cluster, tmp_path):
     """SPREAD puts the two workers on the two nodes (the run's log names their node ids).
 
@@ -251,6 +256,7 @@ def test_ps_job_spreads_its_workers_over_the_nodes(cluster, tmp_path):
     assert "epoch 2/2" in logs
 
 
+@pytest.mark.slow
 def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_path):
     """`raydeep run --address HOST:PORT` on a machine of the cluster (no job): the driver joins
     it, and the run's workers are spread over both nodes."""

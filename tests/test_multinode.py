@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 import pipelines
 from conftest import TrainingInBackground, small_run, start_session_ray
 
+pytestmark = pytest.mark.slow
+
 
 class Nodes:
     """A head of 1 CPU and two worker nodes of 2; a removed node is replaced by a fresh one.

@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 import pipelines
 from conftest import run_cli, small_run
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("moto")
 
 
