@@ -35,9 +35,9 @@ def load_latest(run_dir: str | Path) -> dict[str, Any] | None:
     A process killed while copying a checkpoint can leave a truncated file; the one before
     it is then the newest usable state. `run_dir` may be an object-store URI.
     """
-    if "://" in str(run_dir):
-        from pipelines import object_store
+    from pipelines import object_store
 
+    if object_store.is_uri(run_dir):
         return object_store.load_state(str(run_dir), STATE_FILE)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

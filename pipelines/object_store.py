@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.config import ConfigError
+from pipelines.tracking import redact
 
 _CHECKPOINT = re.compile(r"^checkpoint_epoch_(\d+)$")
 _CHUNK = 64 << 20
@@ -46,8 +47,40 @@ def open_uri(uri: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except Exception as e:  # noqa: BLE001 - unknown scheme, bad query, missing credentials
-        raise ConfigError(f"resources.storage_path {uri!r} cannot be opened: "
-                          f"{str(e).strip().splitlines()[0]}") from None
+        raise ConfigError(f"resources.storage_path {redact(uri)!r} cannot be opened: "
+                          f"{_first_line(e)}") from None
+
+
+def check_reachable(uri: str) -> None:
+    """A one-line error unless `uri`'s bucket answers: before a run starts, not in its middle."""
+    import pyarrow.fs
+
+    fs, path = open_uri(uri)
+    bucket = path.split("/")[0]
+    try:
+        found = fs.get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
+    except OSError as e:
+        raise ConfigError(f"resources.storage_path {redact(uri)!r} cannot be reached: {_first_line(e)}") from None
+    if not found:
+        raise ConfigError(f"resources.storage_path {redact(uri)!r}: bucket {bucket!r} does not exist")
+
+
+def find_resumable(root: str, name: str, marker: str, prefix: str = "", what: str = "run") -> str:
+    """The name under `root` that `--resume NAME` means, as `run.find_resumable` says for a
+    directory: `name` itself, or for `latest` the newest whose name starts with `prefix`."""
+    if name == "latest":
+        found = newest_holding(root, marker, prefix)
+        if found is None:
+            raise ConfigError(f"--resume: no earlier {what} under {redact(root)}")
+        return found
+    if not exists(join(root, name, marker)):
+        raise ConfigError(f"--resume {name!r}: no {what} of that name under {redact(root)}")
+    return name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
 
 
 def staging_dir(uri: str, name: str) -> Path:
@@ -76,7 +109,7 @@ def newest_holding(uri: str, marker: str, prefix: str = "") -> str | None:
     try:
         children = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
     except OSError as e:
-        raise ConfigError(f"resources.storage_path {uri!r} cannot be listed: {e}") from None
+        raise ConfigError(f"resources.storage_path {redact(uri)!r} cannot be listed: {_first_line(e)}") from None
     found = []
     for child in children:
         name = child.base_name

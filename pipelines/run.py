@@ -56,9 +56,9 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
     strategies.get(config.strategy.name).check_model(config, model)
     storage = config.resources.storage_path
     if object_store.is_uri(storage):
-        object_store.open_uri(storage)
+        object_store.check_reachable(storage)
         if config.resume:
-            _resumable_on_store(storage, config.resume)
+            object_store.find_resumable(storage, config.resume, RUN_FILE)
     elif config.resume:
         find_resumable(Path(storage).absolute(), config.resume)
     return data, model
@@ -129,7 +129,7 @@ def _staged_run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | Non
     when resuming, the run's URI). A resumed run's newest checkpoint is downloaded first."""
     storage = config.resources.storage_path
     if config.resume:
-        name = _resumable_on_store(storage, config.resume)
+        name = object_store.find_resumable(storage, config.resume, RUN_FILE)
         mirror = object_store.join(storage, name)
         run_dir = object_store.staging_dir(storage, name)
         newest = object_store.checkpoints(mirror)[:1]
@@ -141,18 +141,6 @@ def _staged_run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | Non
         raise ConfigError(f"tracking.run_name {name!r} already has a run under {storage}; "
                           "pick another name or pass --resume to continue it")
     return object_store.staging_dir(storage, name), None, mirror
-
-
-def _resumable_on_store(storage: str, name: str) -> str:
-    """The run name `--resume NAME` means on object store `storage` (see `find_resumable`)."""
-    if name == "latest":
-        found = object_store.newest_holding(storage, RUN_FILE)
-        if found is None:
-            raise ConfigError(f"--resume: no earlier run under {storage}")
-        return found
-    if not object_store.exists(object_store.join(storage, name, RUN_FILE)):
-        raise ConfigError(f"--resume {name!r}: no run of that name under {storage}")
-    return name
 
 
 def _new_run_name(config: RunConfig) -> str:

@@ -303,12 +303,7 @@ def _staged_sweep_directory(root: str, storage: str, sweep: SweepConfig,
     """A sweep kept on an object store under `root`: (local staging directory, the earlier
     sweep's record when resuming, the sweep's URI)."""
     if resume:
-        name = (object_store.newest_holding(root, SWEEP_FILE, prefix=f"{sweep.name}-")
-                if resume == "latest" else resume)
-        if name is None:
-            raise ConfigError(f"--resume: no earlier sweep under {root}")
-        if not object_store.exists(object_store.join(root, name, SWEEP_FILE)):
-            raise ConfigError(f"--resume {name!r}: no sweep of that name under {root}")
+        name = object_store.find_resumable(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
         directory = object_store.staging_dir(storage, f"sweeps/{name}")
         object_store.download(object_store.join(root, name), [SWEEP_FILE], directory)
         return directory, json.loads((directory / SWEEP_FILE).read_text()), object_store.join(root, name)

@@ -99,14 +99,22 @@ def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_ses
     assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("where, says", [
-    ("nosuch://bucket/runs", "resources.storage_path 'nosuch://bucket/runs' cannot be opened"),
+@pytest.mark.parametrize("storage_uri, says", [
+    (lambda server: "nosuch://bucket/runs", "resources.storage_path 'nosuch://bucket/runs' cannot be opened"),
+    # nobody listens on port 1; the secret stays out of the message
+    (lambda server: "s3://key:secret@runs/x?endpoint_override=127.0.0.1:1&scheme=http&region=us-east-1",
+     "resources.storage_path 's3://key:***@runs/x?endpoint_override=127.0.0.1:1&scheme=http"
+     "&region=us-east-1' cannot be reached: "),
+    (lambda server: server.replace("test:test@runs/raydeep", "test:secret@nobucket/x"),
+     "bucket 'nobucket' does not exist"),
 ])
-def test_a_storage_uri_pyarrow_cannot_open_is_one_line(workdir, where, says):
+def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
+    where = storage_uri(bucket[0])
     result = run_cli("run", "--storage-path", where, "--epochs", "1", cwd=workdir)
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0], result.stderr
+    assert "secret" not in result.stderr
 
 
 def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
