@@ -6,8 +6,19 @@ marked FAILED in MLflow and exits 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from typing import Sequence
+
+_IMPORTED_AT = [time.time()]
+"""When this process imported the CLI, which its first command takes as its start."""
+
+
+def _launch_time() -> float:
+    """When this command started: the origin of a run's start-up timeline (time to first
+    step). A second command in the same process (tests, notebooks) starts when it is called."""
+    return _IMPORTED_AT.pop() if _IMPORTED_AT else time.time()
 
 # Flags of `raydeep run` and the config keys they set (values are parsed as the key's type).
 RUN_FLAGS = {
@@ -67,6 +78,7 @@ def build_parser() -> Parser:
                      help="pipeline: print the schedule as a grid and exit without training")
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
                      help="continue a run from its last checkpoint (default: the newest run)")
+    run.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines")
 
     tune = commands.add_parser("tune", help="sweep a tune_configs/*.yaml file with Ray Tune")
     tune.add_argument("config", help="a sweep file: base run config, search space, metric, scheduler")
@@ -82,6 +94,7 @@ def build_parser() -> Parser:
                       help="trials at once (default: as many as the cluster's resources hold)")
     tune.add_argument("--resume", nargs="?", const="latest", default=None, metavar="SWEEP",
                       help="finish an interrupted sweep (default: the newest sweep of this file)")
+    tune.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines")
 
     submit = commands.add_parser("submit", help="run a raydeep command on a Ray cluster as a job")
     submit.add_argument("--address", help="the cluster's Jobs server (default: RAY_ADDRESS or "
@@ -112,10 +125,15 @@ def build_parser() -> Parser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    launched_at = _launch_time()
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         return _fail(str(e))
+    if getattr(args, "verbose", False):
+        from cluster.connect import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     if args.command == "models":
         return cmd_models()
     if args.command == "strategies":
@@ -128,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_tune(args)
     if args.command in ("submit", "jobs"):
         return cmd_cluster_jobs(args)
-    return cmd_run(args)
+    return cmd_run(args, launched_at)
 
 
 def cmd_cluster_jobs(args: argparse.Namespace) -> int:
@@ -141,9 +159,14 @@ def cmd_cluster_jobs(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines import ConfigError, RunFailed, config, train
+def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
+    from cluster.connect import quiet_ray_logs
+
+    quiet_ray_logs()
+    from pipelines import ConfigError, RunFailed, config, startup, train
     from pipelines.run import prepare
+
+    startup.launched(launched_at)
 
     try:
         overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
@@ -159,9 +182,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import strategy
 
     if strategy.get(run_config.strategy.name).uses_ray:
+        from pipelines.tracking import open_store_in_background
+
+        store = open_store_in_background(run_config.tracking.uri)
         failed = _connect(run_config)
         if failed:
             return _fail(failed)
+        startup.mark("ray_ready")
+        store.join()
     try:
         result = train(run_config, data)
     except ConfigError as e:
@@ -180,6 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.connect import quiet_ray_logs
+
+    quiet_ray_logs()
     from pipelines import ConfigError, config
     from pipelines.sweep_config import load
 
@@ -188,6 +219,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      if getattr(args, key) is not None}
         sweep = load(args.config, overrides, args.sets, samples=args.samples, scheduler=args.scheduler,
                      search=args.search, max_concurrent=args.max_concurrent)
+        from pipelines.sweep import check_resumable
+
+        check_resumable(sweep, args.resume)
     except ConfigError as e:
         return _fail(str(e))
     failed = _connect(sweep.run_config({}))

@@ -3,22 +3,93 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 
 
-LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": 1 << 20}
-"""Ray settings of the embedded local Ray. Objects up to 1 MiB go inline in actor calls
-instead of through the shared-memory object store: a parameter server's 340 KB push/pull
-then takes 1.8 ms instead of 3.0 ms on 2 cores (measured). On a cluster, set it when
-starting Ray: `ray start ... --system-config='{"max_direct_call_object_size": 1048576}'`."""
+LOCAL_SYSTEM_CONFIG = {
+    # Objects up to 1 MiB go inline in actor calls instead of through the shared-memory
+    # object store: a parameter server's 340 KB push/pull then takes 1.8 ms instead of
+    # 3.0 ms on 2 cores (measured). On a cluster, set it when starting Ray:
+    # `ray start ... --system-config='{"max_direct_call_object_size": 1048576}'`.
+    "max_direct_call_object_size": 1 << 20,
+    # Ray runs its workers at nice 15 so that its daemons keep a busy cluster node
+    # responsive. On one machine the workers are the job: at nice 15 every other process
+    # (the driver, the MLflow store, Ray's daemons) preempts the training they wait for.
+    "worker_niceness": 0,
+    # Nothing scrapes Ray's metrics on an embedded instance; exporting them is work for nothing.
+    "enable_metrics_collection": False,
+}
+"""Ray settings of the embedded local Ray."""
+
+LOCAL_TRAIN_ENV = {
+    # Nothing preempts the nodes of an embedded Ray: the watcher is one more actor process
+    # to start before the first step, and it logs a Ray-internal error line when it starts.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train's controller polls its workers every 2 s by default: a run's end (and a
+    # lost worker) is seen up to 2 s late. A poll is one small call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Ray Train settings of the embedded local Ray (the driver passes them to Ray Train's
+controller and workers); a value the user set in the environment wins."""
+
+VERBOSE_ENV = "RAYDEEP_VERBOSE"
+"""Set (to 1) by `--verbose`: Ray's own log lines reach the terminal as Ray prints them."""
+
+_RAY_INTERNAL_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [IWEF] \d+ \d+\] \S+\.(cc|h):\d+:")
+"""A line of Ray's C++ core (`[2026-11-29 20:16:25,403 E 21810 21838] core_worker.cc:2465: ...`):
+internal state a user cannot act on. It is in Ray's log files under /tmp/ray/session_*/logs."""
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def quiet_ray_logs() -> None:
-    """Keep the terminal to raydeep's own progress lines; Ray's logs stay in its log files."""
+    """Keep the terminal to raydeep's own progress lines and real warnings; Ray's and
+    MLflow's informational lines stay in their log files (`--verbose` shows them)."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if verbose():
+        return
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Token authentication is enabled for this Ray cluster": what an embedded Ray always
+    # does, not something to act on; "Creating initial MLflow database tables": routine.
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def filter_worker_logs() -> None:
+    """Drop Ray's C++ lines from what the workers' output forwards to this terminal.
+
+    Ray forwards each worker's stdout/stderr to the driver through one dispatcher; its
+    handler is replaced by one that passes everything but those lines. Ray's internals
+    may change: where the dispatcher is not found, the output stays as Ray prints it.
+    """
+    if verbose():
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        handlers = list(dispatcher.handlers)
+    for name, handler in handlers:
+        if name == "ray_print_logs" and not getattr(handler, "raydeep_filter", False):
+            dispatcher.remove_handler(name)
+            dispatcher.add_handler(name, _without_internal_lines(handler))
+
+
+def _without_internal_lines(handler):
+    def forward(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not _RAY_INTERNAL_LINE.match(line)]
+        if lines:
+            handler({**data, "lines": lines})
+
+    forward.raydeep_filter = True
+    return forward
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -33,7 +104,11 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
-    """Start or join Ray once per process; returns the cluster's resources."""
+    """Start or join Ray once per process; returns the cluster's resources.
+
+    The embedded Ray has no dashboard (nothing here needs it: `raydeep ui` is MLflow's,
+    and jobs are submitted to clusters); a cluster keeps whatever it was started with.
+    """
     import ray
 
     quiet_ray_logs()
@@ -43,9 +118,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
     if address and not ray.is_initialized():
         check_reachable(address)
     if not ray.is_initialized():
+        level = logging.INFO if verbose() else logging.WARNING
         if address:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=level)
         else:
-            ray.init(num_cpus=num_cpus, logging_level=logging.WARNING,
+            for key, value in LOCAL_TRAIN_ENV.items():
+                os.environ.setdefault(key, value)
+            ray.init(num_cpus=num_cpus, logging_level=level, include_dashboard=False,
                      _system_config=LOCAL_SYSTEM_CONFIG)
+    filter_worker_logs()
     return ray.cluster_resources()

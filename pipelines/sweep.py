@@ -119,6 +119,19 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     return result
 
 
+def check_resumable(sweep: SweepConfig, resume: str | None) -> None:
+    """Raise `ConfigError` when `--resume` names no sweep of this file: said before Ray starts."""
+    if not resume:
+        return
+    storage = sweep.run_config({}).resources.storage_path
+    if object_store.is_uri(storage):
+        object_store.find_resumable(object_store.join(storage, "sweeps"), resume, SWEEP_FILE,
+                                    prefix=f"{sweep.name}-", what="sweep")
+    else:
+        find_resumable(Path(storage).absolute() / "sweeps", resume, SWEEP_FILE,
+                       prefix=f"{sweep.name}-", what="sweep")
+
+
 def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
     """The trial's process plus the actors its strategy starts, as one placement group
     (Ray places a trial's actors in its group: they are reserved before the trial starts)."""

@@ -15,6 +15,10 @@ from typing import Any
 
 EPOCH_KEYS = ("train_loss", "samples_per_s")
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of every experiment raydeep creates: MLflow 3's UI opens an experiment of this kind
+on its runs table (model training), not on the GenAI overview of traces."""
+
 
 def absolute_uri(uri: str) -> str:
     """A relative SQLite path made absolute, so that workers in other directories agree."""
@@ -33,6 +37,23 @@ def redact(text: str) -> str:
 
 
 _CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
+
+
+def open_store_in_background(uri: str):
+    """Import MLflow and open (for a new SQLite file: create) the store in a thread, while
+    the caller starts Ray: together they take seconds. Returns the thread to join; errors
+    are left for the run's own first call to report."""
+    import threading
+
+    def open_store():
+        try:
+            _client(absolute_uri(uri)).search_experiments(max_results=1)
+        except Exception:  # noqa: BLE001 - the run reports the store's problem itself
+            pass
+
+    thread = threading.Thread(target=open_store, name="raydeep-open-store", daemon=True)
+    thread.start()
+    return thread
 
 
 def _client(uri: str):
@@ -54,13 +75,20 @@ class Tracker:
     mirror: str = ""
     """The run's URI on an object store, where each checkpoint is uploaded (empty: the
     run's directory is its storage)."""
+    launched_at: float = 0.0
+    """When the run was launched (time.time(), `pipelines.startup`): the origin of its
+    start-up timeline. 0: unknown (a tracker made outside `pipelines.train`), no timeline."""
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
               tags: dict[str, str] | None = None, epochs: int = 0) -> "Tracker":
         client = _client(uri)
         found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(
+            experiment, tags=EXPERIMENT_TAGS)
+        if found and not EXPERIMENT_TAGS.keys() <= found.tags.keys():  # made by an older raydeep
+            for key, value in EXPERIMENT_TAGS.items():
+                client.set_experiment_tag(experiment_id, key, value)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         tracker = cls(uri, run.info.run_id, experiment_id, epochs)
         tracker.log_params(params)
@@ -97,6 +125,33 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()]
         for start in range(0, len(items), 1000):
             _client(self.uri).log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def since_launch(self, at: float | None = None) -> float:
+        """Seconds from the launch to wall-clock time `at` (default: now)."""
+        return (time.time() if at is None else at) - self.launched_at
+
+    def startup(self, name: str, at: float | None = None) -> None:
+        """Log the start-up mark `startup_<name>_s`: seconds from the launch to `at` (default: now)."""
+        self.log_startup({name: self.since_launch(at)})
+
+    def first_step(self, at: float | None = None) -> float | None:
+        """Log `time_to_first_step_s` (and the mark `startup_first_step_s`) for a first
+        optimizer step that ended at `at` (default: now); returns it (None: no launch known)."""
+        if not self.launched_at:
+            return None
+        seconds = self.since_launch(at)
+        self.log_startup({"first_step": seconds})
+        return seconds
+
+    def log_startup(self, marks: dict[str, float]) -> None:
+        """Start-up marks already measured, {name: seconds since launch}, in one write; a
+        `first_step` mark is also the run's `time_to_first_step_s`."""
+        if not self.launched_at:
+            return
+        metrics = {f"startup_{name}_s": seconds for name, seconds in marks.items()}
+        if "first_step" in marks:
+            metrics["time_to_first_step_s"] = marks["first_step"]
+        self.log_metrics(metrics)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Per-epoch metrics at step `epoch` (0-based) and a progress line."""

@@ -8,8 +8,12 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 import pipelines
 from conftest import REPO, small_run
+
+pytestmark = pytest.mark.slow  # a real `mlflow server` process
 
 
 def _free_port() -> int:
@@ -45,6 +49,15 @@ def test_ui_serves_the_runs_over_the_rest_api(workdir, store):
         assert run["info"]["run_name"] == "shown" and run["info"]["status"] == "FINISHED"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert metrics["test_accuracy"] == result.metrics["test_accuracy"]
+        # The experiment opens on its runs table (model training), not MLflow 3's GenAI overview,
+        # and `raydeep ui` prints where that table is.
+        experiment_id = run["info"]["experiment_id"]
+        experiment = _get(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get"
+                          f"?experiment_id={experiment_id}")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        printed = [server.stdout.readline().decode() for _ in range(2)]
+        assert f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs" in printed[1], printed
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
