@@ -370,7 +370,7 @@ def report(cfg, args, data, ray_result: dict | None, torch_result: dict) -> str:
                          f"raydeep / Ray Train + reference loop  "
                          f"{ray_result['steady_samples_per_s'] / plain['steady_samples_per_s']:.3f}")
         lines.append(f"  raydeep time to first step     {fmt(ray_result['time_to_first_step_s'], '.1f', ' s')}"
-                     f"   (trainer submitted -> end of first optimizer step; Ray started "
+                     f"   (pipelines.train called -> end of first optimizer step; Ray started "
                      f"{ray_result['ray_init_s']:.1f} s before, not counted)")
     busy = max((r.get("cpu_cores") or {}).get("others", 0.0) for _, r in rows)
     if busy > BUSY_WARN:

@@ -93,13 +93,13 @@ def time_to_target(tracker_uri: str, run_id: str, target: float, first_step_at: 
 
 def run_raydeep(args, strategy: str, workdir: Path, **extra) -> dict:
     import pipelines
-    from mlflow.tracking import MlflowClient
+    from pipelines import startup
 
     cfg = run_config(args, strategy, workdir, **extra)
     submitted = time.time()
+    startup.launched(submitted)  # the origin of the run's time_to_first_step_s
     result = pipelines.train(cfg)
-    run = MlflowClient(cfg.tracking.uri).get_run(result.run_id)
-    first_step_at = run.info.start_time / 1000 + result.metrics["time_to_first_step_s"]
+    first_step_at = submitted + result.metrics["time_to_first_step_s"]
     steady = result.history[1:] or result.history
     samples = float(np.mean([h["samples_per_s"] for h in steady]))
     updates = (float(np.mean([h["updates_per_s"] for h in steady])) if "updates_per_s" in steady[0]

@@ -8,8 +8,8 @@ epoch; a lost worker restarts the group from the last checkpoint (`FailureConfig
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -76,7 +76,6 @@ class AllreduceStrategy(Strategy):
                 "data": ray.put(data),
                 "tracker": tracker,
                 "run_dir": location,
-                "submitted_at": time.time(),
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
             scaling_config=ScalingConfig(num_workers=run.resources.workers, use_gpu=gpus > 0,
@@ -92,6 +91,7 @@ class AllreduceStrategy(Strategy):
                 callbacks=callbacks,
             ),
         )
+        tracker.startup("trainer_submitted")
         result = trainer.fit()
         if result.error:
             raise result.error
@@ -105,48 +105,38 @@ class AllreduceStrategy(Strategy):
         starts = tracker.metric_history("worker_group_start_epoch")
         summary = {"worker_restarts": float(max(len(starts) - 1, 0))}
         first = tracker.metric_history("time_to_first_step_s")
-        if first:
+        if first and not run.resume:  # a resumed run's history holds its first start's
             summary["time_to_first_step_s"] = first[0]
         return FitResult(state["model"], tracker.epoch_history(), summary)
 
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    started = time.time()  # Ray Train's TorchConfig has made the process group already
     import ray
     import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
 
     _quiet_report_logs()
     run: RunConfig = config["run"]
     data: Dataset = ray.get(config["data"])
+    timeline = {"worker_started": started, "data_on_worker": time.time()}
     tracker = config["tracker"]
-    context = ray.train.get_context()
-    device = ray.train.torch.get_device()
-
-    def all_sum(values: list[float]) -> list[float]:
-        totals = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(totals)
-        return totals.tolist()
-
-    comm = Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
-                      wrap=ray.train.torch.prepare_model, sum=all_sum)
+    comm = ddp_collective()
     _say_placement(run, tracker, comm)
     state = _restore(config)
     start = state["epoch"] + 1 if state else 0
-    # A worker's first MLflow call imports mlflow (about 2 s on one CPU): off the critical
-    # path, or every other rank would wait for it in DDP's constructor.
-    announce = threading.Thread(
-        target=tracker.log_metrics, args=({"worker_group_start_epoch": start},),
-        kwargs={"step": start}, daemon=True)
-    if comm.rank == 0:
-        announce.start()
-        if state:
-            tracker.say(f"resumed from the checkpoint of epoch {start}")
+    # A worker's first MLflow call imports mlflow (about 2 s of CPU): rank 0 writes from a
+    # thread, in order, once its first step is done. Earlier, the import would hold the GIL
+    # while rank 0 builds DDP and takes that step, and every other rank waits for rank 0.
+    # Each epoch's end waits for the writes made so far.
+    writes, pending = ThreadPoolExecutor(max_workers=1), []
+    if comm.rank == 0 and state:
+        tracker.say(f"resumed from the checkpoint of epoch {start}")
 
     def after_epoch(epoch, metrics, model, optimizer):
-        if announce.is_alive():
-            announce.join()
+        for write in pending:
+            write.result()
+        pending.clear()
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if comm.rank == 0:
@@ -157,10 +147,40 @@ def _train_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=checkpoint.directory_name(epoch))
 
     def first_step():
-        if comm.rank == 0 and not state:
-            tracker.log_metrics({"time_to_first_step_s": time.time() - config["submitted_at"]})
+        if comm.rank != 0:
+            return
+        timeline["first_step"] = time.time()
+        pending.append(writes.submit(tracker.log_metrics, {"worker_group_start_epoch": start},
+                                     step=start))
+        if not state:
+            pending.append(writes.submit(tracker.log_startup, {
+                name: tracker.since_launch(at) for name, at in timeline.items()}))
 
     train_epochs(run, data, tracker, comm, state, after_epoch, first_step)
+
+
+def ddp_collective() -> Collective:
+    """This Ray Train worker's rank, device, DDP wrapping and sum over the workers."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+
+    def all_sum(values: list[float]) -> list[float]:
+        # Gathered, then added in rank order on every rank: the bits of a metric do not
+        # depend on the reduction order a backend picks, so the same run logs the same values.
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
+        parts = [torch.empty_like(mine) for _ in range(context.get_world_size())]
+        dist.all_gather(parts, mine)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total.tolist()
+
+    return Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
+                      wrap=ray.train.torch.prepare_model, sum=all_sum)
 
 
 def _say_placement(run: RunConfig, tracker, comm: Collective) -> None:

@@ -115,7 +115,13 @@ def pretrain(model: nn.Module, run: RunConfig, x: torch.Tensor, y: torch.Tensor,
 
 
 def _after_first(batches, callback: Callable[[], None]):
-    for i, idx in enumerate(batches):
-        if i == 1:
+    """The batches, calling `callback` once the first step is over: when the loop asks for
+    the second batch, or for the end of an epoch of one batch."""
+    count = 0
+    for idx in batches:
+        if count == 1:
             callback()
+        count += 1
         yield idx
+    if count == 1:
+        callback()

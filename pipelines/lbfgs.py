@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -141,6 +142,7 @@ class LbfgsStrategy(Strategy):
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
         labels = [f"worker-{i}" for i in range(run.resources.workers)]
         with placement.reserve(self, run, tracker.say, labels) as place:
+            tracker.startup("placement")
             driver = Sandblaster(run, data, tracker, run_dir, place)
             try:
                 return driver.train()
@@ -209,11 +211,16 @@ class Sandblaster:
                                       LbfgsState(**saved["lbfgs"]) if saved else None)
         self.history: list[dict] = []
         self.iterations: list[Iteration] = []
+        self.first_step_at: float | None = None
+        """Wall clock at the end of this start's first iteration (x's first update)."""
+        self.first_step_s: float | None = None
 
     def train(self) -> FitResult:
         for epoch in range(self.start_epoch, self.run.optim.epochs):
             self.lbfgs.epoch(epoch, self._log_iteration)
             self._flush_iterations()
+            if epoch == 0:
+                self._log_start()
             self._assemble(epoch)
             metrics = {"train_loss": self.lbfgs.state.loss,
                        **mean_metrics(evaluate_sums(self.model, self.data.x_val, self.data.y_val), "val")}
@@ -234,6 +241,8 @@ class Sandblaster:
                    "backup_portions": float(self.pool.backups),
                    "rerun_portions": float(self.pool.reruns),
                    "portions": float(self.lbfgs.portions)}
+        if self.first_step_s is not None:
+            summary["time_to_first_step_s"] = self.first_step_s
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FitResult(weights, self.history, summary)
 
@@ -246,7 +255,19 @@ class Sandblaster:
             ray.kill(shard)
 
     def _log_iteration(self, it: Iteration) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         self.iterations.append(it)
+
+    def _log_start(self) -> None:
+        """A fresh run's start-up marks, once its first epoch is over: the actors are asked
+        when they were built only now, off the path to the first iteration."""
+        import ray
+
+        actors = [*self.shards, *self.pool.workers.values()]
+        self.tracker.startup("actors_ready", at=max(ray.get([a.built.remote() for a in actors])))
+        if self.first_step_at is not None:
+            self.first_step_s = self.tracker.first_step(at=self.first_step_at)
 
     def _flush_iterations(self) -> None:
         """Per-iteration metrics, at step = iteration number, written once per epoch: an

@@ -17,6 +17,7 @@ half-delivered deposits.
 """
 from __future__ import annotations
 
+import time
 import warnings
 from collections import deque
 
@@ -45,6 +46,11 @@ class LbfgsShard:
         if state:
             self.slots.update({k: v.clone() for k, v in state["slots"].items()})
             self.s, self.y = deque(state["s"]), deque(state["y"])
+        self.built_at = time.time()
+
+    def built(self) -> float:
+        """When this actor's constructor ended (wall clock, for the start-up timeline)."""
+        return self.built_at
 
     # --- from the workers ------------------------------------------------------------------
 

@@ -56,6 +56,11 @@ class LbfgsWorker:
         self.shards, self.layout = shards, layout
         self.loaded: int | None = None
         self.examples: tuple[int, torch.Tensor] | None = None
+        self.built_at = time.time()
+
+    def built(self) -> float:
+        """When this actor's constructor ended (wall clock, for the start-up timeline)."""
+        return self.built_at
 
     def gradient(self, evaluation: int, epoch: int, portion: int, attempt: int) -> tuple[float, int, float]:
         """Loss share and gradient of `portion` at the evaluation's trial point; the

@@ -24,6 +24,7 @@ class LocalStrategy(Strategy):
 
     def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
         history: list[dict] = []
+        summary: dict[str, float] = {}
 
         def after_epoch(epoch, metrics, model, optimizer):
             saved = checkpoint.save(run_dir / checkpoint.directory_name(epoch), epoch=epoch,
@@ -31,9 +32,18 @@ class LocalStrategy(Strategy):
             history.append(metrics)
             tracker.checkpointed(epoch, metrics, saved)
 
+        def first_step():
+            seconds = tracker.first_step()
+            if seconds is not None:
+                summary["time_to_first_step_s"] = seconds
+
         state = checkpoint.load_latest(run_dir) if run.resume else None
-        model = train_epochs(run, data, tracker, Collective(), state, after_epoch)
-        return FitResult({k: v.detach().cpu() for k, v in model.state_dict().items()}, history)
+        # Time to first step is a fresh run's figure, in every strategy (allreduce cannot
+        # tell a resumed run from a worker group restarted from a checkpoint).
+        model = train_epochs(run, data, tracker, Collective(), state, after_epoch,
+                             None if state else first_step)
+        return FitResult({k: v.detach().cpu() for k, v in model.state_dict().items()}, history,
+                         summary)
 
 
 register(LocalStrategy())

@@ -11,7 +11,6 @@ parameters, checkpoints, and assembles the final model.
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +115,7 @@ class ParameterServerStrategy(Strategy):
         labels = ([f"worker-{i}" for i in range(run.resources.workers)]
                   + [f"shard-{i}" for i in range(run.strategy.params.shards)])
         with placement.reserve(self, run, tracker.say, labels) as place:
+            tracker.startup("placement")
             return Downpour(run, data, tracker, run_dir, place).train()
 
 
@@ -134,7 +134,6 @@ class Downpour:
         self.model, state = driver_model(run, data, tracker, run_dir)
         self.start_epoch = state["epoch"] + 1 if state else 0
         self.layout = ShardLayout.of(self.model, self.options.shards)
-        self.started_at = time.time()
         self.snapshot_dir = run_dir / "ps_snapshots"
         shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # restarts resume this run's state only
         self.shards = self._start_shards(state)
@@ -149,6 +148,7 @@ class Downpour:
         self.shard_restarts = 0
         self.histogram: Counter[int] = Counter()
         self.history: list[dict] = []
+        self.first_step_s: float | None = None
 
     # --- actors ----------------------------------------------------------------------------
 
@@ -273,9 +273,18 @@ class Downpour:
             done = report["epochs"].get(next_epoch, {})
             if not expected or not expected <= set(done):
                 break
+            if next_epoch == 0:
+                self._log_start(list(done.values()), report["first_step_at"])
             self._log_epoch(next_epoch, list(done.values()))
             next_epoch += 1
         return next_epoch
+
+    def _log_start(self, reports: list[dict], first_step_at: float | None) -> None:
+        """A fresh run's start-up marks, once its first epoch is over: each worker begins its
+        first epoch once its replica is built and the shards answered its first pull."""
+        self.tracker.startup("actors_ready", at=max(r["began"] for r in reports))
+        if first_step_at:  # the coordinator heard of the first push
+            self.first_step_s = self.tracker.first_step(at=first_step_at)
 
     def _log_epoch(self, epoch: int, reports: list[dict]) -> None:
         import ray
@@ -325,8 +334,8 @@ class Downpour:
                    **{f"{k}_overall": float(v) for k, v in overall.items()}}
         if report["gaps"]:
             summary["max_clock_gap"] = float(max(report["gaps"]))
-        if report["first_step_at"] and not self.start_epoch:
-            summary["time_to_first_step_s"] = report["first_step_at"] - self.started_at
+        if self.first_step_s is not None:
+            summary["time_to_first_step_s"] = self.first_step_s
         if self.histogram:
             figure = figures.staleness_histogram(dict(self.histogram))
             self.tracker.log_figure(figure, "staleness_histogram.png")

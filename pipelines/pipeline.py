@@ -86,6 +86,7 @@ class PipelineStrategy(Strategy):
         o: PipelineOptions = run.strategy.params
         labels = [f"stage-{s}-replica-{k}" for k in range(o.replicas) for s in range(o.stages)]
         with placement.reserve(self, run, tracker.say, labels) as place:
+            tracker.startup("placement")
             return PipelineRun(run, data, tracker, run_dir, place).train()
 
 
@@ -117,6 +118,8 @@ class PipelineRun:
         self.shapes = self._shapes(example)
         self.restarts = 0
         self.actors: list = []
+        self.timeline: dict[str, float] = {}
+        """Wall-clock times of the latest start's marks (stages_ready, process_group)."""
         costs = ", ".join(f"{c * 1e3:.2f}" for c in self.cut.costs)
         tracker.say(f"pipeline: {self.options.stages} stages at layers {list(self.cut.bounds)}, "
                     f"measured forward+backward ms per micro-batch: {costs}")
@@ -155,7 +158,8 @@ class PipelineRun:
                 s, k, self.run, data, self.cut.bounds[s], self.shapes, starts[s])
             for k in range(o.replicas) for s in range(o.stages)]
         host, port = ray.get(self.actors[0].address.remote())
-        ray.get([a.join.remote(host, port) for a in self.actors])
+        ready = ray.get([a.join.remote(host, port) for a in self.actors])
+        self.timeline = {"stages_ready": max(ready), "process_group": time.time()}
 
     def _stop(self) -> None:
         import ray
@@ -172,6 +176,7 @@ class PipelineRun:
         if state:
             self.model.load_state_dict(state["model"])
         history: list[dict] = []
+        first_step_s = None
         try:
             self._start(state)
             epoch = start
@@ -185,6 +190,8 @@ class PipelineRun:
                 except ray.exceptions.RayTaskError as e:
                     raise (e.cause if isinstance(e.cause, Exception) else e) from None
                 wall = time.perf_counter() - began
+                if epoch == 0:
+                    first_step_s = self._log_start(reports)
                 states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
                 self._assemble(states)
                 metrics = self._metrics(reports, wall)
@@ -199,6 +206,8 @@ class PipelineRun:
         finally:
             self._stop()
         summary = {"stage_restarts": float(self.restarts)}  # bubble_theoretical is logged per epoch
+        if first_step_s is not None:
+            summary["time_to_first_step_s"] = first_step_s
         return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                          history, summary)
 
@@ -219,6 +228,13 @@ class PipelineRun:
         self.tracker.log_metrics({"stage_restarts": self.restarts}, step=self.restarts)
         self._start(state)
         return epoch
+
+    def _log_start(self, reports: list[dict]) -> float | None:
+        """A fresh run's start-up marks, once its first epoch is over; returns the time to
+        its first step: when the last stage to step had stepped."""
+        self.tracker.log_startup({name: self.tracker.since_launch(at)
+                                  for name, at in self.timeline.items()})
+        return self.tracker.first_step(at=max(r["first_step_at"] for r in reports))
 
     def _assemble(self, states: list[dict]) -> None:
         """Load replica 0's stages into the driver's whole model."""

@@ -63,7 +63,10 @@ class PipelineStage:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def join(self, host: str, port: int) -> None:
+    def join(self, host: str, port: int) -> float:
+        """Form the process group of all stages. Returns the wall-clock time this stage
+        began to join, its actor built by then (the start-up timeline's `stages_ready`)."""
+        ready = time.time()
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}",
                                 rank=self.rank(self.stage, self.replica),
@@ -72,6 +75,7 @@ class PipelineStage:
         groups = [dist.new_group([self.rank(s, r) for r in range(self.replicas)])
                   for s in range(self.stages)]
         self.replica_group = groups[self.stage]
+        return ready
 
     def rank(self, stage: int, replica: int) -> int:
         return replica * self.stages + stage
@@ -84,6 +88,7 @@ class PipelineStage:
         self.block.train()
         began = time.perf_counter()
         busy, loss_sum, steps, samples, peak = 0.0, 0.0, 0, 0, 0
+        first_step_at = None
         timeline: list[tuple[str, float, float]] = []
         for idx in batch_indices(len(self.y), run.data.batch_size, seed=run.seed, epoch=epoch,
                                  rank=self.replica, world=self.replicas, cap=run.optim.steps_per_epoch):
@@ -95,6 +100,8 @@ class PipelineStage:
             peak = max(peak, step_peak)
             self._average_over_replicas()
             self.optimizer.step()
+            if not steps:  # wall clock: the driver compares it with the run's launch
+                first_step_at = time.time()
             loss_sum += loss
             steps += 1
             samples += len(idx)
@@ -104,7 +111,7 @@ class PipelineStage:
                                      "lower optim.lr or set optim.grad_clip")
         return {"stage": self.stage, "replica": self.replica, "loss_sum": loss_sum, "steps": steps,
                 "samples": samples, "busy": busy, "wall": wall, "peak_activation_bytes": peak,
-                "timeline": timeline}
+                "timeline": timeline, "first_step_at": first_step_at}
 
     def _run_schedule(self, micro: tuple[torch.Tensor, ...], began: float, timeline: list):
         o = self.options

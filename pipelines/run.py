@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pipelines import data as datasets
-from pipelines import figures, object_store
+from pipelines import figures, object_store, startup
 from pipelines import strategy as strategies
 from pipelines.config import ConfigError, RunConfig
 from pipelines.loop import evaluate_sums, mean_metrics
@@ -71,12 +71,26 @@ def train(config: RunConfig, data: datasets.Dataset | None = None, *,
     `data` is the result of `prepare(config)` when the caller has checked the run already.
     A caller that keeps the MLflow run and the run's directory itself (a Tune trial) passes
     `tracker` and `run_dir`.
+
+    Its start-up timeline is measured from the launch the CLI recorded (`startup.launched`),
+    or else from this call.
     """
+    startup.launch_time()
+    try:
+        return _train(config, data, tracker, run_dir)
+    finally:
+        startup.forget()  # a later call in this process is a launch of its own
+
+
+def _train(config: RunConfig, data: datasets.Dataset | None, tracker: Tracker | None,
+           run_dir: Path | None) -> Result:
     if data is None:
         data, _ = prepare(config)
     strategy = strategies.get(config.strategy.name)
     if tracker is None or run_dir is None:
         run_dir, tracker = _open_run(config, data)
+    elif not tracker.launched_at:  # a Tune trial's own tracker
+        tracker.launched_at = startup.launch_time()
     try:
         fit = strategy.fit(config, data, tracker, run_dir)
         model = strategies.build_model(config, data.input_shape, data.num_classes)
@@ -112,6 +126,7 @@ def _open_run(config: RunConfig, data: datasets.Dataset) -> tuple[Path, Tracker]
     if previous:
         tracker = Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
         tracker.mirror = mirror
+        _log_startup(tracker)
         return run_dir, tracker
     tracker = Tracker.start(uri, config.tracking.experiment, run_dir.name, config.flat(),
                             tags=run_tags(config, data), epochs=config.optim.epochs)
@@ -121,7 +136,15 @@ def _open_run(config: RunConfig, data: datasets.Dataset) -> tuple[Path, Tracker]
     (run_dir / RUN_FILE).write_text(marker)
     if mirror:
         object_store.write_text(object_store.join(mirror, RUN_FILE), marker)
+    _log_startup(tracker)
     return run_dir, tracker
+
+
+def _log_startup(tracker: Tracker) -> None:
+    """Give the run its launch time and log the marks the driver took before it existed."""
+    tracker.launched_at = startup.launch_time()
+    startup.mark("run_open")
+    tracker.log_startup(startup.marks())
 
 
 def _staged_run_directory(config: RunConfig) -> tuple[Path, dict[str, Any] | None, str]:
