@@ -1,6 +1,8 @@
 """Shared fixtures: one Ray per test session with pinned CPUs, a fresh MLflow store per test."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -24,13 +26,13 @@ def start_session_ray():
     """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
     import ray
 
-    from cluster.connect import LOCAL_SYSTEM_CONFIG, quiet_ray_logs
+    from cluster.connect import LOCAL_SYSTEM_CONFIG, LOCAL_TRAIN_ENV, quiet_ray_logs
 
     quiet_ray_logs()
-    # Ray Train's controller polls its workers every 2 s; the suite's many short runs would
-    # spend much of their time waiting for the poll that sees them finish.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    for key, value in LOCAL_TRAIN_ENV.items():  # as `raydeep run` sets up its embedded Ray
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
+        # The dashboard serves the state API the tests find actors with (`live_actor_pids`).
         ray.init(num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
     return ray
 
@@ -55,12 +57,34 @@ def store(workdir):
     return f"sqlite:///{workdir / 'mlflow.db'}"
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
-            ) -> subprocess.CompletedProcess:
-    """`raydeep ARGS` as a user would type it, in its own process."""
+def run_cli_process(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """`raydeep ARGS` as a user would type it, in its own process (its own Ray, if any)."""
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
+    """`raydeep ARGS` through the console script's own entry point, in this process: what it
+    prints and its exit code, without a new interpreter importing torch, MLflow and Ray
+    again (seconds per call). A run that needs Ray joins the session's; tests that start
+    one this way must ask for the `ray_session` fixture first."""
+    from cluster import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    # Progress lines go to the process's own stdout (sys.__stdout__): capture those too.
+    real_stdout = sys.__stdout__
+    os.chdir(cwd)
+    try:
+        sys.__stdout__ = out
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        sys.__stdout__ = real_stdout
+        os.chdir(here)
+    return subprocess.CompletedProcess(["raydeep", *args], code, out.getvalue(), err.getvalue())
 
 
 def small_run(**overrides):

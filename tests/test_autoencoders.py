@@ -77,6 +77,7 @@ def test_reconstructions_interleave_inputs_and_outputs():
     ("dae", {}),
     ("dae", {"model.corruption": "gaussian", "model.corruption_level": 0.3, "model.recon": "bce"}),
 ])
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_autoencoders_reconstruct_far_better_than_the_mean_image(store, name, extra):
     cfg = small_run(**{"tracking.uri": store, "model.name": name, "optim.name": "adam",
                        "optim.lr": 0.01, "optim.epochs": 10, **extra})
@@ -189,6 +190,7 @@ def test_sae_phases_train_one_layer_each_on_frozen_codes():
     assert spec.build(spec.config(pretrain_epochs=0), SHAPE, 10).pretrain_phases() == []
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_sae_pretrains_greedily_then_fine_tunes_to_97_percent(store):
     pretrain_epochs = 10
     result = pipelines.train(small_run(**{
@@ -226,6 +228,7 @@ def test_vae_binarizes_and_evaluates_deterministically():
     torch.testing.assert_close(samples, model.sample(20))
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_vae_elbo_beats_independent_pixels_and_improves(store):
     cfg = small_run(**{"tracking.uri": store, "model.name": "vae", "optim.name": "adam",
                        "optim.lr": 0.003, "optim.epochs": 10})
@@ -265,6 +268,7 @@ def test_ssvae_uses_only_the_labels_of_its_labelled_fraction():
     assert unlabelled.loss((x, (y + 1) % 10)) == first  # labels unseen
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_ssvae_learns_from_a_tenth_of_the_labels(store):
     result = pipelines.train(small_run(**{
         "tracking.uri": store, "model.name": "ssvae", "model.labelled_fraction": 0.1,

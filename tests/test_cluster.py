@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli_process
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ["--set", "model.width=32", "--set", "model.depth=1", "--set", "optim.steps_per_epoch=5",
@@ -136,7 +136,7 @@ class TwoNodes:
         env = {"RAY_AUTH_TOKEN": self.token if token == "" else (token or "")}
         if home is not None:
             env["HOME"] = str(home)
-        return run_cli("submit", "--address", self.url, *command, cwd=REPO, timeout=timeout, env=env)
+        return run_cli_process("submit", "--address", self.url, *command, cwd=REPO, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +186,19 @@ def check_job(cluster, tmp_path: Path, strategy: str, code: int, stdout: str, st
 @pytest.mark.slow
 def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
     result = cluster.submit(*run_args("allreduce", tmp_path))
-    check_job(cluster, tmp_path, "allreduce", result.returncode, result.stdout, result.stderr)
+    logs = check_job(cluster, tmp_path, "allreduce", result.returncode, result.stdout, result.stderr)
     job_id = submitted_id(result.stderr)
+    # SPREAD puts the two ranks on the two nodes, and rank 0's log line names their node ids
+    # (`ps` spreads its workers in the --address test below and in test_multinode.py).
+    placement = next((l for l in logs.splitlines() if "placement (SPREAD) over 2 node(s)" in l), None)
+    assert placement, logs[-3000:]
+    nodes = re.findall(r"rank-\d on \S+ \(node (\w+)\)", placement)
+    assert len(nodes) == 2 and nodes[0] != nodes[1], placement
 
-    listed = run_cli("jobs", "list", "--address", cluster.url, cwd=REPO,
+    listed = run_cli_process("jobs", "list", "--address", cluster.url, cwd=REPO,
                      env={"RAY_AUTH_TOKEN": cluster.token})
     assert listed.returncode == 0 and job_id in listed.stdout and "SUCCEEDED" in listed.stdout
-    shown = run_cli("jobs", "logs", job_id, "--address", cluster.url, cwd=REPO,
+    shown = run_cli_process("jobs", "logs", job_id, "--address", cluster.url, cwd=REPO,
                     env={"RAY_AUTH_TOKEN": cluster.token})
     assert shown.returncode == 0 and "test_accuracy" in shown.stdout
 
@@ -213,7 +219,7 @@ def test_no_wait_then_stop(cluster):
                             "raydeep", "run", "--strategy", "ps", "--epochs", "50",
                             "--set", "resources.shared_storage=true")
     assert result.returncode == 0 and result.stdout.strip() == "raydeep-test-stop", result.stderr
-    stopped = run_cli("jobs", "stop", "raydeep-test-stop", "--address", cluster.url, cwd=REPO,
+    stopped = run_cli_process("jobs", "stop", "raydeep-test-stop", "--address", cluster.url, cwd=REPO,
                       env={"RAY_AUTH_TOKEN": cluster.token})
     assert stopped.returncode == 0, stopped.stderr
     jobs = job_client(cluster)
@@ -241,26 +247,14 @@ def test_wrong_or_missing_token_is_one_line(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_ps_job_spreads_its_workers_over_the_nodes(cluster, tmp_path):
-    """SPREAD puts the two workers on the two nodes (the run's log names their node ids).
-
-    Losing a node mid-run is not tested here: stopping the second node while the job ran
-    failed the run with an ActorDiedError in one of two fresh-clone runs (see issue 7)."""
-    done = cluster.submit(*run_args("ps", tmp_path, "--epochs", "2"))
-    logs = check_job(cluster, tmp_path, "ps", done.returncode, done.stdout, done.stderr)
-    placement = next((l for l in logs.splitlines() if l.startswith("placement (SPREAD) over 2 node(s)")),
-                     None)
-    assert placement, logs[-3000:]
-    nodes = re.findall(r"worker-\d on \S+ \(node (\w+)\)", placement)
-    assert len(nodes) == 2 and nodes[0] != nodes[1], placement
-    assert "epoch 2/2" in logs
-
-
-@pytest.mark.slow
 def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_path):
     """`raydeep run --address HOST:PORT` on a machine of the cluster (no job): the driver joins
-    it, and the run's workers are spread over both nodes."""
-    result = run_cli("run", "--address", f"127.0.0.1:{cluster.gcs}", "--strategy", "ps",
+    it, and the run's workers are spread over both nodes.
+
+    Losing a node mid-run is tested on a `ray.cluster_utils.Cluster` (test_multinode.py):
+    stopping the second node of this cluster while a job ran failed the run with an
+    ActorDiedError in one of two fresh-clone runs (see issue 7)."""
+    result = run_cli_process("run", "--address", f"127.0.0.1:{cluster.gcs}", "--strategy", "ps",
                      "--workers", "2", *TINY, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                      "--storage-path", str(tmp_path / "runs"), "--set", "resources.shared_storage=true",
                      cwd=tmp_path, timeout=300,
@@ -273,10 +267,10 @@ def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_p
 
 
 def test_unreachable_address_is_one_line(tmp_path):
-    line = one_line_error(run_cli("submit", "--address", f"http://127.0.0.1:{free_port()}", "--",
+    line = one_line_error(run_cli_process("submit", "--address", f"http://127.0.0.1:{free_port()}", "--",
                                   "raydeep", "run", cwd=tmp_path, timeout=60))
     assert "no Ray Jobs server answers at http://127.0.0.1:" in line
-    line = one_line_error(run_cli("jobs", "logs", "--address", f"http://127.0.0.1:{free_port()}",
+    line = one_line_error(run_cli_process("jobs", "logs", "--address", f"http://127.0.0.1:{free_port()}",
                                   cwd=tmp_path, timeout=60))
     assert "no Ray Jobs server answers" in line
 

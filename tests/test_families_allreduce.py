@@ -1,7 +1,11 @@
-"""Every registered family trains under `allreduce` (DDP over gloo) through the common seams.
+"""Every registered family trains under `allreduce`'s loop (DDP over gloo) through the common
+seams, in one Ray Train worker group: each family is a short run of `train_epochs` with the
+strategy's own `ddp_collective`, its greedy pre-training phases under DDP too.
 
-Families with greedy pre-training run their phases under DDP too. MLP and CNN are covered
-at full length in test_allreduce.py; here each other family takes a couple of steps.
+A worker group costs Ray Train about 14 s to start here; one group for all the families
+instead of one per family. MLP and CNN runs of the whole strategy (checkpoints, restarts,
+the final evaluation) are in test_allreduce.py; every family's whole run under `local` is in
+test_models.py and the family tests.
 """
 import math
 
@@ -9,24 +13,74 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import models
-import pipelines
 from conftest import small_run
+from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 
 FAMILIES = [name for name in models.names() if name not in ("mlp", "cnn")]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_trains_under_allreduce(ray_session, store, family):
-    result = pipelines.train(small_run(**{
-        "tracking.uri": store, "strategy.name": "allreduce", "model.name": family,
-        "optim.epochs": 1, "optim.steps_per_epoch": 3, "optim.lr": 0.01}))
-    run = MlflowClient(store).get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert math.isfinite(run.data.metrics["train_loss"])
-    tests = [k for k in run.data.metrics if k.startswith("test_")]
-    assert tests and all(math.isfinite(run.data.metrics[k]) for k in tests)
-    phases = getattr(result.model, "pretrain_phases", lambda: [])()
-    for phase in phases:
-        assert f"pretrain_{phase.name}_loss" in run.data.metrics
+def train_every_family(config: dict) -> None:
+    """On each Ray Train worker: the allreduce loop over each family in turn; the replicas
+    must hold the very same weights after it (DDP averaged every gradient)."""
+    import torch
+    import torch.distributed as dist
+
+    from pipelines import data as datasets
+    from pipelines.allreduce import ddp_collective
+    from pipelines.epochs import train_epochs
+    from pipelines.ps_layout import flat_parameters
+
+    comm = ddp_collective()
+    for family, (run, tracker) in config["families"].items():
+        data = datasets.load(run.data, run.seed)
+        model = train_epochs(run, data, tracker, comm, None, lambda *args: None)
+        mine = flat_parameters(model).detach()
+        replicas = [torch.empty_like(mine) for _ in range(comm.world)]
+        dist.all_gather(replicas, mine)
+        assert all(torch.equal(r, replicas[0]) for r in replicas), f"{family}: replicas differ"
+
+
+def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):
+    import sys
+
+    from ray import cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+    families = {}
+    for family in FAMILIES:
+        run = small_run(**{"tracking.uri": store, "strategy.name": "allreduce", "model.name": family,
+                           "optim.epochs": 1, "optim.steps_per_epoch": 3, "optim.lr": 0.01})
+        tracker = Tracker.start(store, "families", family, {}, epochs=1)
+        tracker.echo = False
+        families[family] = (run, tracker)
+    trainer = TorchTrainer(train_every_family, train_loop_config={"families": families},
+                           scaling_config=ScalingConfig(num_workers=2),
+                           run_config=RunConfig(name="every-family", storage_path=str(store_dir(store))))
+    result = trainer.fit()
+    assert result.error is None, result.error  # a worker's failed check fails the group
+    client = MlflowClient(store)
+    for family, (run, tracker) in families.items():
+        metrics = client.get_run(tracker.run_id).data.metrics
+        assert math.isfinite(metrics["train_loss"]), family
+        validation = [k for k in metrics if k.startswith("val_")]
+        assert validation and all(math.isfinite(metrics[k]) for k in validation), family
+        phases = getattr(_built(run), "pretrain_phases", lambda: [])()
+        for phase in phases:
+            assert f"pretrain_{phase.name}_loss" in metrics, (family, phase.name)
+
+
+def store_dir(store: str):
+    from pathlib import Path
+
+    return Path(store.removeprefix("sqlite:///")).parent / "ray_train"
+
+
+def _built(run):
+    from pipelines.strategy import build_model
+
+    return build_model(run, (1, 8, 8), 10)

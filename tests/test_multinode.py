@@ -92,7 +92,7 @@ def cluster_run(workdir: Path, strategy: str, name: str, **overrides):
 
 
 PLACED = {  # case -> (strategy, extra settings, how its actors are found, PACK?)
-    "pipeline": ("pipeline", {"strategy.stages": 2, "model.depth": 2}, "stage-", False),
+    # SPREAD: lbfgs (pipeline reserves its stages through the same `placement.reserve`)
     # no backups: a worker whose process starts slowly would see its portion answered by
     # the other one, and might never run at all
     "lbfgs": ("lbfgs", {"strategy.portions": 2, "strategy.iterations_per_epoch": 2,

@@ -3,8 +3,12 @@
 allreduce computes the same steps as local (test_allreduce.py holds it to that), so these
 bars hold for it as well; test_allreduce.py and test_cli.py also check them end to end.
 """
+import pytest
+
 import pipelines
 from conftest import small_run
+
+pytestmark = pytest.mark.slow  # trains to accuracy bars: seconds of training
 
 
 def test_mlp_reaches_0975(store):

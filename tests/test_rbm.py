@@ -94,6 +94,7 @@ def _untrained_val_metrics(cfg):
     return mean_metrics(evaluate_sums(model, data.x_val, data.y_val), "val")
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 @pytest.mark.parametrize("persistent", [False, True], ids=["cd1", "pcd"])
 def test_training_raises_pseudo_likelihood_and_lowers_recon_error(store, persistent):
     cfg = small_run(**{"tracking.uri": store, "model.name": "rbm", "model.hidden": 64,
@@ -153,6 +154,7 @@ def test_dbn_phases_train_only_their_rbm_and_fine_tuning_uses_every_parameter():
     assert spec.build(spec.config(layers=[16, 8], pretrain_epochs=0), (1, 8, 8), 10).pretrain_phases() == []
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_dbn_pretrains_each_layer_then_fine_tunes_to_high_accuracy(store):
     result = pipelines.train(small_run(**{
         "tracking.uri": store, "model.name": "dbn", "model.layers": [512, 256],

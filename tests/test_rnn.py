@@ -17,6 +17,7 @@ def test_cells_stack_and_read_out_deeply(cell):
     assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_deep_gru_reaches_095_on_digits(store):
     result = pipelines.train(small_run(**{
         "tracking.uri": store, "model.name": "rnn", "model.cell": "gru", "model.layers": 2,

@@ -153,6 +153,7 @@ def _hidden_parameters(model) -> int:
     return sum(p.numel() for m in list(model.net)[:-1] for p in m.parameters())
 
 
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_structured_mlp_matches_dense_accuracy_with_far_fewer_parameters(store):
     # Adam: the structured layers' parameters are shared by many matrix entries (and
     # Fastfood's multiply), which plain SGD at the dense layers' rate handles badly.

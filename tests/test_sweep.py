@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+import pipelines
 from conftest import REPO, run_cli
 from pipelines.sweep import run_sweep
 from pipelines.sweep_config import Axis, load
@@ -86,7 +87,8 @@ def test_asha_sweep_records_a_parent_and_a_child_per_trial_and_stops_the_laggard
     assert again.data.metrics["val_accuracy"] == pytest.approx(result.best.metric, abs=0.02)
 
 
-def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_one(workdir, store):
+def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_one(
+        ray_session, workdir, store):
     # The last trial's rate makes the loss nan: its child is FAILED with the reason, the
     # other trials finish, and the resumed sweep still exits 0 and reports the failure.
     path = sweep_file(workdir, store, "  optim.lr: {grid: [0.002, 0.004, 1.0e+12]}",
@@ -157,11 +159,34 @@ SMOKE_FILES = sorted(p for p in (REPO / "tune_configs").glob("*.yaml")
                      if p.stem not in ("strategies", "pbt"))  # those two have tests of their own
 
 
+def drawn_config(sweep, pick: int):
+    """A config a trial of the sweep could draw: value `pick` (wrapped) of every choice or
+    grid, the low or high end of every range."""
+    params = {}
+    for axis in sweep.space:
+        if axis.kind in ("choice", "grid"):
+            params[axis.key] = axis.param(axis.values[pick % len(axis.values)])
+        else:
+            params[axis.key] = axis.probes()[pick % 2]
+    return sweep.run_config(params)
+
+
 @pytest.mark.parametrize("path", SMOKE_FILES, ids=lambda p: p.stem)
-def test_every_family_sweep_file_runs_as_a_smoke_sweep(ray_session, workdir, store, path):
+def test_every_family_sweep_file_trains_what_its_trials_draw(workdir, store, path):
+    """Each file's drawn configs train and report the file's metric; one Tune process per
+    file would cost seconds each for what one sweep below already checks of Tune."""
+    sweep = load(path, {"tracking.uri": store, "optim.epochs": 1, "optim.steps_per_epoch": 2})
+    result = pipelines.train(drawn_config(sweep, pick=1))
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FINISHED", run.data.tags.get("error")
+    assert sweep.metric in run.data.metrics, (path.stem, sweep.metric, sorted(run.data.metrics))
+
+
+def test_a_family_sweep_file_runs_as_a_tune_sweep(ray_session, workdir, store):
+    path = REPO / "tune_configs" / "vae.yaml"  # a metric to maximise that is not an accuracy
     sweep = load(path, {"tracking.uri": store, "optim.epochs": 1, "optim.steps_per_epoch": 2},
                  samples=1, scheduler="fifo")
-    # One trial per file: grids become choices.
+    # One trial: grids become choices.
     sweep.space = [Axis(a.key, "choice", a.values) if a.kind == "grid" else a for a in sweep.space]
     result = run_sweep(sweep)
     (run,) = children(store, result.parent_run_id)
