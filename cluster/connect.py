@@ -29,6 +29,8 @@ LOCAL_TRAIN_ENV = {
     # Ray Train's controller polls its workers every 2 s by default: a run's end (and a
     # lost worker) is seen up to 2 s late. A poll is one small call per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's metrics go to Ray's metrics export, which the embedded Ray turns off.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 """Ray Train settings of the embedded local Ray (the driver passes them to Ray Train's
 controller and workers); a value the user set in the environment wins."""
@@ -106,8 +108,9 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
     """Start or join Ray once per process; returns the cluster's resources.
 
-    The embedded Ray has no dashboard (nothing here needs it: `raydeep ui` is MLflow's,
-    and jobs are submitted to clusters); a cluster keeps whatever it was started with.
+    The embedded Ray keeps its dashboard: besides the web page it serves Ray's state API,
+    which Ray Train's placement-group cleaner polls (without it, the cleaner warns on the
+    terminal and cannot clean up). A cluster keeps whatever it was started with.
     """
     import ray
 
@@ -124,7 +127,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
         else:
             for key, value in LOCAL_TRAIN_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(num_cpus=num_cpus, logging_level=level, include_dashboard=False,
-                     _system_config=LOCAL_SYSTEM_CONFIG)
+            ray.init(num_cpus=num_cpus, logging_level=level, _system_config=LOCAL_SYSTEM_CONFIG)
     filter_worker_logs()
     return ray.cluster_resources()

@@ -79,10 +79,8 @@ def test_a_vae_trains_in_stages_with_its_code_statistics_carried_along(ray_sessi
     assert all(torch.isfinite(torch.tensor(elbo))) and elbo[-1] > elbo[0] + 1.0, elbo
 
 
-def test_mlp_and_cnn_meet_the_accuracy_bars_under_pipeline(ray_session, store):
-    mlp = pipelines.train(small_run(**{"tracking.uri": store, "strategy.name": "pipeline",
-                                       "optim.lr": 0.1, "optim.epochs": 10}))
-    assert mlp.metrics["test_accuracy"] >= 0.97
+def test_cnn_meets_its_accuracy_bar_under_pipeline(ray_session, store):
+    """The MLP's bar (0.97) is met by the run that loses a stage, below."""
     cnn = pipelines.train(small_run(**{"tracking.uri": store, "strategy.name": "pipeline",
                                        "model.name": "cnn", "strategy.stages": 3, "optim.epochs": 10}))
     assert cnn.metrics["test_accuracy"] >= 0.98
