@@ -1,8 +1,8 @@
 """Tier 2/3: allreduce on a real local Ray (Ray Train, DDP over gloo) against the reference.
 
 A Ray Train worker group takes about 14 s to start here, so each run below checks several
-things: the same two runs give the reference's weights and each other's bits, one of them
-is resumed, and the CNN that must reach 0.98 also loses a worker on the way.
+things: the allreduce run that equals the reference is then resumed, and the CNN that must
+reach 0.98 also loses a worker on the way.
 """
 import os
 import signal
@@ -22,19 +22,20 @@ EQUIVALENCE = {"optim.epochs": 2, "optim.steps_per_epoch": 6, "data.batch_size":
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
-    """`local` and the same run twice under `allreduce` (2 workers), in one store."""
+    """`local` and the same run under `allreduce` (2 workers), in one store. (The same
+    allreduce training twice giving the same bits is in test_families_allreduce.py, inside
+    one worker group: a second group would cost 15 s for the same check.)"""
     root = tmp_path_factory.mktemp("allreduce")
     common = {**EQUIVALENCE, "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
               "resources.storage_path": str(root / "raydeep_runs")}
     local = pipelines.train(small_run(**common))
-    distributed = [pipelines.train(small_run(**common, **{
-        "strategy.name": "allreduce", "resources.workers": 2, "tracking.run_name": name}))
-        for name in ("first", "second")]
-    return common, local, distributed
+    first = pipelines.train(small_run(**common, **{
+        "strategy.name": "allreduce", "resources.workers": 2, "tracking.run_name": "first"}))
+    return common, local, first
 
 
-def test_allreduce_equals_local_and_repeats_bit_for_bit(runs):
-    common, local, (first, second) = runs
+def test_allreduce_equals_local(runs):
+    common, local, first = runs
     reference, trained = local.model.state_dict(), first.model.state_dict()
     assert reference.keys() == trained.keys()
     initial = pipelines.strategy.build_model(small_run(**EQUIVALENCE), (1, 8, 8), 10).state_dict()
@@ -51,18 +52,10 @@ def test_allreduce_equals_local_and_repeats_bit_for_bit(runs):
     assert moved, "training did not change the weights: the comparison would prove nothing"
     for a, b in zip(local.history, first.history):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-    # The same run twice: the same bits, weights and every logged metric but the timing.
-    for key, value in trained.items():
-        assert torch.equal(second.model.state_dict()[key], value), key
-    for a, b in zip(first.history, second.history):
-        assert {k: v for k, v in a.items() if k != "samples_per_s"} == \
-               {k: v for k, v in b.items() if k != "samples_per_s"}
-    assert {k: v for k, v in first.metrics.items() if k.startswith("test_")} == \
-           {k: v for k, v in second.metrics.items() if k.startswith("test_")}
 
 
 def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs):
-    common, _, (first, _) = runs
+    common, _, first = runs
     store = common["tracking.uri"]
     three = {**common, "optim.epochs": 3}
     resumed = pipelines.train(small_run(**three, **{"strategy.name": "allreduce", "resume": "first"}))

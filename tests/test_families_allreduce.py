@@ -1,6 +1,7 @@
 """Every registered family trains under `allreduce`'s loop (DDP over gloo) through the common
 seams, in one Ray Train worker group: each family is a short run of `train_epochs` with the
-strategy's own `ddp_collective`, its greedy pre-training phases under DDP too.
+strategy's own `ddp_collective`, its greedy pre-training phases under DDP too. The same MLP
+run is trained twice in the group and must give the same bits (weights and logged metrics).
 
 A worker group costs Ray Train about 14 s to start here; one group for all the families
 instead of one per family. MLP and CNN runs of the whole strategy (checkpoints, restarts,
@@ -33,6 +34,7 @@ def train_every_family(config: dict) -> None:
     from pipelines.ps_layout import flat_parameters
 
     comm = ddp_collective()
+    trained = {}
     for family, (run, tracker) in config["families"].items():
         data = datasets.load(run.data, run.seed)
         model = train_epochs(run, data, tracker, comm, None, lambda *args: None)
@@ -40,6 +42,10 @@ def train_every_family(config: dict) -> None:
         replicas = [torch.empty_like(mine) for _ in range(comm.world)]
         dist.all_gather(replicas, mine)
         assert all(torch.equal(r, replicas[0]) for r in replicas), f"{family}: replicas differ"
+        trained[family] = mine
+    # The same training twice gives the same bits: DDP's gradient buckets and the metric
+    # sums are reduced in a fixed order, never in the order the parts arrive.
+    assert torch.equal(trained["mlp"], trained["mlp-again"]), "the same allreduce run gave other bits"
 
 
 def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):
@@ -58,6 +64,11 @@ def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):
         tracker = Tracker.start(store, "families", family, {}, epochs=1)
         tracker.echo = False
         families[family] = (run, tracker)
+    for name in ("mlp", "mlp-again"):  # the same run twice, for determinism
+        tracker = Tracker.start(store, "families", name, {}, epochs=2)
+        tracker.echo = False
+        families[name] = (small_run(**{"tracking.uri": store, "strategy.name": "allreduce",
+                                       "optim.epochs": 2, "optim.steps_per_epoch": 6}), tracker)
     trainer = TorchTrainer(train_every_family, train_loop_config={"families": families},
                            scaling_config=ScalingConfig(num_workers=2),
                            run_config=RunConfig(name="every-family", storage_path=str(store_dir(store))))
@@ -72,6 +83,11 @@ def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):
         phases = getattr(_built(run), "pretrain_phases", lambda: [])()
         for phase in phases:
             assert f"pretrain_{phase.name}_loss" in metrics, (family, phase.name)
+    # ... and logs the same metrics, summed over the ranks in rank order.
+    histories = [{key: [m.value for m in sorted(client.get_metric_history(families[name][1].run_id, key),
+                                                key=lambda m: m.step)]
+                  for key in ("train_loss", "val_loss", "val_accuracy")} for name in ("mlp", "mlp-again")]
+    assert histories[0] == histories[1] and len(histories[0]["train_loss"]) == 2
 
 
 def store_dir(store: str):
