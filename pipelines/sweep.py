@@ -121,15 +121,18 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
 
 def check_resumable(sweep: SweepConfig, resume: str | None) -> None:
     """Raise `ConfigError` when `--resume` names no sweep of this file: said before Ray starts."""
-    if not resume:
-        return
-    storage = sweep.run_config({}).resources.storage_path
-    if object_store.is_uri(storage):
-        object_store.find_resumable(object_store.join(storage, "sweeps"), resume, SWEEP_FILE,
-                                    prefix=f"{sweep.name}-", what="sweep")
-    else:
-        find_resumable(Path(storage).absolute() / "sweeps", resume, SWEEP_FILE,
-                       prefix=f"{sweep.name}-", what="sweep")
+    if resume:
+        storage = sweep.run_config({}).resources.storage_path
+        sweeps = (object_store.join(storage, "sweeps") if object_store.is_uri(storage)
+                  else Path(storage).absolute() / "sweeps")
+        _find_sweep(sweeps, sweep, resume)
+
+
+def _find_sweep(root: str | Path, sweep: SweepConfig, resume: str):
+    """The sweep of this file that `--resume` names under `root` (a local path or a URI):
+    its directory, or its name on the store."""
+    find = object_store.find_resumable if isinstance(root, str) else find_resumable
+    return find(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
 
 
 def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
@@ -316,7 +319,7 @@ def _staged_sweep_directory(root: str, storage: str, sweep: SweepConfig,
     """A sweep kept on an object store under `root`: (local staging directory, the earlier
     sweep's record when resuming, the sweep's URI)."""
     if resume:
-        name = object_store.find_resumable(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
+        name = _find_sweep(root, sweep, resume)
         directory = object_store.staging_dir(storage, f"sweeps/{name}")
         object_store.download(object_store.join(root, name), [SWEEP_FILE], directory)
         return directory, json.loads((directory / SWEEP_FILE).read_text()), object_store.join(root, name)
@@ -326,7 +329,7 @@ def _staged_sweep_directory(root: str, storage: str, sweep: SweepConfig,
 
 def _sweep_directory(root: Path, sweep: SweepConfig, resume: str | None) -> tuple[Path, dict | None]:
     if resume:
-        found = find_resumable(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
+        found = _find_sweep(root, sweep, resume)
         return found, json.loads((found / SWEEP_FILE).read_text())
     directory = root / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
