@@ -111,3 +111,30 @@ def test_main_job_mlp_allreduce_reaches_097_and_is_recorded(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
     assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_ray_internal_lines_are_dropped_unless_verbose(monkeypatch):
+    """What `filter_worker_logs` installs on the driver: Ray's C++ lines from workers go,
+    everything else (raydeep's lines, Python warnings) is forwarded; `--verbose` keeps all."""
+    from cluster import connect
+
+    seen = []
+    forward = connect._without_internal_lines(seen.append)
+    lines = ["[2026-11-29 20:16:25,403 E 21810 21838] core_worker.cc:2465: Actor with class name ...",
+             "epoch 1/2  train_loss 2.2136",
+             "2026-11-29 20:16:25,403\tWARNING worker.py:12 -- a real warning"]
+    forward({"lines": lines, "pid": 1, "is_err": True})
+    assert seen == [{"lines": lines[1:], "pid": 1, "is_err": True}]
+    forward({"lines": lines[:1], "pid": 1, "is_err": True})
+    assert len(seen) == 1, "a batch of internal lines only is not forwarded at all"
+    monkeypatch.delenv(connect.VERBOSE_ENV, raising=False)
+    assert not connect.verbose()
+    monkeypatch.setenv(connect.VERBOSE_ENV, "1")
+    assert connect.verbose()
+    assert build_parser_flags("run", "--verbose").verbose
+
+
+def build_parser_flags(*argv):
+    from cluster.cli import build_parser
+
+    return build_parser().parse_args(list(argv))
