@@ -303,7 +303,7 @@ def fmt(value, spec: str, unit: str = "") -> str:
 
 
 def report(cfg, args, data, ray_result: dict | None, torch_result: dict) -> str:
-    from pipelines.loop import steps_per_epoch
+    from pipelines.training.loop import steps_per_epoch
 
     model = cfg.model.params
     w = args.workers

@@ -60,7 +60,7 @@ def run_config(args, store: str):
 def torch_side(run, data, iterations: int, threads: int) -> dict:
     import torch
 
-    from pipelines.strategy import build_model
+    from pipelines.training.loop import build_model
 
     torch.set_num_threads(threads)
     model = build_model(run, data.input_shape, data.num_classes).train()
@@ -87,7 +87,7 @@ def torch_side(run, data, iterations: int, threads: int) -> dict:
 def raydeep_side(run, data, target: float, max_iterations: int, workdir: Path) -> dict:
     import ray
 
-    from pipelines.lbfgs import Sandblaster
+    from pipelines.strategies.lbfgs.strategy import Sandblaster
     from pipelines.tracking import Tracker
 
     tracker = Tracker.start(run.tracking.uri, "lbfgs-benchmark", "raydeep", {})
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="raydeep-lbfgs-bench-"))
     run = run_config(args, f"sqlite:///{workdir / 'mlflow.db'}")
     data = datasets.load(run.data, run.seed)
-    from pipelines.strategy import build_model
+    from pipelines.training.loop import build_model
 
     params = sum(p.numel() for p in build_model(run, data.input_shape, data.num_classes).parameters())
     print(f"data: {len(data.y_train)} training examples of shape {list(data.input_shape)}; "
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         ours = raydeep_side(run, data, reference["loss"], 2 * args.iterations, workdir)
     finally:
         ray.shutdown()
-    portions = run.strategy.params.portions_for(run)
+    portions = run.strategy.options.portions_for(run)
     print(f"raydeep: actors started in {ours['startup_s']:.2f} s, first evaluation "
           f"{ours['first_eval_s']:.2f} s (not counted below)\n")
 

@@ -118,8 +118,8 @@ class ParameterServer:
     def __init__(self, cfg, input_shape, num_classes):
         import torch
 
-        from pipelines.loop import make_optimizer
-        from pipelines.strategy import build_model
+        from pipelines.training.loop import make_optimizer
+        from pipelines.training.loop import build_model
 
         torch.set_num_threads(1)
         self.model = build_model(cfg, input_shape, num_classes)
@@ -141,8 +141,8 @@ class ParameterServer:
 
 class DataWorker:
     def __init__(self, cfg, data, rank: int, world: int):
-        from pipelines.loop import batch_indices
-        from pipelines.strategy import build_model
+        from pipelines.training.loop import batch_indices
+        from pipelines.training.loop import build_model
 
         self.model = build_model(cfg, data.input_shape, data.num_classes)
         self.data, self.rank, self.world = data, rank, world
@@ -166,8 +166,8 @@ def run_documented(args, workdir: Path) -> dict:
     import torch
 
     from pipelines import data as datasets
-    from pipelines.loop import evaluate_sums, steps_per_epoch
-    from pipelines.strategy import build_model
+    from pipelines.training.loop import evaluate_sums, steps_per_epoch
+    from pipelines.training.loop import build_model
 
     cfg = run_config(args, "local", workdir)
     data = datasets.load(cfg.data, cfg.seed)

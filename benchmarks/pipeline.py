@@ -60,8 +60,8 @@ def main(argv=None) -> int:
     import pipelines
     from cluster.connect import connect
     from pipelines import config, data as datasets
-    from pipelines.pipeline_cut import cut
-    from pipelines.strategy import build_model
+    from pipelines.strategies.pipeline_parallel.cut import cut
+    from pipelines.training.loop import build_model
 
     connect(num_cpus=max(4, args.stages))
     rows = {}
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 "bubbles": bubbles,
                 "overhead_ms": (measured_step - ideal_step) / (2 * (args.microbatches + args.stages - 1)) * 1e3,
                 "costs_ms": [c * 1e3 for c in the_cut.costs]}
-    from pipelines.schedules import theoretical_bubble
+    from pipelines.strategies.pipeline_parallel.schedules import theoretical_bubble
 
     print(f"\nmlp {args.depth}x{args.width} on 1x32x32, batch {args.batch_size}, P={args.stages}, "
           f"M={args.microbatches}; stage forward+backward per micro-batch (ms): "

@@ -23,8 +23,8 @@ def main() -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from pipelines import config, data as datasets
-    from pipelines.loop import batch_indices, make_optimizer
-    from pipelines.strategy import build_model
+    from pipelines.training.loop import batch_indices, make_optimizer
+    from pipelines.training.loop import build_model
 
     spec = json.loads(os.environ["RAYDEEP_PIPELINING"])
     torch.set_num_threads(1)

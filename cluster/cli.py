@@ -42,7 +42,7 @@ RUN_FLAGS = {
     "--experiment": "tracking.experiment",
     "--run-name": "tracking.run_name",
     "--seed": "seed",
-    "--ps-shards": "strategy.shards",
+    "--shards": "strategy.shards",
     "--staleness": "strategy.staleness",
     "--ps-device": "strategy.device",
     "--stages": "strategy.stages",
@@ -50,6 +50,8 @@ RUN_FLAGS = {
     "--schedule": "strategy.schedule",
     "--replicas": "strategy.replicas",
 }
+FLAG_ALIASES = {"--shards": ["--ps-shards"]}
+"""Older spellings still taken: `--ps-shards` named `ps`'s shards before `lbfgs` had them too."""
 
 
 class UsageError(Exception):
@@ -70,8 +72,8 @@ def build_parser() -> Parser:
     run = commands.add_parser("run", help="train a model with a strategy")
     run.add_argument("config", nargs="?", help="a run config YAML (flags and --set override it)")
     for flag, key in RUN_FLAGS.items():
-        run.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets {key}",
-                         **_switch(flag))
+        run.add_argument(flag, *FLAG_ALIASES.get(flag, []), dest=key, metavar=key.split(".")[-1].upper(),
+                         help=f"sets {key}", **_switch(flag))
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
     run.add_argument("--print-schedule", action="store_true",
@@ -83,8 +85,8 @@ def build_parser() -> Parser:
     tune = commands.add_parser("tune", help="sweep a tune_configs/*.yaml file with Ray Tune")
     tune.add_argument("config", help="a sweep file: base run config, search space, metric, scheduler")
     for flag, key in RUN_FLAGS.items():
-        tune.add_argument(flag, dest=key, metavar=key.split(".")[-1].upper(), help=f"sets base {key}",
-                          **_switch(flag))
+        tune.add_argument(flag, *FLAG_ALIASES.get(flag, []), dest=key, metavar=key.split(".")[-1].upper(),
+                          help=f"sets base {key}", **_switch(flag))
     tune.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                       help="override any key of the base config (repeatable)")
     tune.add_argument("--samples", type=int, help="draws of the search space (default: the file's)")
@@ -179,9 +181,9 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
-    from pipelines import strategy
+    from pipelines import registry
 
-    if strategy.get(run_config.strategy.name).uses_ray:
+    if registry.get(run_config.strategy.name).uses_ray:
         from pipelines.tracking import open_store_in_background
 
         store = open_store_in_background(run_config.tracking.uri)
@@ -212,14 +214,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     quiet_ray_logs()
     from pipelines import ConfigError, config
-    from pipelines.sweep_config import load
+    from pipelines.sweep.config import load
 
     try:
         overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
                      if getattr(args, key) is not None}
         sweep = load(args.config, overrides, args.sets, samples=args.samples, scheduler=args.scheduler,
                      search=args.search, max_concurrent=args.max_concurrent)
-        from pipelines.sweep import check_resumable
+        from pipelines.sweep.runner import check_resumable
 
         check_resumable(sweep, args.resume)
     except ConfigError as e:
@@ -227,7 +229,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     failed = _connect(sweep.run_config({}))
     if failed:
         return _fail(failed)
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep.runner import run_sweep
 
     try:
         result = run_sweep(sweep, args.resume)
@@ -270,13 +272,13 @@ def _connect(run_config) -> str | None:
     has several nodes and the run's storage is on one of them."""
     from cluster.connect import connect
     from cluster.storage import shared_storage_problem
+    from pipelines.errors import first_line
 
     try:
         connect(run_config.resources.address, run_config.resources.num_cpus)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         where = run_config.resources.address or "an embedded local Ray"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"cannot connect to {where}: {first}"
+        return f"cannot connect to {where}: {first_line(e)}"
     return shared_storage_problem(run_config)
 
 
@@ -286,12 +288,9 @@ def _switch(flag: str) -> dict:
 
 
 def cmd_print_schedule(run_config) -> int:
-    from pipelines import ConfigError
-    from pipelines.pipeline import schedule_grid
+    from pipelines import registry
 
-    if run_config.strategy.name != "pipeline":
-        raise ConfigError(f"--print-schedule needs --strategy pipeline, got {run_config.strategy.name!r}")
-    print(schedule_grid(run_config))
+    print(registry.get(run_config.strategy.name).describe(run_config))
     return 0
 
 
@@ -306,10 +305,10 @@ def cmd_models() -> int:
 
 
 def cmd_strategies() -> int:
-    from pipelines import strategy  # importing pipelines registers the strategies
+    from pipelines import registry
 
-    for name in strategy.names():
-        print(f"{name:<12} {strategy.get(name).description}")
+    for name in registry.names():
+        print(f"{name:<12} {registry.get(name).description}")
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any, Optional, Union
 import yaml
 
 import models
+from pipelines.errors import first_line
+from pipelines import registry
 
 
 class ConfigError(ValueError):
@@ -69,8 +71,8 @@ class OptimSection:
 class StrategySection:
     name: str = "allreduce"
     """A registered strategy (`raydeep strategies` lists them)."""
-    params: Any = None
-    """The strategy's own options (its config dataclass), given beside `name`."""
+    options: Any = None
+    """The strategy's own options (its `Strategy.options` dataclass), given beside `name`."""
 
 
 @dataclass
@@ -87,6 +89,8 @@ class ResourcesSection:
     storage_path: str = "raydeep_runs"
     """Where checkpoints and run state are kept: a path, or an object-store URI that pyarrow
     opens (s3://bucket/runs, gs://...; options in its query, e.g. ?endpoint_override=host:9000)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept per run (the newest ones), for every strategy."""
     shared_storage: bool = False
     """The user vouches that `storage_path` and a SQLite tracking URI are on storage every
     node of a multi-node cluster sees (an NFS mount); without it raydeep refuses a local path
@@ -169,10 +173,8 @@ def _model_params(name: str) -> type:
 
 
 def _strategy_params(name: str) -> type:
-    from pipelines import strategy as registry  # late: strategies import this module
-
     try:
-        return registry.get(name).config
+        return registry.get(name).options
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
 
@@ -184,7 +186,8 @@ def _build_open(section, raw: dict, key: str, params_type) -> Any:
     raw = dict(raw)
     name = _coerce(raw.pop("name", section.name), str, f"{key}.name")
     cls = params_type(name)
-    return type(section)(name=name, params=_build(cls, raw, key))
+    built = _build(cls, raw, key)
+    return ModelSection(name, built) if key == "model" else StrategySection(name, built)
 
 
 def _build(cls: type, raw: dict, prefix: str, open_sections: set[str] = frozenset()) -> Any:
@@ -255,7 +258,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def to_dict(config: Any) -> Any:
     if isinstance(config, (ModelSection, StrategySection)):
-        params = dataclasses.asdict(config.params) if config.params is not None else {}
+        own = config.params if isinstance(config, ModelSection) else config.options
+        params = dataclasses.asdict(own) if own is not None else {}
         return {"name": config.name, **params}
     if dataclasses.is_dataclass(config):
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
@@ -273,7 +277,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first_line(e)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -331,6 +335,7 @@ def validate(config: RunConfig) -> None:
     need(r.cpus_per_worker > 0, f"resources.cpus_per_worker must be > 0, got {r.cpus_per_worker}")
     need(r.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}")
     need(r.num_cpus is None or r.num_cpus >= 1, f"resources.num_cpus must be >= 1, got {r.num_cpus}")
+    need(r.keep_checkpoints >= 1, f"resources.keep_checkpoints must be >= 1, got {r.keep_checkpoints}")
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
@@ -348,8 +353,6 @@ def validate(config: RunConfig) -> None:
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
     need("://" in config.tracking.uri,
          f"tracking.uri {config.tracking.uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
-    from pipelines import strategy as registry
-
     registry.get(config.strategy.name).validate(config)
 
 

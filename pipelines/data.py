@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.errors import first_line
 from pipelines.config import ConfigError, DataSection
 
 
@@ -131,7 +132,7 @@ def _read_arrow(file: Path):
     except (pa.ArrowInvalid, OSError) as e:
         kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
         raise DataError(f"data file {str(file)!r} is not a readable {kind} file: "
-                        f"{str(e).splitlines()[0]}") from None
+                        f"{first_line(e)}") from None
     raise DataError(f"data file {str(file)!r} is not Parquet (.parquet) or CSV (.csv)")
 
 

@@ -1,17 +1,20 @@
 """MLflow tracking of a run: params, per-epoch metrics, final metrics, figures, the model.
 
+Only MLflow: checkpoints are `pipelines.storage`'s, the end of an epoch is
+`pipelines.context.RunContext`'s, reporting to Tune is the sweep trial's.
+
 A `Tracker` holds only strings, so it can travel to the rank-0 worker of a Ray job and log
 from there; it talks to the store through `MlflowClient`, never through global state.
 """
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from pipelines.errors import redact
 
 EPOCH_KEYS = ("train_loss", "samples_per_s")
 
@@ -28,15 +31,6 @@ def absolute_uri(uri: str) -> str:
     if "://" not in uri:
         raise ValueError(f"tracking.uri {uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
     return uri
-
-
-def redact(text: str) -> str:
-    """`text` with the password of any URI in it hidden (s3://KEY:SECRET@bucket -> s3://KEY:***@bucket):
-    params are readable by everyone who can browse the runs."""
-    return _CREDENTIALS.sub(r"\1\2:***@", text)
-
-
-_CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
 
 
 def open_store_in_background(uri: str):
@@ -70,11 +64,6 @@ class Tracker:
     epochs: int = 0
     echo: bool = True
     """Print a progress line per epoch."""
-    report_to_tune: bool = False
-    """This run is a Ray Tune trial: each checkpointed epoch is reported to Tune too."""
-    mirror: str = ""
-    """The run's URI on an object store, where each checkpoint is uploaded (empty: the
-    run's directory is its storage)."""
     launched_at: float = 0.0
     """When the run was launched (time.time(), `pipelines.startup`): the origin of its
     start-up timeline. 0: unknown (a tracker made outside `pipelines.train`), no timeline."""
@@ -162,31 +151,6 @@ class Tracker:
             for k in keys if k in metrics)
         total = f"/{self.epochs}" if self.epochs else ""
         self.say(f"epoch {epoch + 1}{total}  {shown}")
-
-    def checkpointed(self, epoch: int, metrics: dict[str, float], directory) -> None:
-        """Epoch `epoch` (0-based) ended with `metrics` and its state saved in `directory`.
-
-        Inside a Tune trial this is the report that lets a scheduler stop the trial (ASHA)
-        or restore another from it (PBT); elsewhere it does nothing. Strategies call it from
-        the trial's own process, after the checkpoint is whole on disk. The last epoch is
-        reported by the trial once the run is complete (test metrics, figures): a scheduler
-        that stops trials at their last epoch must not cut the run short.
-
-        On an object store (`mirror`), the checkpoint is uploaded first.
-        """
-        if self.mirror:
-            from pipelines import object_store
-
-            object_store.upload_checkpoint(Path(directory), self.mirror)
-        if not self.report_to_tune or self.is_last(epoch):
-            return
-        from ray import tune
-
-        tune.report({**metrics, "epoch": epoch + 1},
-                    checkpoint=tune.Checkpoint.from_directory(str(directory)))
-
-    def is_last(self, epoch: int) -> bool:
-        return bool(self.epochs) and epoch >= self.epochs - 1
 
     def say(self, line: str) -> None:
         """A progress line on the terminal (when `echo`)."""

@@ -122,9 +122,9 @@ class TrainingInBackground:
         """Until the run has saved epoch `epoch` (0-based); it must still be running then."""
         import time
 
-        from pipelines import checkpoint
+        from pipelines.storage import checkpoint_name
 
-        saved = workdir / "raydeep_runs" / self.cfg.tracking.run_name / checkpoint.directory_name(epoch)
+        saved = workdir / "raydeep_runs" / self.cfg.tracking.run_name / checkpoint_name(epoch)
         deadline = time.time() + timeout
         while not saved.exists() and self.thread.is_alive() and time.time() < deadline:
             time.sleep(0.05)

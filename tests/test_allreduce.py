@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
+import pipelines.training.loop
 from conftest import TrainingInBackground, live_actor_pids, small_run
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def test_allreduce_equals_local(runs):
     common, local, first = runs
     reference, trained = local.model.state_dict(), first.model.state_dict()
     assert reference.keys() == trained.keys()
-    initial = pipelines.strategy.build_model(small_run(**EQUIVALENCE), (1, 8, 8), 10).state_dict()
+    initial = pipelines.training.loop.build_model(small_run(**EQUIVALENCE), (1, 8, 8), 10).state_dict()
     moved = False
     for key in reference:
         # Each step's gradient is the mean over the same 32 examples, summed in another order

@@ -9,7 +9,7 @@ import torch
 from pipelines import data
 from pipelines.config import DataSection
 from pipelines.data import DataError
-from pipelines.loop import batch_indices
+from pipelines.training.loop import batch_indices
 
 
 def test_digits_is_scaled_split_and_reproducible():

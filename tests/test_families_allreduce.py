@@ -29,15 +29,19 @@ def train_every_family(config: dict) -> None:
     import torch.distributed as dist
 
     from pipelines import data as datasets
-    from pipelines.allreduce import ddp_collective
-    from pipelines.epochs import train_epochs
-    from pipelines.ps_layout import flat_parameters
+    from pipelines.strategies.allreduce import ddp_collective
+    from pipelines.training.epochs import train_epochs
+    from pipelines.training.flat import flat_parameters
 
     comm = ddp_collective()
     trained = {}
     for family, (run, tracker) in config["families"].items():
         data = datasets.load(run.data, run.seed)
-        model = train_epochs(run, data, tracker, comm, None, lambda *args: None)
+        def log(epoch, metrics, *state, tracker=tracker):
+            if comm.rank == 0:
+                tracker.log_epoch(epoch, metrics)
+
+        model = train_epochs(run, data, tracker, comm, None, log)
         mine = flat_parameters(model).detach()
         replicas = [torch.empty_like(mine) for _ in range(comm.world)]
         dist.all_gather(replicas, mine)
@@ -97,6 +101,6 @@ def store_dir(store: str):
 
 
 def _built(run):
-    from pipelines.strategy import build_model
+    from pipelines.training.loop import build_model
 
     return build_model(run, (1, 8, 8), 10)

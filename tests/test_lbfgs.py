@@ -11,10 +11,12 @@ from torch import nn
 import pipelines
 from conftest import run_cli, small_run, train_and_kill
 from pipelines import data as datasets
-from pipelines.lbfgs import Sandblaster, stochastic_loss
-from pipelines.lbfgs_worker import portion_bounds
-from pipelines.ps_layout import flat_parameters
-from pipelines.strategy import build_model
+from pipelines.strategies.lbfgs.strategy import Sandblaster, stochastic_loss
+from pipelines.strategies.lbfgs.worker import portion_bounds
+from pipelines.training.flat import flat_parameters
+from pipelines.training.loop import build_model
+from pipelines.context import RunContext
+from pipelines.storage import RunDir
 from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.slow
@@ -42,7 +44,7 @@ def raydeep_iterates(run, store, workdir, iterations):
     data = datasets.load(run.data, run.seed)
     name = f"iterates-{next(_CALLS)}"  # actor names must not collide with a closing run's
     tracker = Tracker.start(store, "lbfgs-iterates", name, {})
-    driver = Sandblaster(run, data, tracker, workdir / name)
+    driver = Sandblaster(run, data, RunContext(run, tracker, RunDir(name, workdir / name)))
     seen = []
     try:
         driver.lbfgs.epoch(0, lambda it: seen.append(driver.lbfgs.shards.gather("x")))
@@ -58,7 +60,7 @@ def torch_iterates(run, iterations, portions=1):
     order (one portion: the plain full-batch mean)."""
     data = datasets.load(run.data, run.seed)
     model = build_model(run, data.input_shape, data.num_classes).train()
-    o = run.strategy.params
+    o = run.strategy.options
     optimizer = torch.optim.LBFGS(model.parameters(), lr=o.lr, max_iter=1, max_eval=o.max_evals_per_epoch,
                                   tolerance_grad=o.tolerance_grad, tolerance_change=o.tolerance_change,
                                   history_size=o.history, line_search_fn="strong_wolfe")

@@ -118,8 +118,8 @@ def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
 
 
 def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
-    from pipelines.sweep import run_sweep
-    from pipelines.sweep_config import load
+    from pipelines.sweep.runner import run_sweep
+    from pipelines.sweep.config import load
 
     uri, fs = bucket
     path = workdir / "sweep.yaml"

@@ -6,8 +6,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipelines
+import pipelines.training.loop
 from conftest import run_cli, small_run, train_and_kill
-from pipelines.ps_layout import ShardLayout, flat_parameters
+from pipelines.training.flat import ShardLayout, flat_parameters
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def ps_run(store, **overrides):
 
 
 def test_layout_splits_parameters_evenly_and_may_cut_a_tensor():
-    model = pipelines.strategy.build_model(small_run(**{"model.width": 30}), (1, 8, 8), 10)
+    model = pipelines.training.loop.build_model(small_run(**{"model.width": 30}), (1, 8, 8), 10)
     layout = ShardLayout.of(model, 3)
     sizes = [b - a for a, b in layout.bounds]
     assert sum(sizes) == layout.numel == sum(p.numel() for p in model.parameters())
@@ -37,7 +38,7 @@ def test_layout_splits_parameters_evenly_and_may_cut_a_tensor():
 
 
 def test_pushes_travel_as_float32_exactly_or_as_bfloat16_in_half_the_bytes():
-    from pipelines.ps_layout import from_wire, to_wire
+    from pipelines.training.flat import from_wire, to_wire
 
     gradient = torch.randn(1000) * 1e-3
     exact = to_wire(gradient)
@@ -54,7 +55,7 @@ def test_one_worker_without_staleness_equals_local(ray_session, store):
     local = pipelines.train(small_run(**common))
     ps = pipelines.train(ps_run(store, **common, **{
         "resources.workers": 1, "strategy.staleness": 0, "strategy.shards": 3}))
-    initial = pipelines.strategy.build_model(small_run(**common), (1, 8, 8), 10).state_dict()
+    initial = pipelines.training.loop.build_model(small_run(**common), (1, 8, 8), 10).state_dict()
     moved = False
     for key, value in local.model.state_dict().items():
         torch.testing.assert_close(ps.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)

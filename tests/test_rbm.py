@@ -10,8 +10,8 @@ import models
 import pipelines
 from models.rbm import RBM, RBMConfig, build_rbm
 from pipelines import config as run_config
-from pipelines import strategy as strategies
-from pipelines.loop import evaluate_sums, mean_metrics
+
+from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 from pipelines.run import prepare
 from conftest import small_run
 
@@ -90,7 +90,7 @@ def test_pseudo_likelihood_matches_scikit_learn():
 
 def _untrained_val_metrics(cfg):
     data, _ = prepare(cfg)
-    model = strategies.build_model(cfg, data.input_shape, data.num_classes)
+    model = build_model(cfg, data.input_shape, data.num_classes)
     return mean_metrics(evaluate_sums(model, data.x_val, data.y_val), "val")
 
 

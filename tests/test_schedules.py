@@ -1,8 +1,8 @@
 """Pipeline schedules as data, checked without any process."""
 import pytest
 
-from pipelines import schedules
-from pipelines.schedules import BACKWARD, FORWARD, Action
+from pipelines.strategies.pipeline_parallel import schedules
+from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, Action
 
 SIZES = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
 

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 import pipelines
 from conftest import REPO, run_cli
-from pipelines.sweep import run_sweep
-from pipelines.sweep_config import Axis, load
+from pipelines.sweep.runner import run_sweep
+from pipelines.sweep.config import Axis, load
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import yaml
 
 from conftest import REPO, run_cli
 from pipelines.config import ConfigError
-from pipelines.sweep import default_max_concurrent, trial_resources
-from pipelines.sweep_config import load
+from pipelines.sweep.runner import default_max_concurrent, trial_resources
+from pipelines.sweep.config import load
 
 SWEEP_FILES = sorted((REPO / "tune_configs").glob("*.yaml"))
 
@@ -108,7 +108,7 @@ def test_sections_and_lists_travel_as_yaml_text():
     grid = axis.domain()["grid_search"]
     assert all(isinstance(v, str) for v in grid)  # Optuna and Tune's table take scalars
     run = sweep.run_config({"strategy": grid[2]})
-    assert run.strategy.name == "ps" and run.strategy.params.shards == 2
+    assert run.strategy.name == "ps" and run.strategy.options.shards == 2
     assert yaml.safe_load(grid[3]) == {"name": "pipeline", "stages": 2, "microbatches": 4}
 
 
@@ -148,7 +148,7 @@ def test_cli_bad_sweep_file_is_one_line_and_exit_2(tmp_path):
 def test_optuna_draws_configs_the_sweep_accepts():
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.sweep import _search
+    from pipelines.sweep.runner import _search
 
     sweep = load(REPO / "tune_configs" / "cnn.yaml", search="optuna")
     searcher = _search(sweep, concurrent=1)

@@ -14,18 +14,18 @@ portion, so every evaluation of a point sees the same noise, whichever worker ru
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 from torch import nn
 
+from pipelines.errors import quiet_numpy_views
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import epoch_permutation
-from pipelines.ps_layout import ShardLayout, flat_gradients, load_parameters, to_wire
-from pipelines.strategy import build_model
+from pipelines.training.loop import epoch_permutation
+from pipelines.training.flat import ShardLayout, flat_gradients, load_parameters, to_wire
+from pipelines.training.loop import build_model
 
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+quiet_numpy_views()
 
 
 def epoch_examples(train_size: int, batch_size: int | None, seed: int, epoch: int) -> torch.Tensor:
@@ -49,7 +49,7 @@ class LbfgsWorker:
     def __init__(self, run: RunConfig, data: Dataset, initial: dict, shards: list,
                  layout: ShardLayout):
         torch.set_num_threads(max(1, int(run.resources.cpus_per_worker)))
-        self.run_config, self.options = run, run.strategy.params
+        self.run_config, self.options = run, run.strategy.options
         self.model = build_model(run, data.input_shape, data.num_classes)
         self.model.load_state_dict(initial)
         self.x, self.y = data.x_train, data.y_train

@@ -17,28 +17,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from pipelines import checkpoint, placement
+from pipelines.context import RunContext
+from pipelines.training import placement
 from pipelines import data as datasets
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.epochs import driver_model
-from pipelines.lbfgs_engine import DistributedLbfgs, Iteration, LbfgsState
-from pipelines.lbfgs_pool import PortionPool
-from pipelines.lbfgs_shard import LbfgsShard, ShardGroup
-from pipelines.lbfgs_worker import (LbfgsWorker, epoch_examples, has_batch_norm, load_batch_norm_statistics,
+from pipelines.training.epochs import driver_model
+from pipelines.strategies.lbfgs.engine import DistributedLbfgs, Iteration, LbfgsState
+from pipelines.strategies.lbfgs.pool import PortionPool
+from pipelines.strategies.lbfgs.shard import LbfgsShard, ShardGroup
+from pipelines.strategies.lbfgs.worker import (LbfgsWorker, epoch_examples, has_batch_norm, load_batch_norm_statistics,
                                     portion_bounds)
-from pipelines.loop import evaluate_sums, mean_metrics
-from pipelines.ps_layout import ShardLayout, flat_parameters, load_parameters, trainable
-from pipelines.strategy import FitResult, Strategy, register, require, worker_bundle
+from pipelines.training.loop import evaluate_sums, mean_metrics
+from pipelines.training.flat import ShardLayout, flat_parameters, load_parameters, trainable
+from pipelines.registry import register
+from pipelines.strategies.base import FitResult, Strategy, require, require_shards_hold_parameters
+from pipelines.training.placement import worker_bundle
 
 
 @dataclass
@@ -79,11 +80,11 @@ class LbfgsOptions:
 
 class LbfgsStrategy(Strategy):
     name = "lbfgs"
-    config = LbfgsOptions
+    options = LbfgsOptions
     description = "distributed L-BFGS (Sandblaster): vector arithmetic on shards, portions load-balanced"
 
     def validate(self, run: RunConfig) -> None:
-        o: LbfgsOptions = run.strategy.params
+        o: LbfgsOptions = run.strategy.options
         workers = run.resources.workers
         require([
             (o.shards >= 1, f"strategy.shards must be >= 1, got {o.shards}"),
@@ -117,13 +118,9 @@ class LbfgsStrategy(Strategy):
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         return [worker_bundle(run)] * run.resources.workers  # shards take no CPU of their own
 
-    def check_model(self, run: RunConfig, model: nn.Module) -> None:
-        o: LbfgsOptions = run.strategy.params
-        numel = sum(p.numel() for p in trainable(model))
-        if o.shards > numel:
-            raise ConfigError(f"strategy.shards ({o.shards}) exceeds the {numel:,} trainable "
-                              f"parameters of model {run.model.name}: a shard would hold nothing")
-        data = datasets.load(run.data, run.seed)
+    def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
+        o: LbfgsOptions = run.strategy.options
+        require_shards_hold_parameters(run, model)
         train = len(data.y_train)
         examples = min(o.batch_size or train, train)
         if o.batch_size is not None and o.batch_size > train:
@@ -139,11 +136,11 @@ class LbfgsStrategy(Strategy):
                 "needs the same loss each time it evaluates a point; set "
                 "strategy.allow_stochastic=true to draw the noise from a fixed seed per portion")
 
-    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+    def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         labels = [f"worker-{i}" for i in range(run.resources.workers)]
-        with placement.reserve(self, run, tracker.say, labels) as place:
-            tracker.startup("placement")
-            driver = Sandblaster(run, data, tracker, run_dir, place)
+        with placement.reserve(self, run, context.say, labels) as place:
+            context.tracker.startup("placement")
+            driver = Sandblaster(run, data, context, place)
             try:
                 return driver.train()
             finally:
@@ -168,13 +165,14 @@ def stochastic_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> str | 
 class Sandblaster:
     """One `lbfgs` run: its actors, the coordinator, and the epoch loop around it."""
 
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+    def __init__(self, run: RunConfig, data: Dataset, context: RunContext,
                  place: placement.Placement = placement.Placement()):
         import ray
 
-        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
-        self.options: LbfgsOptions = run.strategy.params
-        self.model, state = driver_model(run, data, tracker, run_dir)
+        self.run, self.data, self.context = run, data, context
+        self.tracker = tracker = context.tracker
+        self.options: LbfgsOptions = run.strategy.options
+        self.model, state = driver_model(run, data, context)
         self.start_epoch = state["epoch"] + 1 if state else 0
         o = self.options
         self.layout = ShardLayout.of(self.model, o.shards)
@@ -183,7 +181,7 @@ class Sandblaster:
             tracker.say(f"the checkpoint has {len(saved['shards'])} shards, this run {o.shards}: "
                         "the weights carry over, the L-BFGS history starts afresh")
             saved = {}
-        prefix = f"raydeep-lbfgs:{run_dir.name}:"
+        prefix = f"raydeep-lbfgs:{context.run_dir.name}:"
         self.shards = [ray.remote(LbfgsShard).options(name=f"{prefix}shard-{i}", num_cpus=0,
                                                       **place.at(-1)).remote(
                            i, part, o.history, saved["shards"][i] if saved else None)
@@ -209,7 +207,6 @@ class Sandblaster:
         self.lbfgs = DistributedLbfgs(ShardGroup(self.shards, self.layout), self.pool, o,
                                       o.portions_for(run), run.optim.weight_decay,
                                       LbfgsState(**saved["lbfgs"]) if saved else None)
-        self.history: list[dict] = []
         self.iterations: list[Iteration] = []
         self.first_step_at: float | None = None
         """Wall clock at the end of this start's first iteration (x's first update)."""
@@ -224,15 +221,9 @@ class Sandblaster:
             self._assemble(epoch)
             metrics = {"train_loss": self.lbfgs.state.loss,
                        **mean_metrics(evaluate_sums(self.model, self.data.x_val, self.data.y_val), "val")}
-            self.tracker.log_epoch(epoch, metrics)
-            self.history.append(metrics)
             state = dataclasses.asdict(self.lbfgs.state)
-            directory = checkpoint.save(
-                self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                model=self.model.state_dict(),
-                optimizer={"shards": self.lbfgs.shards.states(), "lbfgs": state})
-            self.tracker.checkpointed(epoch, metrics, directory)
-            shutil.rmtree(self.run_dir / checkpoint.directory_name(epoch - 2), ignore_errors=True)
+            self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
+                                    optimizer={"shards": self.lbfgs.shards.states(), "lbfgs": state})
         if self.start_epoch >= self.run.optim.epochs:
             self._assemble(self.run.optim.epochs - 1)
         state = self.lbfgs.state
@@ -244,7 +235,7 @@ class Sandblaster:
         if self.first_step_s is not None:
             summary["time_to_first_step_s"] = self.first_step_s
         weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return FitResult(weights, self.history, summary)
+        return FitResult(weights, self.context.history, summary)
 
     def close(self) -> None:
         import ray

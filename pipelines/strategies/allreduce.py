@@ -4,6 +4,11 @@ gloo on CPU, NCCL when workers hold GPUs. Every worker takes a disjoint shard of
 global batch; DDP averages the gradients, so a step equals the single-process step on the
 whole global batch (tests hold it to `local` with `assert_close`). Rank 0 checkpoints every
 epoch; a lost worker restarts the group from the last checkpoint (`FailureConfig`).
+
+The end of an epoch happens inside Ray Train's workers, so it is `RunContext.epoch_done`'s
+steps in Ray Train's terms: the checkpoint goes to `ray.train.report` (Ray Train writes it
+into the run's directory, on an object store too, and keeps `resources.keep_checkpoints`),
+then rank 0 logs the metrics; a Tune trial's reporter forwards the reports to Tune.
 """
 from __future__ import annotations
 
@@ -11,16 +16,19 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from pipelines import checkpoint, object_store, placement
+from pipelines.context import RunContext
+from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
+from pipelines.training import placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.epochs import Collective, train_epochs
-from pipelines.strategy import FitResult, Strategy, register, require_even_shards, worker_bundle
+from pipelines.training.epochs import Collective, train_epochs
+from pipelines.registry import register
+from pipelines.strategies.base import FitResult, Strategy, require_even_shards
+from pipelines.training.placement import worker_bundle
 
 
 @dataclass
@@ -29,13 +37,11 @@ class AllreduceOptions:
     """Worker-group restarts (from the last checkpoint) before the run fails; -1: no limit."""
     backend: Optional[str] = None
     """torch.distributed backend; default gloo on CPU, nccl on GPU."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept on storage (the newest ones)."""
 
 
 class AllreduceStrategy(Strategy):
     name = "allreduce"
-    config = AllreduceOptions
+    options = AllreduceOptions
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
     bundles_in_trial = False  # Ray Train reserves its worker group itself
 
@@ -44,38 +50,30 @@ class AllreduceStrategy(Strategy):
 
     def validate(self, run: RunConfig) -> None:
         require_even_shards(run)
-        options: AllreduceOptions = run.strategy.params
+        options: AllreduceOptions = run.strategy.options
         if options.backend not in (None, "gloo", "nccl"):
             raise ConfigError(f"strategy.backend must be gloo or nccl, got {options.backend!r}")
         if options.backend == "nccl" and run.resources.gpus_per_worker <= 0:
             raise ConfigError("strategy.backend nccl needs resources.gpus_per_worker > 0")
-        if options.keep_checkpoints < 1:
-            raise ConfigError(f"strategy.keep_checkpoints must be >= 1, got {options.keep_checkpoints}")
 
-    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+    def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         import ray
         from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig,
                                ScalingConfig)
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        options: AllreduceOptions = run.strategy.params
+        options: AllreduceOptions = run.strategy.options
         gpus = run.resources.gpus_per_worker
-        # Ray Train writes the checkpoints itself: on an object store, straight to it.
-        location = tracker.mirror or str(run_dir)
-        if tracker.mirror:
-            filesystem, root = object_store.open_uri(run.resources.storage_path)
-            storage = {"storage_path": root, "storage_filesystem": filesystem}
-        else:
-            storage = {"storage_path": str(run_dir.parent)}
+        tracker, run_dir = context.tracker, context.run_dir
         # A Tune trial: Ray Train forwards each epoch's report to Tune.
-        callbacks = [_epochs_to_tune(tracker)] if tracker.report_to_tune else []
+        callbacks = [context.reporter.ray_train_callback()] if context.reporter else []
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={
                 "run": run,
                 "data": ray.put(data),
                 "tracker": tracker,
-                "run_dir": location,
+                "run_dir": run_dir,
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
             scaling_config=ScalingConfig(num_workers=run.resources.workers, use_gpu=gpus > 0,
@@ -83,10 +81,9 @@ class AllreduceStrategy(Strategy):
                                          # Ray Train makes the group; SPREAD unless --pack
                                          placement_strategy="PACK" if run.resources.pack else "SPREAD"),
             run_config=TrainRunConfig(
-                name=run_dir.name,
-                **storage,
+                **run_dir.ray_storage(),  # Ray Train writes the checkpoints there itself
                 failure_config=FailureConfig(max_failures=options.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=options.keep_checkpoints),
+                checkpoint_config=CheckpointConfig(num_to_keep=run.resources.keep_checkpoints),
                 logging_config=LoggingConfig(log_level="WARNING"),
                 callbacks=callbacks,
             ),
@@ -97,11 +94,11 @@ class AllreduceStrategy(Strategy):
             raise result.error
         if result.checkpoint is not None:
             with result.checkpoint.as_directory() as directory:
-                state = checkpoint.load(directory)
+                state = load_state(directory)
         else:  # a resumed run that had no epoch left to train
-            state = checkpoint.load_latest(location)
+            state = run_dir.newest_state()
         if state is None:
-            raise RuntimeError(f"allreduce finished without a checkpoint under {location}")
+            raise RuntimeError(f"allreduce finished without a checkpoint under {run_dir.location}")
         starts = tracker.metric_history("worker_group_start_epoch")
         summary = {"worker_restarts": float(max(len(starts) - 1, 0))}
         first = tracker.metric_history("time_to_first_step_s")
@@ -140,11 +137,13 @@ def _train_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if comm.rank == 0:
-                checkpoint.save(tmp, epoch=epoch, model=_cpu(model.state_dict()),
-                                optimizer=optimizer.state_dict())
+                save_state(tmp, epoch=epoch, model=_cpu(model.state_dict()),
+                           optimizer=optimizer.state_dict())
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch + 1}, checkpoint=saved,
-                             checkpoint_dir_name=checkpoint.directory_name(epoch))
+                             checkpoint_dir_name=checkpoint_name(epoch))
+        if comm.rank == 0:  # after the checkpoint it describes
+            tracker.log_epoch(epoch, metrics)
 
     def first_step():
         if comm.rank != 0:
@@ -196,19 +195,6 @@ def _say_placement(run: RunConfig, tracker, comm: Collective) -> None:
         tracker.say(placement.describe(nodes, [f"rank-{r}" for r in range(comm.world)], mode))
 
 
-def _epochs_to_tune(tracker):
-    """Ray Train's `TuneReportCallback`, holding back the last epoch as `Tracker.checkpointed`
-    does: the trial reports it once the run is complete."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EpochsToTune(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if not tracker.is_last(metrics[0]["epoch"] - 1):
-                super().after_report(run_context, metrics, checkpoint)
-
-    return EpochsToTune()
-
-
 def _quiet_report_logs() -> None:
     """Ray Train logs every report at INFO from a logger outside `ray.train`; once per epoch
     per worker, that would bury the progress lines."""
@@ -234,8 +220,9 @@ def _restore(config: dict[str, Any]) -> dict | None:
     registered = ray.train.get_checkpoint()
     if registered is not None:
         with registered.as_directory() as directory:
-            candidates.append(checkpoint.load(directory))
-    on_storage = checkpoint.load_latest(config["run_dir"])
+            candidates.append(load_state(directory))
+    run_dir: RunDir = config["run_dir"]
+    on_storage = newest_state(run_dir.location)
     if on_storage is not None:
         candidates.append(on_storage)
     return max(candidates, key=lambda state: state["epoch"], default=None)

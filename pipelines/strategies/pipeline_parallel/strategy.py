@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from pipelines import checkpoint, figures, placement
+from pipelines.errors import raise_task_cause
+from pipelines import figures
+from pipelines.context import RunContext
+from pipelines.training import placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import evaluate_sums, mean_metrics
-from pipelines.pipeline_cut import CannotCut, check, cut
-from pipelines.pipeline_stage import PipelineStage
-from pipelines.schedules import (SCHEDULES, bubble_fraction, build, peak_activations, render, simulate,
+from pipelines.training.loop import evaluate_sums, mean_metrics
+from pipelines.strategies.pipeline_parallel.cut import CannotCut, check, cut
+from pipelines.strategies.pipeline_parallel.stage import PipelineStage
+from pipelines.strategies.pipeline_parallel.schedules import (SCHEDULES, bubble_fraction, build, peak_activations, render, simulate,
                                  theoretical_bubble)
-from pipelines.strategy import FitResult, Strategy, build_model, register, require, worker_bundle
+from pipelines.registry import register
+from pipelines.strategies.base import FitResult, Strategy, require
+from pipelines.training.loop import build_model
+from pipelines.training.placement import worker_bundle
 
 
 @dataclass
@@ -49,11 +54,11 @@ class PipelineOptions:
 
 class PipelineStrategy(Strategy):
     name = "pipeline"
-    config = PipelineOptions
+    options = PipelineOptions
     description = "pipeline model parallelism: stages on actors, GPipe or 1F1B, x data replicas"
 
     def validate(self, run: RunConfig) -> None:
-        o: PipelineOptions = run.strategy.params
+        o: PipelineOptions = run.strategy.options
         batch = run.data.batch_size
         checks = [
             (o.stages >= 1, f"strategy.stages must be >= 1, got {o.stages}"),
@@ -72,27 +77,30 @@ class PipelineStrategy(Strategy):
         require(checks)
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
-        o: PipelineOptions = run.strategy.params
+        o: PipelineOptions = run.strategy.options
         return [worker_bundle(run)] * (o.stages * o.replicas)
 
-    def check_model(self, run: RunConfig, model: nn.Module) -> None:
-        o: PipelineOptions = run.strategy.params
+    def describe(self, run: RunConfig) -> str:
+        return schedule_grid(run)
+
+    def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
+        o: PipelineOptions = run.strategy.options
         try:
             check(model, run.model.name, o.stages, o.split)
         except CannotCut as e:
             raise ConfigError(str(e)) from None
 
-    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
-        o: PipelineOptions = run.strategy.params
+    def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
+        o: PipelineOptions = run.strategy.options
         labels = [f"stage-{s}-replica-{k}" for k in range(o.replicas) for s in range(o.stages)]
-        with placement.reserve(self, run, tracker.say, labels) as place:
-            tracker.startup("placement")
-            return PipelineRun(run, data, tracker, run_dir, place).train()
+        with placement.reserve(self, run, context.say, labels) as place:
+            context.tracker.startup("placement")
+            return PipelineRun(run, data, context, place).train()
 
 
 def schedule_grid(run: RunConfig) -> str:
     """The run's schedule drawn as a grid (forward 1 unit, backward 2), with its bubble."""
-    o: PipelineOptions = run.strategy.params
+    o: PipelineOptions = run.strategy.options
     plan = build(o.schedule, o.stages, o.microbatches)
     slots = simulate(plan, 1.0, 2.0)
     bubbles = bubble_fraction(slots, o.stages)
@@ -106,11 +114,13 @@ def schedule_grid(run: RunConfig) -> str:
 
 
 class PipelineRun:
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+    def __init__(self, run: RunConfig, data: Dataset, context: RunContext,
                  place: placement.Placement = placement.Placement()):
-        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.run, self.data, self.context = run, data, context
+        self.tracker = tracker = context.tracker
+        self.run_dir = context.run_dir.local
         self.place = place  # one bundle per actor, in `self.actors` order
-        self.options: PipelineOptions = run.strategy.params
+        self.options: PipelineOptions = run.strategy.options
         self.model = build_model(run, data.input_shape, data.num_classes)
         micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
         example = data.x_train[:micro]
@@ -171,11 +181,10 @@ class PipelineRun:
     def train(self) -> FitResult:
         import ray
 
-        state = checkpoint.load_latest(self.run_dir) if self.run.resume else None
+        state = self.context.resume_state()
         start = state["epoch"] + 1 if state else 0
         if state:
             self.model.load_state_dict(state["model"])
-        history: list[dict] = []
         first_step_s = None
         try:
             self._start(state)
@@ -188,18 +197,15 @@ class PipelineRun:
                     epoch = self._restart(e)
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                    raise_task_cause(e)
                 wall = time.perf_counter() - began
                 if epoch == 0:
                     first_step_s = self._log_start(reports)
                 states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
                 self._assemble(states)
                 metrics = self._metrics(reports, wall)
-                self.tracker.log_epoch(epoch, metrics)
-                history.append(metrics)
-                saved = checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                                        model=self.model.state_dict(), optimizer={"stages": states})
-                self.tracker.checkpointed(epoch, metrics, saved)
+                self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
+                                        optimizer={"stages": states})
                 if epoch == self.run.optim.epochs - 1:
                     self._log_timeline(reports)
                 epoch += 1
@@ -209,7 +215,7 @@ class PipelineRun:
         if first_step_s is not None:
             summary["time_to_first_step_s"] = first_step_s
         return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                         history, summary)
+                         self.context.history, summary)
 
     def _restart(self, error: Exception) -> int:
         o = self.options
@@ -218,7 +224,7 @@ class PipelineRun:
                                f"(strategy.max_failures={o.max_failures}): {error}")
         self.restarts += 1
         self._stop()
-        state = checkpoint.load_latest(self.run_dir)
+        state = self.context.newest_state()
         epoch = state["epoch"] + 1 if state else 0
         if state:
             self.model.load_state_dict(state["model"])

@@ -17,6 +17,15 @@ from typing import Iterator
 from pipelines.config import RunConfig
 
 
+
+def worker_bundle(run: RunConfig) -> dict[str, float]:
+    """The resources of one worker actor as the run's `resources` section asks."""
+    bundle = {"CPU": run.resources.cpus_per_worker}
+    if run.resources.gpus_per_worker > 0:
+        bundle["GPU"] = run.resources.gpus_per_worker
+    return bundle
+
+
 class Placement:
     """The scheduling options of each actor slot; empty where no group of ours exists."""
 

@@ -8,12 +8,20 @@ global batch a single process would take, so averaged gradients match.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-from pipelines.config import OptimSection
+import models
+from pipelines.config import OptimSection, RunConfig
+
+
+def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The run's model with initial weights fixed by the run's seed."""
+    spec = models.get(run.model.name)
+    torch.manual_seed(run.seed)
+    return spec.build(run.model.params, tuple(input_shape), num_classes)
 
 
 def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) -> int:

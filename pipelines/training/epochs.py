@@ -2,8 +2,9 @@
 
 A strategy supplies a `Collective` (its rank, world size, device, how it wraps the model
 and how it sums numbers across workers) and a hook for the end of each epoch (checkpoint,
-report); the loop does the rest the same way everywhere: greedy pre-training phases if
-the model has any, then the epochs, metrics and gradient norms.
+then log and report: `RunContext.epoch_done` where the driver trains); the loop does the
+rest the same way everywhere: greedy pre-training phases if the model has any, then the
+epochs, metrics and gradient norms.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.diagnostics import GradNorms
-from pipelines.loop import (Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics,
+from pipelines.training.diagnostics import GradNorms
+from pipelines.training.loop import (Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics,
                             restore_optimizer, train_epoch)
-from pipelines.strategy import build_model
+from pipelines.training.loop import build_model
 
 
 @dataclass
@@ -73,25 +74,21 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
                    **mean_metrics(dict(zip(keys, totals[3:])), "val")}
         if meter is not None:
             metrics.update(meter.means())  # gradients are already averaged: same on every rank
-        if comm.rank == 0:
-            tracker.log_epoch(epoch, metrics)
         after_epoch(epoch, metrics, model, optimizer)
     return model
 
 
-def driver_model(run: RunConfig, data: Dataset, tracker, run_dir) -> tuple[nn.Module, dict | None]:
+def driver_model(run: RunConfig, data: Dataset, context) -> tuple[nn.Module, dict | None]:
     """A driver's starting model and the state it resumes from: the run's last checkpoint
     under `--resume`, else fresh weights, greedily pre-trained on the driver if the model
     has pre-training phases (strategies whose workers only fine-tune)."""
-    from pipelines import checkpoint
-
     model = build_model(run, data.input_shape, data.num_classes)
-    state = checkpoint.load_latest(run_dir) if run.resume else None
+    state = context.resume_state()
     if state:
         model.load_state_dict(state["model"])
-        tracker.say(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
+        context.say(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
     else:
-        pretrain(model, run, data.x_train, data.y_train, tracker, Collective())
+        pretrain(model, run, data.x_train, data.y_train, context.tracker, Collective())
     return model, state
 
 

@@ -20,16 +20,15 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipelines import figures, object_store
-from pipelines import strategy as strategies
+from pipelines import figures
+from pipelines import registry
 from pipelines.config import ConfigError, RunConfig
-from pipelines.sweep_config import SweepConfig
-from pipelines.sweep_tracking import PARAMS_TAG, SweepRecord
-from pipelines.sweep_trial import TrialContext, run_trial
-from pipelines.run import find_resumable
+from pipelines.sweep.config import SweepConfig
+from pipelines.sweep.record import PARAMS_TAG, SweepRecord
+from pipelines.sweep.trial import TrialContext, run_trial
+from pipelines.storage import SWEEP_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri
 
-SWEEP_FILE = "raydeep_sweep.json"
 
 
 @dataclass
@@ -66,29 +65,22 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     """Run (or, with `resume`, finish) the sweep; trials that fail are recorded, not raised."""
     base = sweep.run_config({})
     uri = absolute_uri(base.tracking.uri)
-    storage = base.resources.storage_path
-    if object_store.is_uri(storage):
-        directory, state, remote = _staged_sweep_directory(object_store.join(storage, "sweeps"),
-                                                           storage, sweep, resume)
-    else:
-        (directory, state), remote = _sweep_directory(Path(storage).absolute() / "sweeps", sweep, resume), ""
-    if state:
+    store = Store.sweeps(base.resources.storage_path)
+    if resume:
+        sweep_dir = store.reopen(_find_sweep(store, sweep, resume))
+        state = sweep_dir.read_json(SWEEP_FILE)
         record = SweepRecord.reopen(uri, state["parent_run_id"], state["name"])
     else:
-        record = SweepRecord.start(uri, base.tracking.experiment, directory.name, _parent_params(sweep))
-        marker = json.dumps({"name": directory.name, "parent_run_id": record.parent.run_id,
-                             "tracking_uri": uri, "file": sweep.path}, indent=1)
-        (directory / SWEEP_FILE).write_text(marker)
-        if remote:
-            object_store.write_text(object_store.join(remote, SWEEP_FILE), marker)
-    sweep.name = directory.name
+        sweep_dir = store.create(timestamped(sweep.name), unique=True)
+        record = SweepRecord.start(uri, base.tracking.experiment, sweep_dir.name, _parent_params(sweep))
+        sweep_dir.write_json(SWEEP_FILE, {"name": sweep_dir.name, "parent_run_id": record.parent.run_id,
+                                          "tracking_uri": uri, "file": sweep.path})
+    directory = sweep_dir.local
+    sweep.name = sweep_dir.name
     # Tune's experiment (trial checkpoints included) lives on the sweep's storage; a trial's
     # run directory may be local to its node, since Tune hands a restarted trial its checkpoint.
-    if remote:
-        filesystem, root = object_store.open_uri(remote)
-        tune_storage = {"storage_path": root, "storage_filesystem": filesystem}
-    else:
-        filesystem, tune_storage = None, {"storage_path": str(directory)}
+    tune_storage = sweep_dir.ray_storage(inside="tune")
+    filesystem = tune_storage.get("storage_filesystem")
     tune_path = f"{tune_storage['storage_path']}/tune"
     context = TrialContext(sweep, uri, record.parent.run_id, str(directory / "runs"))
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context),
@@ -98,7 +90,7 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     # Keeping 2 checkpoints per trial snapshots the experiment often; that is wanted here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
-        if state and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
+        if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
             tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False,
                                        storage_filesystem=filesystem)
@@ -113,26 +105,22 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     result = summarise(sweep, record, directory)
     result.interrupted = TrialWatcher.interrupted.get(record.parent.run_id, False)
     _record_result(sweep, record, result)
-    if remote and result.best_config is not None:
-        object_store.write_text(object_store.join(remote, result.best_config.name),
-                                result.best_config.read_text())
+    if result.best_config is not None:
+        sweep_dir.upload(result.best_config.name)
     return result
 
 
 def check_resumable(sweep: SweepConfig, resume: str | None) -> None:
     """Raise `ConfigError` when `--resume` names no sweep of this file: said before Ray starts."""
     if resume:
-        storage = sweep.run_config({}).resources.storage_path
-        sweeps = (object_store.join(storage, "sweeps") if object_store.is_uri(storage)
-                  else Path(storage).absolute() / "sweeps")
-        _find_sweep(sweeps, sweep, resume)
+        store = Store.sweeps(sweep.run_config({}).resources.storage_path)
+        store.check()
+        _find_sweep(store, sweep, resume)
 
 
-def _find_sweep(root: str | Path, sweep: SweepConfig, resume: str):
-    """The sweep of this file that `--resume` names under `root` (a local path or a URI):
-    its directory, or its name on the store."""
-    find = object_store.find_resumable if isinstance(root, str) else find_resumable
-    return find(root, resume, SWEEP_FILE, prefix=f"{sweep.name}-", what="sweep")
+def _find_sweep(store: Store, sweep: SweepConfig, resume: str) -> str:
+    """The name of the sweep of this file that `--resume` names."""
+    return store.find(resume, prefix=f"{sweep.name}-")
 
 
 def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
@@ -145,7 +133,7 @@ def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
         run = sweep.run_config(params)
     except ConfigError:  # the trial fails with the reason in its child run; it needs no actors
         return PlacementGroupFactory([head])
-    strategy = strategies.get(run.strategy.name)
+    strategy = registry.get(run.strategy.name)
     actors = strategy.actor_bundles(run) if strategy.bundles_in_trial else []
     return PlacementGroupFactory([head, *actors])
 
@@ -154,7 +142,7 @@ def default_max_concurrent(sweep: SweepConfig, cluster: dict[str, float]) -> int
     """As many trials as the cluster holds at once, counting every actor of the widest trial."""
     need: dict[str, float] = {}
     for run in _probe_runs(sweep):
-        strategy = strategies.get(run.strategy.name)
+        strategy = registry.get(run.strategy.name)
         demand = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
         for bundle in strategy.actor_bundles(run):
             for key, value in bundle.items():
@@ -266,7 +254,7 @@ def _tune_config(sweep: SweepConfig, base: RunConfig):
 
 def _run_config(sweep: SweepConfig, storage: dict, watcher: TrialWatcher):
     return tune.RunConfig(
-        name="tune", **storage, callbacks=[watcher],
+        **storage, callbacks=[watcher],  # storage: the sweep directory's tune/ (name)
         # PBT clones any trial's recent checkpoints: keep them all; otherwise the newest two.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None if sweep.scheduler == "pbt" else 2),
         progress_reporter=tune.CLIReporter(
@@ -312,31 +300,3 @@ def _probe_runs(sweep: SweepConfig) -> list[RunConfig]:
             except ConfigError:
                 continue
     return runs
-
-
-def _staged_sweep_directory(root: str, storage: str, sweep: SweepConfig,
-                            resume: str | None) -> tuple[Path, dict | None, str]:
-    """A sweep kept on an object store under `root`: (local staging directory, the earlier
-    sweep's record when resuming, the sweep's URI)."""
-    if resume:
-        name = _find_sweep(root, sweep, resume)
-        directory = object_store.staging_dir(storage, f"sweeps/{name}")
-        object_store.download(object_store.join(root, name), [SWEEP_FILE], directory)
-        return directory, json.loads((directory / SWEEP_FILE).read_text()), object_store.join(root, name)
-    name = f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    return object_store.staging_dir(storage, f"sweeps/{name}"), None, object_store.join(root, name)
-
-
-def _sweep_directory(root: Path, sweep: SweepConfig, resume: str | None) -> tuple[Path, dict | None]:
-    if resume:
-        found = _find_sweep(root, sweep, resume)
-        return found, json.loads((found / SWEEP_FILE).read_text())
-    directory = root / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        directory.mkdir(parents=True, exist_ok=False)
-    except FileExistsError:
-        directory = root / f"{directory.name}-{os.getpid()}"
-        directory.mkdir(parents=True)
-    except OSError as e:
-        raise ConfigError(f"resources.storage_path {str(root)!r} cannot hold sweeps: {e.strerror}") from None
-    return directory, None

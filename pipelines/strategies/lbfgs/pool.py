@@ -91,7 +91,7 @@ class PortionPool:
                         self.reruns += 1
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                    raise_task_cause(e)
                 if task.evaluation == evaluation and task.portion not in answers:
                     answers[task.portion] = (value, task.attempt, examples)
                     durations.append(seconds)
@@ -133,7 +133,7 @@ class PortionPool:
         return max(late)[1] if late else None
 
     def _replace(self, slot: int, error: Exception) -> None:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error, 200)
         if 0 <= self.max_restarts <= self.restarts:
             raise RuntimeError(f"worker {slot} died after {self.restarts} replacements "
                                f"(strategy.max_worker_restarts={self.max_restarts}): {reason}")

@@ -13,23 +13,27 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from pipelines import checkpoint, figures, placement
+from pipelines.errors import first_line, raise_task_cause
+from pipelines import figures
+from pipelines.context import RunContext
+from pipelines.training import placement
 from pipelines.config import ConfigError, RunConfig
 from pipelines.data import Dataset
-from pipelines.epochs import driver_model
-from pipelines.loop import evaluate_sums, mean_metrics
-from pipelines.ps_coordinator import Coordinator
-from pipelines.ps_layout import ShardLayout, load_buffers, load_parameters, trainable
-from pipelines.ps_shard import ParameterShard, write_initial_state
-from pipelines.ps_worker import PSWorker
-from pipelines.strategy import (FitResult, Strategy, register, require, require_even_shards,
-                                 worker_bundle)
+from pipelines.training.epochs import driver_model
+from pipelines.training.loop import evaluate_sums, mean_metrics
+from pipelines.strategies.ps.coordinator import Coordinator
+from pipelines.training.flat import ShardLayout, load_buffers, load_parameters, trainable
+from pipelines.strategies.ps.shard import ParameterShard, write_initial_state
+from pipelines.strategies.ps.worker import PSWorker
+from pipelines.registry import register
+from pipelines.strategies.base import (FitResult, Strategy, require, require_even_shards,
+                                       require_shards_hold_parameters)
+from pipelines.training.placement import worker_bundle
 
 WORKER_FAILURE_MODES = ("replace", "continue")
 
@@ -67,11 +71,11 @@ class ParameterServerOptions:
 
 class ParameterServerStrategy(Strategy):
     name = "ps"
-    config = ParameterServerOptions
+    options = ParameterServerOptions
     description = "asynchronous parameter server (Downpour): sharded servers, bounded staleness"
 
     def validate(self, run: RunConfig) -> None:
-        o: ParameterServerOptions = run.strategy.params
+        o: ParameterServerOptions = run.strategy.options
         require_even_shards(run)
         checks = [
             (o.shards >= 1, f"strategy.shards must be >= 1, got {o.shards}"),
@@ -100,23 +104,19 @@ class ParameterServerStrategy(Strategy):
         require(checks)
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
-        o: ParameterServerOptions = run.strategy.params
+        o: ParameterServerOptions = run.strategy.options
         shard = {k: v for k, v in (("CPU", o.shard_cpus), ("GPU", o.shard_gpus)) if v > 0}
         return [worker_bundle(run)] * run.resources.workers + ([shard] * o.shards if shard else [])
 
-    def check_model(self, run: RunConfig, model: nn.Module) -> None:
-        shards = run.strategy.params.shards
-        numel = sum(p.numel() for p in trainable(model))
-        if shards > numel:
-            raise ConfigError(f"strategy.shards ({shards}) exceeds the {numel:,} trainable "
-                              f"parameters of model {run.model.name}: a shard would hold nothing")
+    def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
+        require_shards_hold_parameters(run, model)
 
-    def fit(self, run: RunConfig, data: Dataset, tracker, run_dir: Path) -> FitResult:
+    def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         labels = ([f"worker-{i}" for i in range(run.resources.workers)]
-                  + [f"shard-{i}" for i in range(run.strategy.params.shards)])
-        with placement.reserve(self, run, tracker.say, labels) as place:
-            tracker.startup("placement")
-            return Downpour(run, data, tracker, run_dir, place).train()
+                  + [f"shard-{i}" for i in range(run.strategy.options.shards)])
+        with placement.reserve(self, run, context.say, labels) as place:
+            context.tracker.startup("placement")
+            return Downpour(run, data, context, place).train()
 
 
 class Downpour:
@@ -124,17 +124,18 @@ class Downpour:
 
     POLL_S = 0.25
 
-    def __init__(self, run: RunConfig, data: Dataset, tracker, run_dir: Path,
+    def __init__(self, run: RunConfig, data: Dataset, context: RunContext,
                  place: placement.Placement = placement.Placement()):
         import ray
 
-        self.run, self.data, self.tracker, self.run_dir = run, data, tracker, run_dir
+        self.run, self.data, self.context, self.tracker = run, data, context, context.tracker
+        self.run_dir = context.run_dir.local
         self.place = place  # bundles: workers by rank, then shards
-        self.options: ParameterServerOptions = run.strategy.params
-        self.model, state = driver_model(run, data, tracker, run_dir)
+        self.options: ParameterServerOptions = run.strategy.options
+        self.model, state = driver_model(run, data, context)
         self.start_epoch = state["epoch"] + 1 if state else 0
         self.layout = ShardLayout.of(self.model, self.options.shards)
-        self.snapshot_dir = run_dir / "ps_snapshots"
+        self.snapshot_dir = self.run_dir / "ps_snapshots"
         shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # restarts resume this run's state only
         self.shards = self._start_shards(state)
         self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=1000,
@@ -147,7 +148,6 @@ class Downpour:
         self.shard_seen = [{"incarnation": 0, "version": 0} for _ in self.shards]
         self.shard_restarts = 0
         self.histogram: Counter[int] = Counter()
-        self.history: list[dict] = []
         self.first_step_s: float | None = None
 
     # --- actors ----------------------------------------------------------------------------
@@ -155,7 +155,7 @@ class Downpour:
     def _start_shards(self, state: dict | None) -> list:
         import ray
 
-        from pipelines.ps_layout import flat_buffers, flat_parameters
+        from pipelines.training.flat import flat_buffers, flat_parameters
 
         o = self.options
         flat, buffers = flat_parameters(self.model), flat_buffers(self.model)
@@ -216,7 +216,7 @@ class Downpour:
                         else:
                             running[replacement] = rank
                     except ray.exceptions.RayTaskError as e:
-                        raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                        raise_task_cause(e)
                 self._watch_shards()
                 next_epoch = self._log_epochs(next_epoch, expected)
             self._watch_shards()
@@ -230,7 +230,7 @@ class Downpour:
         import ray
 
         o = self.options
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = first_line(error, 200)
         if o.on_worker_failure == "continue":
             ray.get(self.coordinator.retire.remote(rank))
             self.tracker.say(f"worker {rank} died ({reason}); going on with the other workers")
@@ -301,14 +301,8 @@ class Downpour:
                    "samples_per_s": sum(r["samples"] for r in reports) / max(wall, 1e-9),
                    "updates_per_s": steps / max(self.options.n_push, 1) / max(wall, 1e-9),
                    **mean_metrics(sums, "val"), **_staleness_metrics(new)}
-        self.tracker.log_epoch(epoch, metrics)
-        self.history.append(metrics)
         states = ray.get([s.state.remote() for s in self.shards])
-        saved = checkpoint.save(self.run_dir / checkpoint.directory_name(epoch), epoch=epoch,
-                                model=self.model.state_dict(), optimizer={"shards": states})
-        old = self.run_dir / checkpoint.directory_name(epoch - 2)
-        shutil.rmtree(old, ignore_errors=True)
-        self.tracker.checkpointed(epoch, metrics, saved)
+        self.context.epoch_done(epoch, metrics, model=self.model.state_dict(), optimizer={"shards": states})
 
     def _assemble(self) -> None:
         """Load the shards' current parameters (and buffers) into the driver's model."""
@@ -341,7 +335,7 @@ class Downpour:
             self.tracker.log_figure(figure, "staleness_histogram.png")
             figures.close(figure)
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-        return FitResult(state, self.history, summary)
+        return FitResult(state, self.context.history, summary)
 
 
 def _staleness_metrics(histogram: Counter) -> dict[str, float]:

@@ -15,31 +15,31 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import numpy as np
 import torch
 
+from pipelines.errors import quiet_numpy_views
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import batch_indices
-from pipelines.ps_layout import (ShardLayout, flat_buffers, flat_gradients, load_buffers,
+from pipelines.training.loop import batch_indices
+from pipelines.training.flat import (ShardLayout, flat_buffers, flat_gradients, load_buffers,
                                  load_parameters, to_wire, trainable)
-from pipelines.strategy import build_model
+from pipelines.training.loop import build_model
 
 _MAX_IN_FLIGHT = 4
 _POSITION_EVERY_S = 0.05
 """Fully asynchronous workers tell the coordinator their position this often, not per push:
 an actor call costs about 0.5 ms of CPU here, and a replacement redoes at most this much."""
 
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+quiet_numpy_views()
 
 
 class PSWorker:
     def __init__(self, rank: int, world: int, run: RunConfig, data: Dataset, initial: dict,
                  shards: list, coordinator, layout: ShardLayout, device: str):
         self.rank, self.world, self.run_config = rank, world, run
-        self.options = run.strategy.params
+        self.options = run.strategy.options
         self.device = torch.device(device)
         self.model = build_model(run, data.input_shape, data.num_classes).to(self.device)
         self.model.load_state_dict(initial)

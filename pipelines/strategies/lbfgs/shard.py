@@ -18,16 +18,16 @@ half-delivered deposits.
 from __future__ import annotations
 
 import time
-import warnings
 from collections import deque
 
 import numpy as np
 import torch
 
-from pipelines.ps_layout import ShardLayout
+from pipelines.errors import quiet_numpy_views
+from pipelines.training.flat import ShardLayout
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+quiet_numpy_views()
 
 REDUCE = {"dot": "sum", "abs_sum": "sum", "abs_max": "max", "step_max": "max",
           "hist_dot": "sum", "penalty": "sum"}

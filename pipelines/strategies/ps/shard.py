@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipelines.errors import quiet_numpy_views
 from pipelines.config import OptimSection
-from pipelines.loop import make_optimizer, restore_optimizer
-from pipelines.ps_layout import from_wire
+from pipelines.training.loop import make_optimizer, restore_optimizer
+from pipelines.training.flat import from_wire
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+quiet_numpy_views()
 
 
 class ParameterShard:

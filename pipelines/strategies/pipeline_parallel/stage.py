@@ -21,10 +21,10 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.loop import batch_indices, make_optimizer, restore_optimizer
-from pipelines.ps_layout import unflatten_into
-from pipelines.schedules import FORWARD, build
-from pipelines.strategy import build_model
+from pipelines.training.loop import batch_indices, make_optimizer, restore_optimizer
+from pipelines.training.flat import unflatten_into
+from pipelines.strategies.pipeline_parallel.schedules import FORWARD, build
+from pipelines.training.loop import build_model
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""
@@ -34,7 +34,7 @@ class PipelineStage:
     def __init__(self, stage: int, replica: int, run: RunConfig, data: Dataset,
                  bounds: tuple[int, int], shapes: list[tuple[int, ...]], state: dict):
         self.stage, self.replica, self.run_config = stage, replica, run
-        self.options = run.strategy.params
+        self.options = run.strategy.options
         self.stages, self.replicas = self.options.stages, self.options.replicas
         self.device = torch.device("cuda" if run.resources.gpus_per_worker > 0 else "cpu")
         self.model = build_model(run, data.input_shape, data.num_classes)

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines import checkpoint
 from pipelines.config import ConfigError
-from pipelines.sweep_config import SweepConfig
-from pipelines.sweep_tracking import PARAMS_TAG, SweepRecord
+from pipelines.storage import RunDir, checkpoint_name
+from pipelines.sweep.config import SweepConfig
+from pipelines.sweep.record import PARAMS_TAG, SweepRecord
 
 
 @dataclass
@@ -35,6 +34,7 @@ class TrialContext:
 def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     from ray import tune
 
+    from pipelines.context import RunContext
     from pipelines.run import RunFailed, prepare, run_tags, train
 
     for name in ("ray.train", "ray.tune"):  # one line per saved checkpoint would bury the table
@@ -56,24 +56,24 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
     tracker = record.child(trial.get_trial_id(), trial.get_trial_name(), run.flat(),
                            {**run_tags(run, data), **tags}, run.optim.epochs)
     tracker.echo = False  # Tune's table is the progress display
-    tracker.report_to_tune = True
-    run_dir = Path(context.runs_dir) / trial.get_trial_id()
+    run_dir = RunDir(trial.get_trial_id(), Path(context.runs_dir) / trial.get_trial_id(),
+                     keep=run.resources.keep_checkpoints)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.local.mkdir(parents=True, exist_ok=True)
         given = tune.get_checkpoint()
-        if given is not None:
+        if given is not None:  # a resumed sweep, or PBT's exploit: Tune's copy wins
             with given.as_directory() as directory:
-                _adopt(Path(directory), run_dir)
+                run_dir.adopt(Path(directory))
             run.resume = run_dir.name
     except Exception as e:
         tracker.finish("FAILED", f"cannot restore the trial's checkpoint: {type(e).__name__}: {e}")
         raise
     try:
-        result = train(run, data, tracker=tracker, run_dir=run_dir)
+        result = train(run, data, context=RunContext(run, tracker, run_dir, TuneReporter(run.optim.epochs)))
     except RunFailed as e:  # the child is FAILED with the reason; Tune records the error
         raise RuntimeError(str(e)) from None
     last = run.optim.epochs - 1
-    saved = run_dir / checkpoint.directory_name(last)
+    saved = run_dir.local / checkpoint_name(last)
     # done: the run is over, so no scheduler acts on this report (PBT would clone a finished
     # run into this trial again and again).
     tune.report({**(result.history[-1] if result.history else {}), **result.metrics, "epoch": last + 1,
@@ -81,14 +81,37 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> None:
                 checkpoint=tune.Checkpoint.from_directory(str(saved)) if saved.is_dir() else None)
 
 
-def _adopt(given: Path, run_dir: Path) -> None:
-    """Make the checkpoint Tune handed over the newest state of this trial's run.
+class TuneReporter:
+    """Reports a trial's epochs to Tune, each with its checkpoint: the report that lets a
+    scheduler stop the trial (ASHA) or restore another from it (PBT).
 
-    Tune's copy is the directory a strategy wrote (or, for allreduce, the one Ray Train
-    stored); any later state of this trial's own is dropped: after PBT's exploit the trial
-    continues from the other trial's weights, not its own.
+    The last epoch is held back: the trial reports it once the run is complete (test
+    metrics, figures), so that a scheduler that stops trials at their last epoch cannot cut
+    the run short.
     """
-    state = checkpoint.load(given)
-    for old in run_dir.glob("checkpoint_epoch_*"):
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.copytree(given, run_dir / checkpoint.directory_name(state["epoch"]))
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def is_last(self, epoch: int) -> bool:
+        return epoch >= self.epochs - 1
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None:
+        from ray import tune
+
+        if not self.is_last(epoch):
+            tune.report({**metrics, "epoch": epoch + 1},
+                        checkpoint=tune.Checkpoint.from_directory(str(checkpoint)))
+
+    def ray_train_callback(self):
+        """Ray Train's `TuneReportCallback`, holding the last epoch back in the same way."""
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        reporter = self
+
+        class EpochsToTune(TuneReportCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                if not reporter.is_last(metrics[0]["epoch"] - 1):
+                    super().after_report(run_context, metrics, checkpoint)
+
+        return EpochsToTune()

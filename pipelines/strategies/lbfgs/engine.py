@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from pipelines.lbfgs_pool import PortionPool
-from pipelines.lbfgs_search import strong_wolfe
-from pipelines.lbfgs_shard import ShardGroup
+from pipelines.strategies.lbfgs.pool import PortionPool
+from pipelines.strategies.lbfgs.search import strong_wolfe
+from pipelines.strategies.lbfgs.shard import ShardGroup
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""`RunContext`: what a strategy's driver is handed besides the config and the data.
+
+It owns the run's tracker (MLflow), its directory (`pipelines.storage.RunDir`) and, in a
+Tune trial, the trial's reporter, and it ends every epoch the same way for every strategy
+(`epoch_done`): checkpoint first (saved, uploaded to an object store, older ones pruned),
+then the metrics that describe it are logged and, in a trial, reported to Tune with it. A
+crash between the two loses no state a logged metric speaks of.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipelines.config import RunConfig
+from pipelines.storage import RunDir
+from pipelines.tracking import Tracker
+
+
+class EpochReporter(Protocol):
+    """Where a Tune trial's epochs go (`pipelines.sweep.trial.TuneReporter`)."""
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float], checkpoint: Path) -> None: ...
+
+    def ray_train_callback(self) -> Any:
+        """The same reports for a strategy whose epochs end inside Ray Train's workers."""
+
+
+@dataclass
+class RunContext:
+    run: RunConfig
+    tracker: Tracker
+    run_dir: RunDir
+    reporter: EpochReporter | None = None
+    """Set in a Tune trial."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of the epochs ended through `epoch_done`, in order."""
+
+    def say(self, line: str) -> None:
+        self.tracker.say(line)
+
+    def resume_state(self) -> dict[str, Any] | None:
+        """The state a `--resume`d run (or a restored trial) continues from, if any."""
+        return self.run_dir.newest_state() if self.run.resume else None
+
+    def newest_state(self) -> dict[str, Any] | None:
+        """The newest whole checkpoint of this run (a strategy's restart after a failure)."""
+        return self.run_dir.newest_state()
+
+    def epoch_done(self, epoch: int, metrics: dict[str, float], *, model: dict, optimizer: dict,
+                   extra: dict[str, Any] | None = None) -> Path:
+        """Epoch `epoch` (0-based) ended in this state with these metrics."""
+        saved = self.run_dir.save_checkpoint(epoch, model=model, optimizer=optimizer, extra=extra)
+        self.tracker.log_epoch(epoch, metrics)
+        self.history.append(metrics)
+        if self.reporter is not None:
+            self.reporter.epoch_done(epoch, metrics, saved)
+        return saved

@@ -1,0 +1,88 @@
+"""The strategy interface.
+
+A strategy moves tensors: it takes a run config, the data and the run's context, trains
+the model the config names, and returns its final weights and per-epoch history. It never
+asks which model it trains; the model's own ``loss``/``evaluate``/``pipeline_layers``
+seams are all it uses. Strategies are registered by name in `pipelines.registry`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipelines.config import ConfigError, RunConfig
+from pipelines.data import Dataset
+
+
+@dataclass
+class FitResult:
+    state_dict: dict[str, torch.Tensor]
+    """Final weights, on the CPU."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    """Per-epoch metrics as logged."""
+    summary: dict[str, float] = field(default_factory=dict)
+    """Strategy-level figures for the final metrics (restarts, time to first step...)."""
+
+
+class Strategy:
+    """Base of every strategy; subclasses set the class attributes and implement `fit`."""
+
+    name: str = ""
+    options: type = type(None)
+    """Dataclass of the strategy's own options: the `strategy` config section beside `name`
+    (`run.strategy.options`)."""
+    description: str = ""
+    uses_ray: bool = True
+    bundles_in_trial: bool = True
+    """Whether a Tune trial reserves `actor_bundles` in its own placement group (False where
+    the strategy's framework reserves its workers itself, as Ray Train does)."""
+
+    def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
+        """Resources of the actors this strategy starts beside its driver, one bundle each."""
+        return []
+
+    def validate(self, run: RunConfig) -> None:
+        """Raise `ConfigError` for options this strategy cannot run with."""
+
+    def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
+        """Raise `ConfigError` for options the built model cannot satisfy on this data
+        (checked before any process starts, once the data fixed the model's shape)."""
+
+    def describe(self, run: RunConfig) -> str:
+        """What this run would do, without training (`raydeep run --print-schedule`)."""
+        raise ConfigError(f"--print-schedule needs a strategy with a schedule (--strategy pipeline), "
+                          f"got {self.name!r}")
+
+    def fit(self, run: RunConfig, data: Dataset, context) -> FitResult:
+        """Train; `context` (`pipelines.context.RunContext`) ends each epoch and owns the
+        run's storage and tracking."""
+        raise NotImplementedError
+
+
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise `ConfigError` with the message of the first check that failed."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def require_even_shards(run: RunConfig) -> None:
+    """Data-parallel strategies split every global batch evenly over their workers."""
+    workers, batch = run.resources.workers, run.data.batch_size
+    if batch % workers:
+        raise ConfigError(
+            f"data.batch_size ({batch}) must be divisible by resources.workers ({workers}): "
+            "each worker takes an equal shard of every global batch")
+
+
+def require_shards_hold_parameters(run: RunConfig, model: nn.Module) -> None:
+    """Strategies that split the flat parameter vector over `strategy.shards` servers."""
+    from pipelines.training.flat import trainable
+
+    shards = run.strategy.options.shards
+    numel = sum(p.numel() for p in trainable(model))
+    if shards > numel:
+        raise ConfigError(f"strategy.shards ({shards}) exceeds the {numel:,} trainable "
+                          f"parameters of model {run.model.name}: a shard would hold nothing")
