@@ -77,6 +77,7 @@ class GroupWorker:
 
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # this class travels by value
         import ddp_reference
+
         from pipelines import config
 
         dist.init_process_group("gloo", init_method=f"tcp://{host}:{port}", rank=rank,

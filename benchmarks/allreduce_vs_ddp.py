@@ -241,12 +241,13 @@ def run_raydeep(cfg, args: argparse.Namespace) -> dict:
 
 def run_ray_plain(cfg, args: argparse.Namespace) -> dict:
     """`ddp_reference.ray_train_worker` on a plain TorchTrainer, on the Ray already started."""
+    import ddp_reference
     import ray
     import ray.cloudpickle
-    from ray.train import RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import ddp_reference
     from pipelines import data as datasets
 
     ray.cloudpickle.register_pickle_by_value(ddp_reference)  # workers need not find the module

@@ -37,8 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipelines import config as run_config
 from pipelines import data as datasets
-from pipelines.training.loop import Objective, batch_indices, evaluate_sums, make_optimizer, train_epoch
-from pipelines.training.loop import build_model
+from pipelines.training.loop import (
+    Objective,
+    batch_indices,
+    build_model,
+    evaluate_sums,
+    make_optimizer,
+    train_epoch,
+)
 
 
 def plain_epoch(ddp: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,

@@ -87,13 +87,15 @@ def torch_side(run, data, iterations: int, threads: int) -> dict:
 def raydeep_side(run, data, target: float, max_iterations: int, workdir: Path) -> dict:
     import ray
 
-    from pipelines.strategies.lbfgs.strategy import Sandblaster
+    from pipelines.context import RunContext
+    from pipelines.storage import RunDir
+    from pipelines.strategies.lbfgs.driver import Sandblaster
     from pipelines.tracking import Tracker
 
     tracker = Tracker.start(run.tracking.uri, "lbfgs-benchmark", "raydeep", {})
     tracker.echo = False
     began = time.perf_counter()
-    driver = Sandblaster(run, data, tracker, workdir / "raydeep")
+    driver = Sandblaster(run, data, RunContext(run, tracker, RunDir("raydeep", workdir / "raydeep")))
     try:
         ray.get([s.run.remote([]) for s in driver.shards])
         started = time.perf_counter() - began

@@ -3,8 +3,8 @@
 Starts moto's S3 server on a free local port (an HTTP server speaking the S3 API; a real
 bucket adds the network's latency and bandwidth on top) and, for checkpoints of a few
 sizes, times in one run: writing the checkpoint locally, uploading it
-(`object_store.upload_checkpoint`, pruning included), reading the newest state back straight
-from the store (`checkpoint.load_latest`, what allreduce workers do) and downloading it
+(`RunDir.upload_checkpoint`, pruning included), reading the newest state back straight
+from the store (`storage.newest_state`, what allreduce workers do) and downloading it
 (what `--resume` does).
 
     .venv/bin/python benchmarks/object_store.py [--sizes-mb 1 10 50] [--repeats 3]
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipelines import checkpoint, object_store  # noqa: E402
+from pipelines.storage import RunDir, checkpoint_name, newest_state, save_state  # noqa: E402
 
 
 def timed(action) -> float:
@@ -59,13 +59,14 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 for epoch in range(args.repeats):
                     state = {"w": torch.randn(mb * (1 << 18))}  # float32: 4 bytes each
-                    where = Path(tmp) / checkpoint.directory_name(epoch)
-                    saves.append(timed(lambda: checkpoint.save(where, epoch=epoch, model=state, optimizer={})))
-                    uploads.append(timed(lambda: object_store.upload_checkpoint(where, uri)))
-                    loads.append(timed(lambda: checkpoint.load_latest(uri)))
-                    into = Path(tmp) / f"download-{epoch}"
-                    into.mkdir()
-                    downloads.append(timed(lambda: object_store.download(uri, [where.name], into)))
+                    run_dir = RunDir(f"{mb}mb", Path(tmp), uri)
+                    where = Path(tmp) / checkpoint_name(epoch)
+                    saves.append(timed(lambda: save_state(where, epoch=epoch, model=state, optimizer={})))
+                    uploads.append(timed(lambda: (run_dir.upload_checkpoint(where), run_dir.prune())))
+                    loads.append(timed(lambda: newest_state(uri)))
+                    into = RunDir(f"{mb}mb", Path(tmp) / f"download-{epoch}", uri)
+                    into.local.mkdir()
+                    downloads.append(timed(lambda: into.download([where.name])))
             print(f"{mb:>4}MB " + " ".join(f"{statistics.median(t) * 1000:>{w}.0f}" for t, w in
                                             ((saves, 11), (uploads, 8), (loads, 12), (downloads, 9))))
     finally:

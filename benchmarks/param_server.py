@@ -118,8 +118,7 @@ class ParameterServer:
     def __init__(self, cfg, input_shape, num_classes):
         import torch
 
-        from pipelines.training.loop import make_optimizer
-        from pipelines.training.loop import build_model
+        from pipelines.training.loop import build_model, make_optimizer
 
         torch.set_num_threads(1)
         self.model = build_model(cfg, input_shape, num_classes)
@@ -141,8 +140,7 @@ class ParameterServer:
 
 class DataWorker:
     def __init__(self, cfg, data, rank: int, world: int):
-        from pipelines.training.loop import batch_indices
-        from pipelines.training.loop import build_model
+        from pipelines.training.loop import batch_indices, build_model
 
         self.model = build_model(cfg, data.input_shape, data.num_classes)
         self.data, self.rank, self.world = data, rank, world
@@ -166,8 +164,7 @@ def run_documented(args, workdir: Path) -> dict:
     import torch
 
     from pipelines import data as datasets
-    from pipelines.training.loop import evaluate_sums, steps_per_epoch
-    from pipelines.training.loop import build_model
+    from pipelines.training.loop import build_model, evaluate_sums, steps_per_epoch
 
     cfg = run_config(args, "local", workdir)
     data = datasets.load(cfg.data, cfg.seed)

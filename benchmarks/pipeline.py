@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the stages run one thread each; measure the cut the same way
     import pipelines
     from cluster.connect import connect
-    from pipelines import config, data as datasets
+    from pipelines import config
+    from pipelines import data as datasets
     from pipelines.strategies.pipeline_parallel.cut import cut
     from pipelines.training.loop import build_model
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from pipelines import config, data as datasets
-    from pipelines.training.loop import batch_indices, make_optimizer
-    from pipelines.training.loop import build_model
+    from pipelines import config
+    from pipelines import data as datasets
+    from pipelines.training.loop import batch_indices, build_model, make_optimizer
 
     spec = json.loads(os.environ["RAYDEEP_PIPELINING"])
     torch.set_num_threads(1)

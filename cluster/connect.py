@@ -6,7 +6,6 @@ import os
 import re
 import socket
 
-
 LOCAL_SYSTEM_CONFIG = {
     # Objects up to 1 MiB go inline in actor calls instead of through the shared-memory
     # object store: a parameter server's 340 KB push/pull then takes 1.8 ms instead of

@@ -8,6 +8,7 @@ raydeep says so in one line.
 """
 from __future__ import annotations
 
+
 def alive_nodes() -> int:
     import ray
 

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 MAX_RADIX_BITS = 5
 """`fwht` applies Hadamard blocks of at most 2^5 = 32 points per pass: a constant, so the
 transform stays O(d log d), and large enough that a pass is one efficient matmul."""

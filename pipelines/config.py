@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import yaml
 
 import models
-from pipelines.errors import first_line
 from pipelines import registry
+from pipelines.errors import first_line
 
 
 class ConfigError(ValueError):
@@ -356,4 +356,5 @@ def validate(config: RunConfig) -> None:
     registry.get(config.strategy.name).validate(config)
 
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
+"""`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.errors import first_line
 from pipelines.config import ConfigError, DataSection
+from pipelines.errors import first_line
 
 
 class DataError(ConfigError):

@@ -8,15 +8,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines import data as datasets
+from pipelines import figures, registry, startup
+from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext
 from pipelines.errors import first_line, one_line
-from pipelines import data as datasets
-from pipelines import figures, startup
-from pipelines import registry
-from pipelines.config import ConfigError, RunConfig
-from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 from pipelines.storage import RUN_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri
+from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
+
 
 class RunFailed(RuntimeError):
     """A run that started and then failed; it is marked FAILED in MLflow."""

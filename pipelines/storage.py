@@ -194,7 +194,7 @@ class RunDir:
         saved = save_state(self.local / checkpoint_name(epoch), epoch=epoch, model=model,
                            optimizer=optimizer, extra=extra)
         if self.remote:
-            self._upload_dir(saved)
+            self.upload_checkpoint(saved)
         self.prune()
         return saved
 
@@ -226,7 +226,7 @@ class RunDir:
         parent, name = (path, inside) if inside else (path.rpartition("/")[0], self.name)
         return {"storage_path": parent, "name": name, **({"storage_filesystem": fs} if self.remote else {})}
 
-    def _upload_dir(self, directory: Path) -> None:
+    def upload_checkpoint(self, directory: Path) -> None:
         import pyarrow.fs
 
         fs, root = open_filesystem(self.remote)
@@ -235,7 +235,7 @@ class RunDir:
         pyarrow.fs.copy_files(str(directory), target, source_filesystem=pyarrow.fs.LocalFileSystem(),
                               destination_filesystem=fs, chunk_size=_CHUNK)
 
-    def _download(self, names: list[str]) -> None:
+    def download(self, names: list[str]) -> None:
         import pyarrow.fs
 
         fs, root = open_filesystem(self.remote)
@@ -312,7 +312,7 @@ class Store:
         checkpoint are downloaded into a fresh staging directory first."""
         run_dir = RunDir(name, self._local(name), join(self.location, name) if self.remote else "")
         if self.remote:
-            run_dir._download([self.marker, *(n for _, n in checkpoints(run_dir.remote)[:1])])
+            run_dir.download([self.marker, *(n for _, n in checkpoints(run_dir.remote)[:1])])
         return run_dir
 
     def _local(self, name: str) -> Path:

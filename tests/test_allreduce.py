@@ -9,11 +9,11 @@ import signal
 
 import pytest
 import torch
+from conftest import TrainingInBackground, live_actor_pids, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
 import pipelines.training.loop
-from conftest import TrainingInBackground, live_actor_pids, small_run
 
 pytestmark = pytest.mark.slow
 

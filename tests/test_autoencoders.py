@@ -3,6 +3,7 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
+from conftest import small_run
 from mlflow.tracking import MlflowClient
 
 import models
@@ -10,7 +11,6 @@ import pipelines
 from pipelines import config as configs
 from pipelines import data as datasets
 from pipelines.run import prepare
-from conftest import small_run
 
 SHAPE = (1, 8, 8)
 

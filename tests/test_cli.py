@@ -2,9 +2,8 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import run_cli, run_cli_process
+from mlflow.tracking import MlflowClient
 
 
 def test_models_and_strategies_are_listed(tmp_path):

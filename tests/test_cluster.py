@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO, run_cli_process
+from mlflow.tracking import MlflowClient
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ["--set", "model.width=32", "--set", "model.depth=1", "--set", "optim.steps_per_epoch=5",

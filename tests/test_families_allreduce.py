@@ -11,10 +11,10 @@ test_models.py and the family tests.
 import math
 
 import pytest
+from conftest import small_run
 from mlflow.tracking import MlflowClient
 
 import models
-from conftest import small_run
 from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.slow

@@ -1,9 +1,9 @@
 """GPU paths (NCCL allreduce, CUDA workers): run where a CUDA device exists, skipped elsewhere."""
 import pytest
 import torch
+from conftest import small_run
 
 import pipelines
-from conftest import small_run
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -5,19 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
-from conftest import run_cli, small_run, train_and_kill
 from pipelines import data as datasets
-from pipelines.strategies.lbfgs.strategy import Sandblaster, stochastic_loss
-from pipelines.strategies.lbfgs.worker import portion_bounds
-from pipelines.training.flat import flat_parameters
-from pipelines.training.loop import build_model
 from pipelines.context import RunContext
 from pipelines.storage import RunDir
+from pipelines.strategies.lbfgs.driver import Sandblaster
+from pipelines.strategies.lbfgs.strategy import stochastic_loss
+from pipelines.strategies.lbfgs.worker import portion_bounds
 from pipelines.tracking import Tracker
+from pipelines.training.flat import flat_parameters
+from pipelines.training.loop import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -3,13 +3,13 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
+from conftest import small_run
 from mlflow.tracking import MlflowClient
 
 import models
 import pipelines
 from models.mlp import MLP, MLPConfig
 from models.registry import ModelSpec
-from conftest import small_run
 
 
 def test_local_run_is_recorded_in_mlflow(store):

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TrainingInBackground, small_run, start_session_ray
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import TrainingInBackground, small_run, start_session_ray
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import run_cli, small_run
 
 pytestmark = pytest.mark.slow
 
@@ -118,8 +118,8 @@ def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
 
 
 def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
-    from pipelines.sweep.runner import run_sweep
     from pipelines.sweep.config import load
+    from pipelines.sweep.runner import run_sweep
 
     uri, fs = bucket
     path = workdir / "sweep.yaml"

@@ -3,11 +3,11 @@ failures of workers and shards."""
 
 import pytest
 import torch
+from conftest import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 
 import pipelines
 import pipelines.training.loop
-from conftest import run_cli, small_run, train_and_kill
 from pipelines.training.flat import ShardLayout, flat_parameters
 
 pytestmark = pytest.mark.slow

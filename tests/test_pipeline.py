@@ -3,12 +3,12 @@ GPipe and 1F1B, activation checkpointing, replicas, a killed stage."""
 
 import pytest
 import torch
+from conftest import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
 import pipelines.training.loop
-from conftest import run_cli, small_run, train_and_kill
 from pipelines.strategies.pipeline_parallel.cut import balanced_partition, cut
 
 pytestmark = pytest.mark.slow

@@ -4,16 +4,15 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import small_run
 from mlflow.tracking import MlflowClient
 
 import models
 import pipelines
 from models.rbm import RBM, RBMConfig, build_rbm
 from pipelines import config as run_config
-
-from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 from pipelines.run import prepare
-from conftest import small_run
+from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 
 
 def _tiny_rbm(visible=4, hidden=3, seed=0, **kwargs) -> RBM:

@@ -1,10 +1,10 @@
 """Deep recurrent networks on digits (image rows as time steps)."""
 import pytest
 import torch
+from conftest import small_run
 
 import models
 import pipelines
-from conftest import small_run
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])

@@ -2,12 +2,12 @@
 import time
 
 import pytest
+from conftest import small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
 from pipelines import startup
 from pipelines.tracking import Tracker
-from conftest import small_run
 
 
 @pytest.fixture(autouse=True)

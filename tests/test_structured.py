@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
+from conftest import small_run
 from torch import nn
 
 import models
 import pipelines
-from conftest import small_run
-from models.structured import (CirculantLinear, FastfoodLinear, LocallyConnected2d, fwht,
-                               projection)
+from models.structured import CirculantLinear, FastfoodLinear, LocallyConnected2d, fwht, projection
 from pipelines import config
 from pipelines.run import prepare
 

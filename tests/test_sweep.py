@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
 from mlflow.tracking import MlflowClient
 
 import pipelines
-from conftest import REPO, run_cli
-from pipelines.sweep.runner import run_sweep
 from pipelines.sweep.config import Axis, load
+from pipelines.sweep.runner import run_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, run_cli
+
 from pipelines.config import ConfigError
-from pipelines.sweep.runner import default_max_concurrent, trial_resources
 from pipelines.sweep.config import load
+from pipelines.sweep.runner import default_max_concurrent, trial_resources
 
 SWEEP_FILES = sorted((REPO / "tune_configs").glob("*.yaml"))
 

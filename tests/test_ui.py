@@ -9,9 +9,9 @@ import time
 import urllib.request
 
 import pytest
+from conftest import REPO, small_run
 
 import pipelines
-from conftest import REPO, small_run
 
 pytestmark = pytest.mark.slow  # a real `mlflow server` process
 

@@ -20,14 +20,14 @@ from typing import Any, Optional
 
 import torch
 
-from pipelines.context import RunContext
-from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
-from pipelines.training import placement
 from pipelines.config import ConfigError, RunConfig
+from pipelines.context import RunContext
 from pipelines.data import Dataset
-from pipelines.training.epochs import Collective, train_epochs
 from pipelines.registry import register
+from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
 from pipelines.strategies.base import FitResult, Strategy, require_even_shards
+from pipelines.training import placement
+from pipelines.training.epochs import Collective, train_epochs
 from pipelines.training.placement import worker_bundle
 
 
@@ -58,8 +58,8 @@ class AllreduceStrategy(Strategy):
 
     def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         import ray
-        from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as TrainRunConfig,
-                               ScalingConfig)
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         options: AllreduceOptions = run.strategy.options

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,13 @@ from typing import Any
 import yaml
 from ray import tune
 
-from pipelines import figures
-from pipelines import registry
+from pipelines import figures, registry
 from pipelines.config import ConfigError, RunConfig
+from pipelines.storage import SWEEP_FILE, Store, timestamped
 from pipelines.sweep.config import SweepConfig
 from pipelines.sweep.record import PARAMS_TAG, SweepRecord
 from pipelines.sweep.trial import TrialContext, run_trial
-from pipelines.storage import SWEEP_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri
-
 
 
 @dataclass

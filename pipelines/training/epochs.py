@@ -18,9 +18,16 @@ from torch import nn
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.training.diagnostics import GradNorms
-from pipelines.training.loop import (Objective, batch_indices, evaluate_sums, make_optimizer, mean_metrics,
-                            restore_optimizer, train_epoch)
-from pipelines.training.loop import build_model
+from pipelines.training.loop import (
+    Objective,
+    batch_indices,
+    build_model,
+    evaluate_sums,
+    make_optimizer,
+    mean_metrics,
+    restore_optimizer,
+    train_epoch,
+)
 
 
 @dataclass

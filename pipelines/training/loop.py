@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import models
-from pipelines.config import OptimSection, RunConfig
+from pipelines.config import OPTIMIZERS, OptimSection, RunConfig
 
 
 def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
@@ -44,16 +44,9 @@ def batch_indices(examples: int, global_batch: int, *, seed: int, epoch: int, ra
 
 
 def make_optimizer(section: OptimSection, params) -> torch.optim.Optimizer:
-    if section.name == "sgd":
-        return torch.optim.SGD(params, lr=section.lr, momentum=section.momentum,
-                               weight_decay=section.weight_decay)
-    if section.name == "adam":
-        return torch.optim.Adam(params, lr=section.lr, weight_decay=section.weight_decay)
-    if section.name == "adamw":
-        return torch.optim.AdamW(params, lr=section.lr, weight_decay=section.weight_decay)
-    if section.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=section.lr, weight_decay=section.weight_decay)
-    raise ValueError(f"unknown optimizer {section.name!r}")
+    cls = getattr(torch.optim, OPTIMIZERS[section.name])
+    momentum = {"momentum": section.momentum} if section.name == "sgd" else {}
+    return cls(params, lr=section.lr, weight_decay=section.weight_decay, **momentum)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, section: OptimSection) -> None:

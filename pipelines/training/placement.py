@@ -17,7 +17,6 @@ from typing import Iterator
 from pipelines.config import RunConfig
 
 
-
 def worker_bundle(run: RunConfig) -> dict[str, float]:
     """The resources of one worker actor as the run's `resources` section asks."""
     bundle = {"CPU": run.resources.cpus_per_worker}
@@ -44,8 +43,10 @@ class Placement:
         if self.group is None:
             return {}
         import ray
-        from ray.util.scheduling_strategies import (NodeAffinitySchedulingStrategy,
-                                                    PlacementGroupSchedulingStrategy)
+        from ray.util.scheduling_strategies import (
+            NodeAffinitySchedulingStrategy,
+            PlacementGroupSchedulingStrategy,
+        )
 
         if not 0 <= index < self.size:
             return {"scheduling_strategy": NodeAffinitySchedulingStrategy(

@@ -18,6 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pipelines.errors import first_line, raise_task_cause
+
 
 @dataclass
 class Answers:

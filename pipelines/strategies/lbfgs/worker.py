@@ -18,12 +18,11 @@ import time
 import torch
 from torch import nn
 
-from pipelines.errors import quiet_numpy_views
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.training.loop import epoch_permutation
+from pipelines.errors import quiet_numpy_views
 from pipelines.training.flat import ShardLayout, flat_gradients, load_parameters, to_wire
-from pipelines.training.loop import build_model
+from pipelines.training.loop import build_model, epoch_permutation
 
 quiet_numpy_views()
 

@@ -21,10 +21,9 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.training.loop import batch_indices, make_optimizer, restore_optimizer
-from pipelines.training.flat import unflatten_into
 from pipelines.strategies.pipeline_parallel.schedules import FORWARD, build
-from pipelines.training.loop import build_model
+from pipelines.training.flat import unflatten_into
+from pipelines.training.loop import batch_indices, build_model, make_optimizer, restore_optimizer
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""

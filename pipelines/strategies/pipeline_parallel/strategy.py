@@ -10,27 +10,28 @@ last checkpoint.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 
-from pipelines.errors import raise_task_cause
-from pipelines import figures
-from pipelines.context import RunContext
-from pipelines.training import placement
 from pipelines.config import ConfigError, RunConfig
+from pipelines.context import RunContext
 from pipelines.data import Dataset
-from pipelines.training.loop import evaluate_sums, mean_metrics
-from pipelines.strategies.pipeline_parallel.cut import CannotCut, check, cut
-from pipelines.strategies.pipeline_parallel.stage import PipelineStage
-from pipelines.strategies.pipeline_parallel.schedules import (SCHEDULES, bubble_fraction, build, peak_activations, render, simulate,
-                                 theoretical_bubble)
 from pipelines.registry import register
 from pipelines.strategies.base import FitResult, Strategy, require
-from pipelines.training.loop import build_model
+from pipelines.strategies.pipeline_parallel.cut import CannotCut, check
+from pipelines.strategies.pipeline_parallel.driver import PipelineRun
+from pipelines.strategies.pipeline_parallel.schedules import (
+    SCHEDULES,
+    bubble_fraction,
+    build,
+    peak_activations,
+    render,
+    simulate,
+    theoretical_bubble,
+)
+from pipelines.training import placement
 from pipelines.training.placement import worker_bundle
 
 
@@ -112,164 +113,6 @@ def schedule_grid(run: RunConfig) -> str:
     lines.append(f"theoretical bubble (P-1)/(M+P-1) = {theoretical_bubble(o.stages, o.microbatches):.3f}")
     return "\n".join(lines)
 
-
-class PipelineRun:
-    def __init__(self, run: RunConfig, data: Dataset, context: RunContext,
-                 place: placement.Placement = placement.Placement()):
-        self.run, self.data, self.context = run, data, context
-        self.tracker = tracker = context.tracker
-        self.run_dir = context.run_dir.local
-        self.place = place  # one bundle per actor, in `self.actors` order
-        self.options: PipelineOptions = run.strategy.options
-        self.model = build_model(run, data.input_shape, data.num_classes)
-        micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
-        example = data.x_train[:micro]
-        self.cut = cut(self.model, run.model.name, self.options.stages, example, self.options.split)
-        self.shapes = self._shapes(example)
-        self.restarts = 0
-        self.actors: list = []
-        self.timeline: dict[str, float] = {}
-        """Wall-clock times of the latest start's marks (stages_ready, process_group)."""
-        costs = ", ".join(f"{c * 1e3:.2f}" for c in self.cut.costs)
-        tracker.say(f"pipeline: {self.options.stages} stages at layers {list(self.cut.bounds)}, "
-                    f"measured forward+backward ms per micro-batch: {costs}")
-
-    def _shapes(self, example: torch.Tensor) -> list[tuple[int, ...]]:
-        layers = self.model.pipeline_layers()
-        shapes, x = [], example
-        with torch.no_grad():
-            self.model.eval()
-            for a, b in self.cut.bounds:
-                shapes.append(tuple(x.shape[1:]))
-                for layer in layers[a:b]:
-                    x = layer(x)
-        return shapes
-
-    def _start(self, state: dict | None) -> None:
-        import ray
-
-        o, r = self.options, self.run.resources
-        remote = ray.remote(PipelineStage)
-        data = ray.put(self.data)
-        prefix = f"raydeep-pipeline:{self.run_dir.name}:"
-        layers = self.model.pipeline_layers()
-        saved = state["optimizer"]["stages"] if state else []
-        starts = []
-        for s, (a, b) in enumerate(self.cut.bounds):
-            # Weights come from the driver's model (the checkpoint's, on a restart); optimizer
-            # state only where the stage holds the same layers as when it was saved.
-            same = s < len(saved) and tuple(saved[s]["bounds"]) == (a, b)
-            starts.append({"block": nn.Sequential(*layers[a:b]).state_dict(),
-                           "optimizer": saved[s]["optimizer"] if same else None})
-        self.actors = [
-            remote.options(name=f"{prefix}stage-{s}-replica-{k}-{self.restarts}", max_restarts=0,
-                           num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                           **self.place.at(k * o.stages + s)).remote(
-                s, k, self.run, data, self.cut.bounds[s], self.shapes, starts[s])
-            for k in range(o.replicas) for s in range(o.stages)]
-        host, port = ray.get(self.actors[0].address.remote())
-        ready = ray.get([a.join.remote(host, port) for a in self.actors])
-        self.timeline = {"stages_ready": max(ready), "process_group": time.time()}
-
-    def _stop(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-
-    def train(self) -> FitResult:
-        import ray
-
-        state = self.context.resume_state()
-        start = state["epoch"] + 1 if state else 0
-        if state:
-            self.model.load_state_dict(state["model"])
-        first_step_s = None
-        try:
-            self._start(state)
-            epoch = start
-            while epoch < self.run.optim.epochs:
-                began = time.perf_counter()
-                try:
-                    reports = ray.get([a.train_epoch.remote(epoch) for a in self.actors])
-                except ray.exceptions.RayActorError as e:
-                    epoch = self._restart(e)
-                    continue
-                except ray.exceptions.RayTaskError as e:
-                    raise_task_cause(e)
-                wall = time.perf_counter() - began
-                if epoch == 0:
-                    first_step_s = self._log_start(reports)
-                states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
-                self._assemble(states)
-                metrics = self._metrics(reports, wall)
-                self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
-                                        optimizer={"stages": states})
-                if epoch == self.run.optim.epochs - 1:
-                    self._log_timeline(reports)
-                epoch += 1
-        finally:
-            self._stop()
-        summary = {"stage_restarts": float(self.restarts)}  # bubble_theoretical is logged per epoch
-        if first_step_s is not None:
-            summary["time_to_first_step_s"] = first_step_s
-        return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
-                         self.context.history, summary)
-
-    def _restart(self, error: Exception) -> int:
-        o = self.options
-        if 0 <= o.max_failures <= self.restarts:
-            raise RuntimeError(f"a pipeline stage died after {self.restarts} restarts "
-                               f"(strategy.max_failures={o.max_failures}): {error}")
-        self.restarts += 1
-        self._stop()
-        state = self.context.newest_state()
-        epoch = state["epoch"] + 1 if state else 0
-        if state:
-            self.model.load_state_dict(state["model"])
-        else:
-            self.model = build_model(self.run, self.data.input_shape, self.data.num_classes)
-        self.tracker.say(f"a pipeline stage died; restarting every stage from epoch {epoch + 1}")
-        self.tracker.log_metrics({"stage_restarts": self.restarts}, step=self.restarts)
-        self._start(state)
-        return epoch
-
-    def _log_start(self, reports: list[dict]) -> float | None:
-        """A fresh run's start-up marks, once its first epoch is over; returns the time to
-        its first step: when the last stage to step had stepped."""
-        self.tracker.log_startup({name: self.tracker.since_launch(at)
-                                  for name, at in self.timeline.items()})
-        return self.tracker.first_step(at=max(r["first_step_at"] for r in reports))
-
-    def _assemble(self, states: list[dict]) -> None:
-        """Load replica 0's stages into the driver's whole model."""
-        layers = self.model.pipeline_layers()
-        for state in states:
-            a, b = state["bounds"]
-            nn.Sequential(*layers[a:b]).load_state_dict(state["block"])
-
-    def _metrics(self, reports: list[dict], wall: float) -> dict:
-        o = self.options
-        last = [r for r in reports if r["stage"] == o.stages - 1]
-        steps = sum(r["steps"] for r in last)
-        metrics = {"train_loss": sum(r["loss_sum"] for r in last) / max(steps, 1),
-                   "samples_per_s": sum(r["samples"] for r in last) / wall,
-                   "bubble_theoretical": theoretical_bubble(o.stages, o.microbatches)}
-        for stage in range(o.stages):
-            mine = [r for r in reports if r["stage"] == stage]
-            metrics[f"bubble_stage{stage}"] = sum(1 - r["busy"] / r["wall"] for r in mine) / len(mine)
-            metrics[f"peak_activation_mb_stage{stage}"] = max(r["peak_activation_bytes"] for r in mine) / 2**20
-        sums = evaluate_sums(self.model, self.data.x_val, self.data.y_val)
-        metrics.update(mean_metrics(sums, "val"))
-        return metrics
-
-    def _log_timeline(self, reports: list[dict]) -> None:
-        rows = {r["stage"]: r["timeline"] for r in reports if r["replica"] == 0}
-        if all(rows.values()):
-            figure = figures.pipeline_timeline([rows[s] for s in sorted(rows)])
-            self.tracker.log_figure(figure, "pipeline_timeline.png")
-            figures.close(figure)
 
 
 register(PipelineStrategy())

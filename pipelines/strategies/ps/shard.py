@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.errors import quiet_numpy_views
 from pipelines.config import OptimSection
-from pipelines.training.loop import make_optimizer, restore_optimizer
+from pipelines.errors import quiet_numpy_views
 from pipelines.training.flat import from_wire
+from pipelines.training.loop import make_optimizer, restore_optimizer
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
 quiet_numpy_views()

@@ -19,13 +19,19 @@ import time
 import numpy as np
 import torch
 
-from pipelines.errors import quiet_numpy_views
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.training.loop import batch_indices
-from pipelines.training.flat import (ShardLayout, flat_buffers, flat_gradients, load_buffers,
-                                 load_parameters, to_wire, trainable)
-from pipelines.training.loop import build_model
+from pipelines.errors import quiet_numpy_views
+from pipelines.training.flat import (
+    ShardLayout,
+    flat_buffers,
+    flat_gradients,
+    load_buffers,
+    load_parameters,
+    to_wire,
+    trainable,
+)
+from pipelines.training.loop import batch_indices, build_model
 
 _MAX_IN_FLIGHT = 4
 _POSITION_EVERY_S = 0.05
