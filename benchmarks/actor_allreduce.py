@@ -14,7 +14,7 @@ the first, timed inside the workers as `allreduce` times them). The order of the
 variants alternates between repeats. Printed: the median and range of each figure.
 
 The actor group's training is `ddp_reference.train` with raydeep's own step loop: the same
-DDP-wrapped objective, batch plan, optimizer and epoch timing as `pipelines.allreduce`; it
+DDP-wrapped objective, batch plan, optimizer and epoch timing as `pipelines.strategies.allreduce`; it
 has no checkpoints, MLflow or restarts, which is part of what Ray Train gives (see the
 note at the end of the output).
 """

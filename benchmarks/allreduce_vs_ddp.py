@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CPUs of the embedded Ray (default: --workers)")
     p.add_argument("--reference-loop", choices=("plain", "raydeep"), default="plain",
                    help="torchrun side: an independent textbook step loop (plain) or "
-                        "pipelines.loop.train_epoch itself (raydeep)")
+                        "pipelines.training.loop.train_epoch itself (raydeep)")
     p.add_argument("--ray-plain", action="store_true",
                    help="diagnostic third run: the torchrun side's training as a plain Ray Train "
                         "TorchTrainer (Ray's environment without raydeep's code)")

@@ -6,13 +6,13 @@ Launched by the benchmark as
         benchmarks/ddp_reference.py --config run.json --out result.json [--loop plain|raydeep]
 
 It trains the model of the raydeep run config in `run.json` on the same data
-(`pipelines.data.load`), with the same initial weights (`pipelines.strategy.build_model`),
-the same batch plan (`pipelines.loop.batch_indices`: block j of the epoch's seeded
+(`pipelines.data.load`), with the same initial weights (`pipelines.training.loop.build_model`),
+the same batch plan (`pipelines.training.loop.batch_indices`: block j of the epoch's seeded
 permutation, rank r takes every W-th example of it), the same optimizer
-(`pipelines.loop.make_optimizer`) and the same DDP-wrapped `pipelines.loop.Objective`,
+(`pipelines.training.loop.make_optimizer`) and the same DDP-wrapped `pipelines.training.loop.Objective`,
 over gloo with one torch thread per process.
 
-Each epoch's training steps are timed exactly as `pipelines.allreduce` times them: wall time
+Each epoch's training steps are timed exactly as `pipelines.strategies.allreduce` times them: wall time
 from building the epoch's batch plan to the end of its last step, per rank; samples/s of
 the epoch = global examples stepped / mean over ranks of that time. Rank 0 writes the
 per-epoch figures and the steady state (mean samples/s of the epochs after the first) to
@@ -20,7 +20,7 @@ per-epoch figures and the steady state (mean samples/s of the epochs after the f
 
 `--loop plain` (default) runs an independent, idiomatic step loop (zero_grad, forward loss,
 backward, step; the loss is summed as a tensor and read once per epoch); `--loop raydeep`
-runs `pipelines.loop.train_epoch` itself, which tells the cost of raydeep's step loop apart
+runs `pipelines.training.loop.train_epoch` itself, which tells the cost of raydeep's step loop apart
 from the cost of running on Ray. `ray_train_worker` runs the same training as the body of a
 Ray Train worker (the benchmark's `--ray-plain` row): Ray's environment without raydeep's code.
 """
@@ -81,7 +81,7 @@ def train(run, data, rank: int, world: int, loop: str = "plain", label: str = "t
     model = build_model(run, data.input_shape, data.num_classes)
     ddp = DistributedDataParallel(Objective(model))
     optimizer = make_optimizer(run.optim, model.parameters())
-    torch.manual_seed(run.seed * 1009 + rank)  # as pipelines.allreduce seeds each worker
+    torch.manual_seed(run.seed * 1009 + rank)  # as pipelines.strategies.allreduce seeds each worker
     x_val, y_val = data.x_val[rank::world], data.y_val[rank::world]
 
     first_step_at: list[float] = []

@@ -8,7 +8,7 @@ weights and L-BFGS settings (history 10, strong-Wolfe line search, lr 1):
 1. **torch**: `torch.optim.LBFGS.step` for --iterations iterations on the full training
    split, in this process with --torch-threads threads (default: as many as workers, so
    both sides use the same cores). Its final loss is the target.
-2. **raydeep lbfgs**: the strategy's coordinator (`pipelines.lbfgs.Sandblaster`) on an
+2. **raydeep lbfgs**: the strategy's coordinator (`pipelines.strategies.lbfgs.driver.Sandblaster`) on an
    embedded local Ray, one iteration per call, until its loss reaches the target (at most
    twice as many iterations). Actor start-up and the first evaluation of the objective (which
    torch's timed `step` includes) are timed apart.

@@ -26,9 +26,9 @@ from pathlib import Path
 
 STRATEGIES = {
     "allreduce": ["--strategy", "allreduce", "--workers", "2"],
-    "ps": ["--strategy", "ps", "--workers", "2", "--ps-shards", "2"],
+    "ps": ["--strategy", "ps", "--workers", "2", "--shards", "2"],
     "pipeline": ["--strategy", "pipeline", "--stages", "2", "--microbatches", "4"],
-    "lbfgs": ["--strategy", "lbfgs", "--workers", "2", "--ps-shards", "2"],
+    "lbfgs": ["--strategy", "lbfgs", "--workers", "2", "--shards", "2"],
     "local": ["--strategy", "local"],
 }
 COMMON = ["--model", "mlp", "--epochs", "1", "--set", "tracking.log_model=false"]

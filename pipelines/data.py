@@ -1,7 +1,7 @@
 """Data sets: the bundled digits, Parquet/CSV files read with pyarrow, synthetic blobs.
 
 Everything is loaded on the driver into tensors and split once (stratified, by seed);
-strategies then hand each worker a disjoint shard of every global batch (`pipelines.loop`).
+strategies then hand each worker a disjoint shard of every global batch (`pipelines.training.loop`).
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 `epoch()` is one call of torch's ``step(closure)``: at most `iterations_per_epoch`
 iterations and `max_evals_per_epoch` evaluations, the same stopping rules, the same
 history update, two-loop recursion and first step ``min(1, 1/|g|_1) * lr``, the same
-strong-Wolfe search (`lbfgs_search`). Every vector operation is a command to the shards
-(`lbfgs_shard`); what stays here are the scalars torch keeps as 0-dim float32 tensors
+strong-Wolfe search (`search`). Every vector operation is a command to the shards
+(`shard`); what stays here are the scalars torch keeps as 0-dim float32 tensors
 (rho_i, alpha_i, H_diag, g.d), in the same dtype, so the iterates are torch's.
 
 An evaluation of the objective at x + t d is: the shards form the trial point, the pool
-(`lbfgs_pool`) has the workers compute every portion's loss and gradient, the shards sum
+(`pool`) has the workers compute every portion's loss and gradient, the shards sum
 the gradients in portion order (adding weight decay, if any) and return g.d.
 """
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`lbfgs`: full-batch (or large-batch) L-BFGS on Ray actors (DistBelief's Sandblaster).
 
-S shard actors (`lbfgs_shard`) hold slices of the parameters and of every vector L-BFGS
-keeps (gradient, direction, the m history pairs); W worker actors (`lbfgs_worker`) hold
+S shard actors (`shard`) hold slices of the parameters and of every vector L-BFGS
+keeps (gradient, direction, the m history pairs); W worker actors (`worker`) hold
 the training data and compute the loss and gradient of portions of it; the coordinator
-(`lbfgs_engine`, run here in the driver) runs torch.optim.LBFGS's algorithm, strong-Wolfe
+(`engine`, run here in the driver) runs torch.optim.LBFGS's algorithm, strong-Wolfe
 line search included, by sending the shards scalar-only commands and the workers portions
-to evaluate (`lbfgs_pool`: handed out as workers finish, with backups for stragglers and
+to evaluate (`pool`: handed out as workers finish, with backups for stragglers and
 replacements for dead workers). It never holds a whole vector; this driver assembles the
 model only at the end of an epoch, to validate and checkpoint it.
 
@@ -35,7 +35,7 @@ from pipelines.training.placement import worker_bundle
 @dataclass
 class LbfgsOptions:
     shards: int = 1
-    """Parameter shards (`--ps-shards`) holding the slices of every L-BFGS vector."""
+    """Parameter shards (`--shards`) holding the slices of every L-BFGS vector."""
     history: int = 10
     """Pairs (s, y) kept for the inverse-Hessian approximation (torch's history_size)."""
     iterations_per_epoch: int = 20

@@ -3,7 +3,7 @@
 Stages pass activations forward and their gradients backward with torch.distributed
 point-to-point (gloo on CPU, NCCL between GPU stages); Ray only starts the stages and asks
 each for one epoch at a time, so no per-micro-batch call goes through Ray. Every stage
-runs its own list of actions from the schedule (`pipelines.schedules`); sends are
+runs its own list of actions from the schedule (`schedules`); sends are
 asynchronous and receives block, so any schedule that `schedules.simulate` accepts runs
 without deadlock. Gradients are accumulated over the micro-batches (each loss scaled by
 1/M), averaged over the R replicas of the stage, and applied once per mini-batch: one

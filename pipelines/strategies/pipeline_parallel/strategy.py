@@ -1,7 +1,7 @@
 """`pipeline`: pipeline model parallelism over Ray actors (GPipe and 1F1B schedules).
 
-The model is cut into P stages balanced by measured cost (`pipeline_cut`); each stage is
-an actor (`pipeline_stage`) holding its layers and optimizer, and R replicas of the whole
+The model is cut into P stages balanced by measured cost (`cut`); each stage is
+an actor (`stage`) holding its layers and optimizer, and R replicas of the whole
 pipeline train on disjoint shards of every mini-batch, allreducing each stage's gradients
 (2-D parallelism). Stages exchange activations and gradients with torch.distributed
 point-to-point; the driver asks all stages for one epoch at a time, then evaluates the

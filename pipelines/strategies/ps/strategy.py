@@ -1,10 +1,10 @@
 """`ps`: asynchronous parameter-server SGD on Ray actors (DistBelief's Downpour).
 
-S shard actors (`ps_shard`) hold equal slices of the flat parameter vector with their own
-optimizer state; W worker actors (`ps_worker`) train model replicas on disjoint data
+S shard actors (`shard`) hold equal slices of the flat parameter vector with their own
+optimizer state; W worker actors (`worker`) train model replicas on disjoint data
 shards and push gradients to / pull parameters from the shards directly, each on its own
 clock. A staleness bound K (stale-synchronous parallel; K = 0 is synchronous) is kept by
-a small coordinator actor (`ps_coordinator`). The driver here only starts the actors,
+a small coordinator actor (`coordinator`). The driver (`driver`) only starts the actors,
 watches them, replaces a worker that dies, logs each epoch from the shards' current
 parameters, checkpoints, and assembles the final model.
 """
@@ -36,7 +36,7 @@ WORKER_FAILURE_MODES = ("replace", "continue")
 @dataclass
 class ParameterServerOptions:
     shards: int = 1
-    """Server shards (`--ps-shards`); the parameters are split evenly by size."""
+    """Server shards (`--shards`); the parameters are split evenly by size."""
     staleness: Optional[int] = None
     """Max clocks a worker may run ahead of the slowest (`--staleness`); unset: fully async."""
     n_fetch: int = 1

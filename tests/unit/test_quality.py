@@ -4,7 +4,7 @@ allreduce computes the same steps as local (test_allreduce.py holds it to that),
 bars hold for it as well; test_allreduce.py and test_cli.py also check them end to end.
 """
 import pytest
-from conftest import small_run
+from helpers import small_run
 
 import pipelines
 

@@ -2,7 +2,7 @@
 import time
 
 import pytest
-from conftest import small_run
+from helpers import small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines

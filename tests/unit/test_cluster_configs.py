@@ -14,7 +14,7 @@ import yaml
 
 from cluster.cli import build_parser
 
-CONFIGS = Path(__file__).resolve().parents[1] / "cluster" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "cluster" / "configs"
 RAY_UP = ["aws.yaml", "gcp.yaml", "local.yaml"]
 
 

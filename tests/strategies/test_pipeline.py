@@ -3,7 +3,7 @@ GPipe and 1F1B, activation checkpointing, replicas, a killed stage."""
 
 import pytest
 import torch
-from conftest import run_cli, small_run, train_and_kill
+from helpers import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 from torch import nn
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import small_run
+from helpers import small_run
 from torch import nn
 
 import models

@@ -9,7 +9,7 @@ import time
 import urllib.request
 
 import pytest
-from conftest import REPO, small_run
+from helpers import REPO, small_run
 
 import pipelines
 

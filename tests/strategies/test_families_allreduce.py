@@ -11,7 +11,7 @@ test_models.py and the family tests.
 import math
 
 import pytest
-from conftest import small_run
+from helpers import small_run
 from mlflow.tracking import MlflowClient
 
 import models

@@ -1,7 +1,7 @@
 """Deep recurrent networks on digits (image rows as time steps)."""
 import pytest
 import torch
-from conftest import small_run
+from helpers import small_run
 
 import models
 import pipelines

@@ -3,7 +3,7 @@ failures of workers and shards."""
 
 import pytest
 import torch
-from conftest import run_cli, small_run, train_and_kill
+from helpers import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -92,7 +92,7 @@ def test_async_mlp_reaches_097_through_a_killed_worker_and_a_killed_shard(ray_se
     import os
     import signal
 
-    from conftest import TrainingInBackground, live_actor_pids
+    from helpers import TrainingInBackground, live_actor_pids
 
     cfg = ps_run(store, **{"tracking.run_name": "faults", **MLP_TO_097, "strategy.shards": 2,
                            "strategy.snapshot_every": 25})
@@ -143,7 +143,7 @@ def test_resume_continues_a_ps_run(ray_session, store):
 
 @pytest.mark.parametrize("flags, message", [
     (["--ps-shards", "0"], "strategy.shards must be >= 1"),
-    (["--ps-shards", "10000000"], "exceeds the"),
+    (["--shards", "10000000"], "exceeds the"),
     (["--set", "strategy.n_push=0"], "strategy.n_push must be >= 1"),
     (["--staleness", "-1"], "strategy.staleness must be >= 0"),
     (["--ps-device", "tpu"], "strategy.device must be cpu or cuda"),
@@ -160,7 +160,7 @@ def test_bad_ps_options_are_one_line_errors(workdir, flags, message):
 
 
 def test_ps_run_from_the_command_line(ray_session, workdir):
-    done = run_cli("run", "--strategy", "ps", "--workers", "2", "--ps-shards", "2", "--staleness", "1",
+    done = run_cli("run", "--strategy", "ps", "--workers", "2", "--shards", "2", "--staleness", "1",
                    "--epochs", "2", "--num-cpus", "4", "--set", "tracking.log_model=false", cwd=workdir)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 2/2" in done.stdout

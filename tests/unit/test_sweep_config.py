@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 from pipelines.config import ConfigError
 from pipelines.sweep.config import load

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, small_run, train_and_kill
+from helpers import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -181,7 +181,7 @@ def test_portions_are_contiguous_and_differ_by_at_most_one_example():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--ps-shards", "0"], "strategy.shards must be >= 1, got 0"),
+    (["--shards", "0"], "strategy.shards must be >= 1, got 0"),
     (["--set", "strategy.history=0"], "strategy.history must be >= 1, got 0"),
     (["--workers", "4", "--set", "strategy.portions=2"],
      "strategy.portions (2) must be >= resources.workers (4)"),
@@ -196,7 +196,7 @@ def test_bad_lbfgs_options_are_one_line_errors(workdir, flags, message):
 
 
 def test_lbfgs_run_from_the_command_line(ray_session, workdir):
-    done = run_cli("run", "--strategy", "lbfgs", "--workers", "2", "--ps-shards", "2", "--epochs", "1",
+    done = run_cli("run", "--strategy", "lbfgs", "--workers", "2", "--shards", "2", "--epochs", "1",
                    "--num-cpus", "4", "--run-name", "cli", "--set", "tracking.log_model=false",
                    "--set", "strategy.iterations_per_epoch=5", "--set", "model.width=32", cwd=workdir)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TrainingInBackground, small_run, start_session_ray
+from helpers import TrainingInBackground, small_run, start_session_ray
 from mlflow.tracking import MlflowClient
 
 import pipelines

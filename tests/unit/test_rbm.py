@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import small_run
+from helpers import small_run
 from mlflow.tracking import MlflowClient
 
 import models

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 import torch
-from conftest import TrainingInBackground, live_actor_pids, small_run
+from helpers import TrainingInBackground, live_actor_pids, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines

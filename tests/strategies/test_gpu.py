@@ -1,7 +1,7 @@
 """GPU paths (NCCL allreduce, CUDA workers): run where a CUDA device exists, skipped elsewhere."""
 import pytest
 import torch
-from conftest import small_run
+from helpers import small_run
 
 import pipelines
 

@@ -2,7 +2,7 @@
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli, run_cli_process
+from helpers import run_cli, run_cli_process
 from mlflow.tracking import MlflowClient
 
 

@@ -3,7 +3,7 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
-from conftest import small_run
+from helpers import small_run
 from mlflow.tracking import MlflowClient
 
 import models

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli_process
+from helpers import REPO, run_cli_process
 from mlflow.tracking import MlflowClient
 
 RAY = str(Path(sys.executable).with_name("ray"))

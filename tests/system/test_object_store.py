@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, small_run
+from helpers import run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines

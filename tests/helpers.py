@@ -1,0 +1,118 @@
+"""What the tests share besides fixtures: running the CLI, small configs, killing actors."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_session_ray():
+    """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
+    import ray
+
+    from cluster.connect import LOCAL_SYSTEM_CONFIG, LOCAL_TRAIN_ENV, quiet_ray_logs
+
+    quiet_ray_logs()
+    for key, value in LOCAL_TRAIN_ENV.items():  # as `raydeep run` sets up its embedded Ray
+        os.environ.setdefault(key, value)
+    if not ray.is_initialized():
+        # The dashboard serves the state API the tests find actors with (`live_actor_pids`).
+        ray.init(num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
+    return ray
+
+
+def run_cli_process(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
+                    ) -> subprocess.CompletedProcess:
+    """`raydeep ARGS` as a user would type it, in its own process (its own Ray, if any)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
+    """`raydeep ARGS` through the console script's own entry point, in this process: what it
+    prints and its exit code, without a new interpreter importing torch, MLflow and Ray
+    again (seconds per call). A run that needs Ray joins the session's; tests that start
+    one this way must ask for the `ray_session` fixture first."""
+    from cluster import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    # Progress lines go to the process's own stdout (sys.__stdout__): capture those too.
+    real_stdout = sys.__stdout__
+    os.chdir(cwd)
+    try:
+        sys.__stdout__ = out
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        sys.__stdout__ = real_stdout
+        os.chdir(here)
+    return subprocess.CompletedProcess(["raydeep", *args], code, out.getvalue(), err.getvalue())
+
+
+def small_run(**overrides):
+    """A run config for tests: digits, few epochs, no model artifact unless asked."""
+    from pipelines import config
+
+    base = {"strategy.name": "local", "optim.epochs": 2, "tracking.log_model": False}
+    base.update(overrides)
+    return config.load(overrides=base)
+
+
+def live_actor_pids(ray, name_part: str | None = None, class_name: str | None = None) -> list[int]:
+    """Pids of this session's live actors whose name contains `name_part` (or of a class)."""
+    from ray.util.state import list_actors
+
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
+    # Name this session's cluster: other Ray instances may run on the same machine.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=filters)
+    return [a.pid for a in actors if a.pid and (name_part is None or (a.name and name_part in a.name))]
+
+
+class TrainingInBackground:
+    """`pipelines.train(cfg)` in a thread, so that a test can act on the run while it trains."""
+
+    def __init__(self, cfg):
+        import threading
+
+        import pipelines
+
+        self.cfg, self.outcome = cfg, {}
+        self.thread = threading.Thread(target=lambda: self.outcome.update(result=pipelines.train(cfg)))
+        self.thread.start()
+
+    def wait_for_checkpoint(self, workdir: Path, epoch: int, timeout: float = 300) -> None:
+        """Until the run has saved epoch `epoch` (0-based); it must still be running then."""
+        import time
+
+        from pipelines.storage import checkpoint_name
+
+        saved = workdir / "raydeep_runs" / self.cfg.tracking.run_name / checkpoint_name(epoch)
+        deadline = time.time() + timeout
+        while not saved.exists() and self.thread.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert saved.exists() and self.thread.is_alive(), "the run ended before the test could act"
+
+    def result(self):
+        self.thread.join(timeout=600)
+        assert "result" in self.outcome, "the run did not finish"
+        return self.outcome["result"]
+
+
+def train_and_kill(cfg, ray, workdir: Path, name_part: str):
+    """Train `cfg`, SIGKILL the actor named `:RUN_NAME:name_part*` once the run's second
+    checkpoint exists, and return the run's result."""
+    import signal
+
+    training = TrainingInBackground(cfg)
+    training.wait_for_checkpoint(workdir, 1)
+    pids = live_actor_pids(ray, f":{cfg.tracking.run_name}:{name_part}")
+    assert pids, f"no live actor named *{name_part}*"
+    os.kill(pids[0], signal.SIGKILL)
+    return training.result()
