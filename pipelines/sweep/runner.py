@@ -87,6 +87,8 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     # Keeping 2 checkpoints per trial snapshots the experiment often; that is wanted here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     try:
+        if resume:
+            _name_the_classes_older_sweeps_pickled()
         if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=filesystem):
             tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False,
@@ -105,6 +107,21 @@ def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     if result.best_config is not None:
         sweep_dir.upload(result.best_config.name)
     return result
+
+
+def _name_the_classes_older_sweeps_pickled() -> None:
+    """Tune pickles the sweep's callbacks with its experiment. A sweep started before the
+    strategies and sweeps became packages (raydeep 0.1 up to 6c7c64b) names them by their
+    old modules, `pipelines.sweep.TrialWatcher` among them; name them there too, so that
+    such a sweep still resumes."""
+    import sys
+
+    import pipelines.sweep
+    from pipelines.sweep import config, record, trial
+
+    pipelines.sweep.TrialWatcher = TrialWatcher
+    for old, new in (("sweep_trial", trial), ("sweep_config", config), ("sweep_tracking", record)):
+        sys.modules.setdefault(f"pipelines.{old}", new)
 
 
 def check_resumable(sweep: SweepConfig, resume: str | None) -> None:
