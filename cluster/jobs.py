@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipelines.errors import first_line
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}
 """`raydeep submit`'s exit code for each final job status."""
@@ -82,8 +84,7 @@ def guarded(call, url: str):
         raise JobsError(f"no Ray Jobs server answers at {url} (start one with `ray start --head`, "
                         "or pass --address http://HEAD:8265)") from None
     except (RuntimeError, ValueError) as e:
-        text = str(e).strip().splitlines()
-        raise JobsError(f"{url}: {text[0] if text else type(e).__name__}") from None
+        raise JobsError(f"{url}: {first_line(e)}") from None
 
 
 def wait(jobs, job_id: str, poll_s: float = 1.0) -> str:

@@ -7,8 +7,21 @@ holds one module or package per strategy (the `pipeline` strategy is
 
     from pipelines import config, train
     result = train(config.load(overrides={"model.name": "cnn", "strategy.name": "local"}))
-"""
-from pipelines.config import ConfigError, RunConfig, load
-from pipelines.run import Result, RunFailed, train
 
-__all__ = ["ConfigError", "Result", "RunConfig", "RunFailed", "load", "train"]
+The names below are imported when first used, so that `import pipelines.errors` (the
+command line's `jobs`, `ui`) does not pay for torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"ConfigError": "pipelines.config", "RunConfig": "pipelines.config", "load": "pipelines.config",
+            "Result": "pipelines.run", "RunFailed": "pipelines.run", "train": "pipelines.run"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""What every strategy shares: the step loop and batch plan (`loop`), the epoch loop of the data-parallel ones (`epochs`), flat parameter vectors and their wire format (`flat`), where actors run (`placement`), gradient norms (`diagnostics`)."""
