@@ -6,6 +6,7 @@ marked FAILED in MLflow and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -174,8 +175,14 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
                      if getattr(args, key) is not None}
         if args.resume:
+            from pipelines import resume
+
             overrides["resume"] = config.Text(args.resume)
-        run_config = config.load(args.config, overrides, args.sets)
+            run_config, notes = resume.load(args.config, overrides, args.sets)
+            for note in notes:
+                print(note)
+        else:
+            run_config = config.load(args.config, overrides, args.sets)
         if args.print_schedule:
             return cmd_print_schedule(run_config)
         data, _ = prepare(run_config)
@@ -193,7 +200,8 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         startup.mark("ray_ready")
         store.join()
     try:
-        result = train(run_config, data)
+        with _terminate_as_interrupt():
+            result = train(run_config, data)
     except ConfigError as e:
         return _fail(str(e))
     except RunFailed as e:
@@ -232,7 +240,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.sweep.runner import run_sweep
 
     try:
-        result = run_sweep(sweep, args.resume)
+        with _terminate_as_interrupt():
+            result = run_sweep(sweep, args.resume)
     except ConfigError as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -310,6 +319,27 @@ def cmd_strategies() -> int:
     for name in registry.names():
         print(f"{name:<12} {registry.get(name).description}")
     return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (`raydeep jobs stop`, a pod evicted, `kill`) ends a run as Ctrl-C does: the
+    MLflow run is marked KILLED and its checkpoints stay for `--resume`."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str) -> int:

@@ -132,17 +132,7 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every value under its dotted key, as logged to MLflow."""
-        out: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else k, v)
-            else:
-                out[prefix] = value
-
-        walk("", self.to_dict())
-        return out
+        return flat_keys(self.to_dict())
 
 
 class Text(str):
@@ -312,13 +302,31 @@ def parse_set(assignment: str) -> tuple[str, Text]:
 def load(path: str | None = None, overrides: dict[str, Any] | None = None,
          sets: list[str] | None = None) -> RunConfig:
     """YAML file (optional), then `overrides` by dotted key, then ``--set`` assignments."""
+    return from_dict(load_raw(path, overrides, sets))
+
+
+def load_raw(path: str | None = None, overrides: dict[str, Any] | None = None,
+             sets: list[str] | None = None) -> dict[str, Any]:
+    """What `load` builds its config from: the nested dict of the keys given."""
     raw = load_yaml(path) if path else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             apply_override(raw, key, value)
     for assignment in sets or []:
         apply_override(raw, *parse_set(assignment))
-    return from_dict(raw)
+    return raw
+
+
+def flat_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested dict (a list is one value)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_keys(value, dotted))
+        else:
+            out[dotted] = value
+    return out
 
 
 # --- checks ----------------------------------------------------------------------------
@@ -351,9 +359,19 @@ def validate(config: RunConfig) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+    need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
+    if config.tracking.run_name is not None:
+        check_plain_name("tracking.run_name", config.tracking.run_name)
     need("://" in config.tracking.uri,
          f"tracking.uri {config.tracking.uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
     registry.get(config.strategy.name).validate(config)
+
+
+def check_plain_name(key: str, name: str) -> None:
+    """A run's or sweep's name is a directory under the storage path: one plain path part."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name != name.strip():
+        raise ConfigError(f"{key} {name!r} must be a plain name (no '/', '\\', '..' or surrounding "
+                          "spaces): it names a directory under resources.storage_path")
 
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}

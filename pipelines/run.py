@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipelines import data as datasets
-from pipelines import figures, registry, startup
+from pipelines import figures, registry, resume, startup
 from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext
 from pipelines.errors import first_line, one_line
@@ -55,7 +55,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
     store = Store(config.resources.storage_path)
     store.check()
     if config.resume:
-        store.find(config.resume)
+        resume.check_matches(config, store.find(config.resume), store)
     return data, model
 
 

@@ -85,9 +85,26 @@ class Tracker:
 
     @classmethod
     def reopen(cls, uri: str, run_id: str, epochs: int = 0) -> "Tracker":
-        """Continue an earlier run (a resumed training): same run id, status RUNNING again."""
+        """Continue an earlier run (a resumed training): same run id, status RUNNING again.
+
+        Each attempt is counted (`raydeep.attempts`); one that was still RUNNING had its
+        driver killed without a word (SIGKILL, a lost node), and its tag says so."""
+        from mlflow.exceptions import MlflowException
+
+        from pipelines.config import ConfigError
+
         client = _client(uri)
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"--resume: the run's MLflow run {run_id} is not in the tracking store "
+                              f"{redact(uri)} (pass the --tracking-uri it was recorded in)") from None
+        attempts = int(run.data.tags.get("raydeep.attempts", "1"))
+        tags = {"raydeep.attempts": str(attempts + 1)}
+        if run.info.status == "RUNNING":
+            tags[f"raydeep.attempt_{attempts}"] = "lost: its driver ended without ending the run"
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
         client.update_run(run_id, status="RUNNING")
         return cls(uri, run_id, run.info.experiment_id, epochs)
 

@@ -236,6 +236,10 @@ def _named(spec: Any, what: str, known: dict[str, dict], fail) -> tuple[str, dic
 def _check(sweep: SweepConfig, fail) -> None:
     from pipelines.run import prepare
 
+    try:
+        run_configs.check_plain_name("name", sweep.name)
+    except ConfigError as e:
+        fail(str(e).replace("tracking.run_name", "name"))
     if not isinstance(sweep.samples, int) or isinstance(sweep.samples, bool) or sweep.samples < 1:
         fail(f"samples must be an integer >= 1, got {sweep.samples!r}")
     if sweep.mode not in ("min", "max"):

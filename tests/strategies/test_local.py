@@ -3,7 +3,7 @@ import mlflow
 import mlflow.pytorch
 import pytest
 import torch
-from helpers import small_run
+from helpers import run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import models
@@ -49,6 +49,29 @@ def test_resume_continues_the_same_mlflow_run(store):
     straight = pipelines.train(small_run(**{"tracking.uri": store, "optim.epochs": 4}))
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
+def test_resume_takes_the_runs_own_config_and_refuses_another(workdir, store):
+    """`raydeep run --resume` continues what the run trained (a CNN here, though the
+    command names no model), takes a new epoch count and says so, and refuses in one line
+    to continue it as something else, before anything trains."""
+    first = run_cli("run", "--model", "cnn", "--strategy", "local", "--epochs", "1", "--run-name", "c",
+                    "--set", "tracking.log_model=false", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    again = run_cli("run", "--resume", "--epochs", "2", "--set", "tracking.log_model=false", cwd=workdir)
+    assert again.returncode == 0, again.stderr
+    assert "resuming c: optim.epochs is now 2 (it was 1)" in again.stdout
+    (run,) = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("raydeep").experiment_id])
+    assert run.data.params["model.name"] == "cnn"
+    assert sorted(m.step for m in MlflowClient(store).get_metric_history(run.info.run_id, "train_loss")) == [0, 1]
+    for flags, key in ((["--model", "mlp"], "model.name"), (["--lr", "0.5"], "optim.lr"),
+                       (["--strategy", "ps"], "strategy.name"), (["--seed", "3"], "seed")):
+        refused = run_cli("run", "--resume", "c", *flags, cwd=workdir)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 2 and len(lines) == 1 and f"trained with {key}=" in lines[0], refused.stderr
+    with pytest.raises(pipelines.ConfigError, match="trained with model.name=cnn"):
+        pipelines.train(small_run(**{"tracking.uri": store, "resume": "c", "optim.epochs": 3}))
 
 
 class _Exploding(MLP):

@@ -1,8 +1,15 @@
 """The `raydeep` command line as a user types it: listings, bad input, a real run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import run_cli, run_cli_process
+from helpers import REPO, run_cli, run_cli_process
 from mlflow.tracking import MlflowClient
 
 
@@ -137,3 +144,40 @@ def build_parser_flags(*argv):
     from cluster.cli import build_parser
 
     return build_parser().parse_args(list(argv))
+
+
+def _start_and_stop(workdir: Path, name: str, sig: int, epochs: int = 50) -> tuple[int, str]:
+    """A local run in a process of its own, sent `sig` once its first epoch is checkpointed."""
+    command = [sys.executable, "-m", "cluster.cli", "run", "--strategy", "local", "--run-name", name,
+               "--epochs", str(epochs), "--set", "tracking.log_model=false"]
+    run = subprocess.Popen(command, cwd=workdir, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = workdir / "raydeep_runs" / name / "checkpoint_epoch_00000" / "complete.json"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert run.poll() is None, "the run ended before it could be stopped"
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=120)
+    return run.returncode, stderr
+
+
+@pytest.mark.slow  # two runs in processes of their own
+def test_sigterm_marks_the_run_killed_and_a_sigkilled_one_resumes_as_a_new_attempt(workdir, store):
+    client = MlflowClient(store)
+    code, stderr = _start_and_stop(workdir, "term", signal.SIGTERM)
+    assert code == 130 and "marked KILLED" in stderr and "Traceback" not in stderr, stderr
+    (term,) = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id],
+                                 filter_string="attributes.run_name = 'term'")
+    assert term.info.status == "KILLED"
+
+    code, _ = _start_and_stop(workdir, "lost", signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    (run,) = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id],
+                                filter_string="attributes.run_name = 'lost'")
+    assert run.info.status == "RUNNING"  # nobody could end it
+    resumed = run_cli("run", "--resume", "lost", "--epochs", "2", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raydeep.attempts"] == "2"
+    assert run.data.tags["raydeep.attempt_1"].startswith("lost")

@@ -40,7 +40,7 @@ class ParameterShard:
         self.index, self.device = index, torch.device(device)
         self.snapshot_every = snapshot_every
         self.snapshot_path = snapshot_file(snapshot_dir, index)
-        state = torch.load(self.snapshot_path, weights_only=False)
+        state = torch.load(self.snapshot_path, weights_only=True)  # tensors and plain values only
         self.param = torch.nn.Parameter(state["param"].clone().to(self.device))
         self.buffers = None if state["buffers"] is None else state["buffers"].clone()
         self.optim = optim

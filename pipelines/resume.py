@@ -1,0 +1,80 @@
+"""What `--resume` continues: the saved run's own config, with what a command may change.
+
+A resumed run trains what it trained before: its model, data, optimizer (but the number of
+epochs), strategy and seed come from the run's marker, whatever the command line leaves
+out (a plain `raydeep run --resume` continues a CNN run as a CNN). Where it runs and how it
+is recorded (`resources`, `tracking`) come from the command, as for any run: the marker's
+copy of a storage or tracking URI has its password hidden. A command that asks to change
+what is trained is refused in one line; a new `optim.epochs` is taken and said.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipelines import config as configs
+from pipelines.config import ConfigError, RunConfig
+from pipelines.storage import RUN_FILE, Store
+
+TRAINED = ("model.", "data.", "optim.", "strategy.", "seed")
+"""Keys that say what is trained: they cannot change on resume (but `optim.epochs`)."""
+MAY_CHANGE = ("optim.epochs",)
+
+
+def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[RunConfig, list[str]]:
+    """The config of the run `overrides["resume"]` names, with the command's keys over it;
+    and what the command changed that the user should hear about."""
+    given = configs.load_raw(path, overrides, sets)
+    where = configs.from_dict({k: v for k, v in given.items() if k in ("resources", "tracking", "resume")})
+    store = Store(where.resources.storage_path)
+    store.check()
+    name = store.find(where.resume)
+    saved = store_config(store, name)
+    keys = configs.flat_keys(given)
+    for section in ("model", "strategy"):  # another family or strategy: its keys differ too
+        key = f"{section}.name"
+        if key in keys and str(keys[key]).strip() != str(saved[section]["name"]):
+            raise ConfigError(_refusal(name, key, saved[section]["name"], keys[key]))
+    base = {k: v for k, v in saved.items() if k not in ("resources", "tracking", "resume")}
+    merged = _merge(base, given)
+    config = configs.from_dict(merged)
+    before, after = configs.flat_keys(saved), config.flat()
+    notes = []
+    for key in keys:
+        if not key.startswith(TRAINED) or after.get(key) == before.get(key):
+            continue
+        if key not in MAY_CHANGE:
+            raise ConfigError(_refusal(name, key, before.get(key), after.get(key)))
+        notes.append(f"resuming {name}: {key} is now {after[key]} (it was {before.get(key)})")
+    config.resume = name
+    return config, notes
+
+
+def check_matches(config: RunConfig, name: str, store: Store) -> None:
+    """For a config built in Python: refuse to resume run `name` as something else."""
+    before, after = configs.flat_keys(store_config(store, name)), config.flat()
+    for key, value in after.items():
+        if key.startswith(TRAINED) and key not in MAY_CHANGE and key in before and before[key] != value:
+            raise ConfigError(_refusal(name, key, before[key], value))
+
+
+def store_config(store: Store, name: str) -> dict[str, Any]:
+    marker = store.read_marker(name)
+    saved = marker.get("config")
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{name}: its {RUN_FILE} holds no run config; it cannot be resumed")
+    strategy = saved.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name") == "allreduce":
+        strategy.pop("keep_checkpoints", None)  # resources.keep_checkpoints since the packages
+    return saved
+
+
+def _refusal(name: str, key: str, was: Any, asked: Any) -> str:
+    return (f"--resume {name}: the run was trained with {key}={was}, this command asks for "
+            f"{key}={asked}; drop that setting to continue the run, or start a new run")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
