@@ -170,6 +170,7 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
     from pipelines.run import prepare
 
     startup.launched(launched_at)
+    startup.mark("imported")
 
     try:
         overrides = {key: config.Text(getattr(args, key)) for key in RUN_FLAGS.values()
@@ -188,6 +189,7 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
+    startup.mark("prepared")
     from pipelines import registry
 
     if registry.get(run_config.strategy.name).uses_ray:

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _plt():
+    """matplotlib.pyplot, imported on the first figure: importing it costs about 0.3 s of
+    CPU, which every Ray actor (they import `pipelines`) and the driver would otherwise pay
+    before the first step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def loss_curve(history: Sequence[dict[str, float]]):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _plt().subplots(figsize=(5, 3.5))
     epochs = np.arange(1, len(history) + 1)
     for key in ("train_loss", "val_loss"):
         values = [h.get(key, np.nan) for h in history]
@@ -29,7 +37,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
     k = len(class_names)
     counts = np.zeros((k, k), dtype=np.int64)
     np.add.at(counts, (y_true, y_pred), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
+    fig, ax = _plt().subplots(figsize=(1.0 + 0.45 * k, 0.8 + 0.45 * k))
     ax.imshow(counts, cmap="Blues")
     for i in range(k):
         for j in range(k):
@@ -46,7 +54,7 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
 
 
 def close(fig) -> None:
-    plt.close(fig)
+    _plt().close(fig)
 
 
 def image_grid(images, title: str, columns: int = 10):
@@ -57,7 +65,7 @@ def image_grid(images, title: str, columns: int = 10):
     n = len(images)
     columns = min(columns, n)
     rows = (n + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(0.8 * columns, 0.8 * rows + 0.4), squeeze=False)
+    fig, axes = _plt().subplots(rows, columns, figsize=(0.8 * columns, 0.8 * rows + 0.4), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -77,7 +85,7 @@ def filters(weights, shape, title: str, limit: int = 64):
 
 def grad_norms(history: Sequence[dict[str, float]], prefix: str = "grad_norm."):
     """Each layer's mean gradient norm per epoch, on a log scale: vanishing gradients show."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _plt().subplots(figsize=(6, 4))
     layers = sorted({k for h in history for k in h if k.startswith(prefix)})
     epochs = np.arange(1, len(history) + 1)
     for layer in layers:
@@ -94,7 +102,7 @@ def grad_norms(history: Sequence[dict[str, float]], prefix: str = "grad_norm."):
 
 def staleness_histogram(counts: dict[int, int]):
     """How many parameter-server updates arrived with each staleness (in versions)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = _plt().subplots(figsize=(5, 3.5))
     keys = sorted(counts)
     ax.bar(keys, [counts[k] for k in keys], width=0.8)
     ax.set_xlabel("staleness (server version - version the gradient was computed on)")
@@ -106,7 +114,7 @@ def staleness_histogram(counts: dict[int, int]):
 
 def pipeline_timeline(stages: list[list[tuple[str, float, float]]]):
     """One mini-batch of a pipeline: per stage, when it ran forwards, backwards, or idled."""
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.6 * len(stages)))
+    fig, ax = _plt().subplots(figsize=(7, 1 + 0.6 * len(stages)))
     colours = {"F": "tab:blue", "B": "tab:orange"}
     start = min(t[1] for row in stages for t in row)
     for k, row in enumerate(stages):
@@ -126,7 +134,7 @@ def sweep_scatter(points: Sequence[dict], values: Sequence[float], metric: str, 
     Lists and sections (a swept strategy) are categories, drawn at their rank in sorted order.
     """
     keys = sorted({k for p in points for k in p})
-    fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3), squeeze=False)
+    fig, axes = _plt().subplots(1, max(len(keys), 1), figsize=(3.2 * max(len(keys), 1), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         xs = [p.get(key) for p in points]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 BUILTIN = {
     "local": "pipelines.strategies.local",
     "allreduce": "pipelines.strategies.allreduce",
-    "ps": "pipelines.strategies.ps",
-    "pipeline": "pipelines.strategies.pipeline_parallel",
-    "lbfgs": "pipelines.strategies.lbfgs",
+    "ps": "pipelines.strategies.ps.strategy",
+    "pipeline": "pipelines.strategies.pipeline_parallel.strategy",
+    "lbfgs": "pipelines.strategies.lbfgs.strategy",
 }
 """Built-in strategy name -> the module whose import registers it."""
 
