@@ -121,6 +121,8 @@ def build_parser() -> Parser:
     ui.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--allow-remote", action="store_true",
+                    help="listen on a --host other machines reach (MLflow's server has no authentication)")
 
     commands.add_parser("models", help="list model families and their hyper-parameters")
     commands.add_parser("strategies", help="list training strategies")
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "ui":
         from cluster.ui import serve
 
-        return serve(args.tracking_uri, args.host, args.port)
+        return serve(args.tracking_uri, args.host, args.port, args.allow_remote)
     if args.command == "tune":
         return cmd_tune(args)
     if args.command in ("submit", "jobs"):

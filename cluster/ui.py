@@ -34,9 +34,37 @@ def newest_experiment(uri: str) -> tuple[str, str] | None:
         return None
 
 
-def serve(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def address_problem(host: str, port: int, allow_remote: bool) -> str | None:
+    """Why the UI cannot listen on `host:port`, in one line; None when it can."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        return f"--port must be in 1..65535, got {port}"
+    if host not in LOOPBACK and not allow_remote:
+        return (f"--host {host} would let other machines read and write the runs (MLflow's server has "
+                "no authentication): pass --allow-remote to mean it, or keep the default 127.0.0.1")
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        return f"--host {host!r} is not an address of this machine ({e.strerror or e})"
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as e:
+        return f"cannot listen on {host}:{port}: {e.strerror} (pick another --port or --host)"
+    return None
+
+
+def serve(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, allow_remote: bool = False) -> int:
     """Run the MLflow server in the foreground until interrupted."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    problem = address_problem(host, port, allow_remote)
+    if problem:
+        print(f"raydeep: error: {problem}", file=sys.stderr)
+        return 2
+    if host not in LOOPBACK:
         print(f"raydeep: warning: the MLflow UI on {host} is reachable from other machines "
               "and has no authentication", file=sys.stderr)
     try:
@@ -50,6 +78,11 @@ def serve(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
     if newest is not None:
         print(f"  runs of experiment {newest[1]!r}: {address}/#/experiments/{newest[0]}/runs", flush=True)
     try:
-        return subprocess.call(command, env=os.environ.copy())
+        code = subprocess.call(command, env=os.environ.copy())
     except KeyboardInterrupt:
         return 0
+    if code not in (0, -2, 130):  # not a Ctrl-C: the server failed, say so
+        print(f"raydeep: error: the MLflow server exited with code {code} (its output is above)",
+              file=sys.stderr)
+        return 1
+    return 0

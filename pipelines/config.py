@@ -8,6 +8,7 @@ size raises `ConfigError` naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -212,9 +213,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if isinstance(value, str) and hint in (int, float):
         try:
-            return hint(value)  # YAML 1.1 reads 1e-3 as a string
+            number = hint(value)  # YAML 1.1 reads 1e-3 as a string
         except ValueError:
             raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {str(value)!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"config key {key!r} must be a finite number, got {str(value)!r}")
+        return number
     if isinstance(value, Text) and hint is not str:
         if origin is list and "[" not in value:
             value = [Text(v.strip()) for v in value.split(",") if v.strip()]
@@ -237,6 +241,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     elif hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
@@ -260,14 +266,39 @@ def to_dict(config: Any) -> Any:
 
 # --- loading and overriding --------------------------------------------------------
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    silently: a second `lr:` would replace the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist"
+                          + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not text (not UTF-8): a YAML file is expected") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first_line(e)}") from None
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{line}: {problem}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -355,6 +386,8 @@ def validate(config: RunConfig) -> None:
          f"data.synthetic_shape must hold positive sizes, got {d.synthetic_shape}")
     need(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
     need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
     need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,

@@ -107,6 +107,8 @@ def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]
                      axis=1).astype(np.float32)
     if np.isnan(x).any():
         raise DataError(f"data file {path!r} has missing or NaN feature values")
+    if np.isinf(x).any():
+        raise DataError(f"data file {path!r} has infinite feature values (or values beyond float32's range)")
     labels = table.column(label).to_pylist()
     if any(v is None for v in labels):
         raise DataError(f"data file {path!r} has missing values in label column {label!r}")
