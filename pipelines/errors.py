@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import re
 
+
+class ConfigError(ValueError):
+    """Input that cannot be run (a config, a file, a name); the message names the key and
+    the value. `pipelines.config.ConfigError` is this class."""
+
+
 _CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
 
 
