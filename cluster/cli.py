@@ -287,12 +287,16 @@ def _connect(run_config) -> str | None:
     from cluster.storage import shared_storage_problem
     from pipelines.errors import first_line
 
+    from pipelines import registry
+    from pipelines.training.placement import shortfall
+
     try:
-        connect(run_config.resources.address, run_config.resources.num_cpus)
+        resources = connect(run_config.resources.address, run_config.resources.num_cpus)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"
-    return shared_storage_problem(run_config)
+    missing = shortfall(registry.get(run_config.strategy.name).actor_bundles(run_config), resources)
+    return missing or shared_storage_problem(run_config)
 
 
 def _switch(flag: str) -> dict:

@@ -14,7 +14,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext
 from pipelines.errors import first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
-from pipelines.tracking import Tracker, absolute_uri
+from pipelines.tracking import Tracker, absolute_uri, check_store
 from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 
 
@@ -52,6 +52,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
             f"model {config.model.name} (input shape {list(data.input_shape)}): "
             f"{first_line(e)}") from None
     registry.get(config.strategy.name).check_model(config, model, data)
+    check_store(config.tracking.uri)
     store = Store(config.resources.storage_path)
     store.check()
     if config.resume:

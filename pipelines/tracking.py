@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pipelines.errors import redact
@@ -31,6 +32,53 @@ def absolute_uri(uri: str) -> str:
     if "://" not in uri:
         raise ValueError(f"tracking.uri {uri!r} is not a URI (e.g. sqlite:///mlflow.db, http://host:5000)")
     return uri
+
+
+STORE_DRIVERS = {"postgresql": ("psycopg2", "psycopg2-binary"), "mysql": ("pymysql", "pymysql"),
+                 "mssql": ("pyodbc", "pyodbc")}
+"""A database scheme -> (module MLflow's SQLAlchemy store needs, the package that has it)."""
+
+
+def check_store(uri: str, timeout: float = 3.0) -> None:
+    """A one-line `ConfigError` for a tracking URI that cannot work, found in seconds before
+    Ray starts (an MLflow client retries an address nobody answers at for minutes)."""
+    import importlib.util
+    import socket
+    from urllib.parse import urlsplit
+
+    from pipelines.config import ConfigError
+
+    shown = redact(uri)
+    scheme = uri.partition("://")[0].lower()
+    dialect, _, driver = scheme.partition("+")
+    if scheme == "file":
+        raise ConfigError(f"tracking.uri {shown!r}: MLflow 3 refuses file stores; use a SQLite file "
+                          "(sqlite:///mlflow.db) or a server (http://HOST:5000)")
+    if scheme == "sqlite":
+        path = Path(absolute_uri(uri)[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise ConfigError(f"tracking.uri {shown!r}: the directory {str(path.parent)!r} does not exist")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise ConfigError(f"tracking.uri {shown!r}: {str(path)!r} cannot be written")
+        return
+    if scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        port = parts.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+        except OSError as e:
+            raise ConfigError(f"no MLflow server answers at {shown} ({e.strerror or e}); start one with "
+                              "`mlflow server` or `raydeep ui`, or keep the default sqlite:///mlflow.db") from None
+        return
+    if dialect in STORE_DRIVERS:
+        module, package = STORE_DRIVERS[dialect]
+        if not driver and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"tracking.uri {shown!r} needs the {package} package "
+                              f"(pip install {package})")
+        return
+    if scheme not in ("databricks", "databricks-uc"):
+        raise ConfigError(f"tracking.uri {shown!r}: {scheme!r} is not a store MLflow opens "
+                          "(sqlite, http, https, postgresql, mysql, mssql, databricks)")
 
 
 def open_store_in_background(uri: str):

@@ -249,6 +249,7 @@ def _check(sweep: SweepConfig, fail) -> None:
         fail(f"max_concurrent must be an integer >= 1, got {sweep.max_concurrent!r}")
     if not all(_number(v) and v >= 0 for v in (sweep.trial_cpus, sweep.trial_gpus)) or sweep.trial_cpus <= 0:
         fail(f"trial.cpus must be > 0 and trial.gpus >= 0, got {sweep.trial_cpus!r}, {sweep.trial_gpus!r}")
+    _check_settings(sweep, fail)
     if sweep.search == "optuna" and any(a.kind == "grid" for a in sweep.space):
         fail("grid axes need search random (Optuna samples; it does not cross grids)")
     firsts = {a.key: a.probes()[0] for a in sweep.space}
@@ -271,6 +272,37 @@ def _check(sweep: SweepConfig, fail) -> None:
     reported = _reported_metrics(run_configs.from_dict(copy.deepcopy(sweep.base)))
     if sweep.metric not in reported:
         fail(f"metric {sweep.metric!r} is not reported per epoch here (reported: {', '.join(reported)})")
+
+
+def _check_settings(sweep: SweepConfig, fail) -> None:
+    """The scheduler's and the search's settings, checked here: Ray's own constructors would
+    raise them as tracebacks after the sweep's MLflow run exists."""
+    o, seed = sweep.scheduler_options, sweep.search_options.get("seed")
+
+    def whole(key: str, least: int, allow_none: bool = False) -> None:
+        value = o[key]
+        if (value is None and allow_none) or (isinstance(value, int) and not isinstance(value, bool)
+                                              and value >= least):
+            return
+        fail(f"scheduler.{key} must be an integer >= {least}" + (" or null" if allow_none else "")
+             + f", got {value!r}")
+
+    if sweep.scheduler == "asha":
+        whole("grace_period", 1)
+        whole("max_t", 1, allow_none=True)
+        if not (_number(o["reduction_factor"]) and o["reduction_factor"] > 1):
+            fail(f"scheduler.reduction_factor must be a number > 1, got {o['reduction_factor']!r}")
+        if o["max_t"] is not None and o["grace_period"] > o["max_t"]:
+            fail(f"scheduler.grace_period ({o['grace_period']}) exceeds scheduler.max_t ({o['max_t']})")
+    if sweep.scheduler == "pbt":
+        whole("perturbation_interval", 1)
+        if not (_number(o["quantile_fraction"]) and 0 < o["quantile_fraction"] <= 0.5):
+            fail(f"scheduler.quantile_fraction must be in (0, 0.5] (the top and bottom fractions "
+                 f"swap weights), got {o['quantile_fraction']!r}")
+        if not isinstance(o["synch"], bool):
+            fail(f"scheduler.synch must be true or false, got {o['synch']!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        fail(f"search.seed must be an integer >= 0, got {seed!r}")
 
 
 def _reported_metrics(run: RunConfig) -> list[str]:

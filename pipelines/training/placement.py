@@ -25,6 +25,22 @@ def worker_bundle(run: RunConfig) -> dict[str, float]:
     return bundle
 
 
+def shortfall(bundles: list[dict[str, float]], available: dict[str, float]) -> str | None:
+    """What a run's actors need that the cluster does not have, in one line (Ray would wait
+    for it forever); None when it fits."""
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    for key, amount in sorted(need.items()):
+        have = available.get(key, 0.0)
+        if amount > have:
+            return (f"the run's {len(bundles)} actors need {amount:g} {key} in all, and the Ray cluster "
+                    f"has {have:g}: lower resources.workers, cpus_per_worker or gpus_per_worker "
+                    f"(or the strategy's own sizes), or add nodes")
+    return None
+
+
 class Placement:
     """The scheduling options of each actor slot; empty where no group of ours exists."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, run_cli_process
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,11 @@ RUN = [
     (["--set", "resources.keep_checkpoints=0"], "resources.keep_checkpoints must be >= 1, got 0"),
     (["--data", "{root}/inf.csv"], "has infinite feature values"),
     (["--strategy", "ps", "--print-schedule"], "--print-schedule needs a strategy with a schedule"),
+    (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 refuses file stores; use a SQLite file"),
+    (["--tracking-uri", "sqlite:////no/such/dir/m.db"], "the directory '/no/such/dir' does not exist"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers at http://127.0.0.1:9"),
+    (["--tracking-uri", "htp://127.0.0.1:5000"], "'htp' is not a store MLflow opens"),
+    (["--tracking-uri", "postgresql://u:secret@127.0.0.1/db"], "needs the psycopg2-binary package"),
     (["--strategy", "lbfgs", "--shards", "0"], "strategy.shards must be >= 1, got 0"),
 ]
 
@@ -81,5 +86,15 @@ def _refused(root, args, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
     assert lines[0].startswith("raydeep: error: ") and message.format(root=root) in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "secret" not in result.stderr
     assert not (root / "mlflow.db").exists() and not (root / "raydeep_runs").exists()
+
+
+@pytest.mark.slow  # a process of its own starts its own Ray
+def test_resources_the_cluster_cannot_give_are_refused_once_ray_is_up(tmp_path):
+    """Ray would wait forever for them (Ray Train retries a worker group's start without end)."""
+    result = run_cli_process("run", "--gpus-per-worker", "1", "--num-cpus", "2", cwd=tmp_path, timeout=180)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "the run's 2 actors need 2 GPU in all, and the Ray cluster has 0" in lines[0]
+    assert not (tmp_path / "raydeep_runs").exists()

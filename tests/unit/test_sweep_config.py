@@ -1,6 +1,7 @@
 """Sweep files: every file in tune_configs/ is valid, bad ones fail in one line naming the file."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,22 @@ def test_scheduler_settings_are_checked(tmp_path):
     text = GOOD + "scheduler: {name: asha, grace: 2}\n"
     with pytest.raises(ConfigError, match="scheduler.grace is not a setting of asha"):
         load(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("scheduler: {name: asha, grace_period: 0}", "scheduler.grace_period must be an integer >= 1, got 0"),
+    ("scheduler: {name: asha, grace_period: two}", "scheduler.grace_period must be an integer >= 1, got 'two'"),
+    ("scheduler: {name: asha, reduction_factor: 1}", "scheduler.reduction_factor must be a number > 1"),
+    ("scheduler: {name: asha, grace_period: 5, max_t: 2}", "scheduler.grace_period (5) exceeds scheduler.max_t (2)"),
+    ("scheduler: {name: pbt, quantile_fraction: 0.9}", "scheduler.quantile_fraction must be in (0, 0.5]"),
+    ("scheduler: {name: pbt, perturbation_interval: 0}", "scheduler.perturbation_interval must be an integer >= 1"),
+    ("scheduler: {name: pbt, synch: maybe}", "scheduler.synch must be true or false"),
+    ("search: {name: optuna, seed: abc}", "search.seed must be an integer >= 0, got 'abc'"),
+    ("search: {name: random, seed: -1}", "search.seed must be an integer >= 0, got -1"),
+])
+def test_scheduler_and_search_values_are_checked_before_ray(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(write(tmp_path, GOOD + setting + "\n"))
 
 
 def test_optuna_refuses_grid_axes(tmp_path):
