@@ -285,9 +285,8 @@ def _connect(run_config) -> str | None:
     has several nodes and the run's storage is on one of them."""
     from cluster.connect import connect
     from cluster.storage import shared_storage_problem
-    from pipelines.errors import first_line
-
     from pipelines import registry
+    from pipelines.errors import first_line
     from pipelines.training.placement import shortfall
 
     try:
