@@ -108,7 +108,13 @@ class PipelineRun:
                     epoch = self._restart(e)
                     continue
                 except ray.exceptions.RayTaskError as e:
-                    raise_task_cause(e)
+                    # A stage whose peer died fails its send or receive ("connection closed
+                    # by peer") and may be the error ray.get sees first: a lost stage still.
+                    lost = self._lost_stage()
+                    if lost is None:
+                        raise_task_cause(e)
+                    epoch = self._restart(lost)
+                    continue
                 wall = time.perf_counter() - began
                 if epoch == 0:
                     first_step_s = self._log_start(reports)
@@ -127,6 +133,17 @@ class PipelineRun:
             summary["time_to_first_step_s"] = first_step_s
         return FitResult({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
                          self.context.history, summary)
+
+    def _lost_stage(self) -> Exception | None:
+        """The death of a stage actor, if one died; None when they are all alive."""
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.address.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+                return e
+        return None
 
     def _restart(self, error: Exception) -> int:
         o = self.options
