@@ -126,6 +126,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
         else:
             for key, value in LOCAL_TRAIN_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(num_cpus=num_cpus, logging_level=level, _system_config=LOCAL_SYSTEM_CONFIG)
+            # address="local": a Ray of our own whatever else runs or ran here (a cluster
+            # started with `ray start` and killed leaves a file that plain ray.init would join).
+            ray.init(address="local", num_cpus=num_cpus, logging_level=level,
+                     _system_config=LOCAL_SYSTEM_CONFIG)
     filter_worker_logs()
     return ray.cluster_resources()

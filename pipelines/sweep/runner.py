@@ -21,6 +21,7 @@ from ray import tune
 
 from pipelines import figures, registry
 from pipelines.config import ConfigError, RunConfig
+from pipelines.errors import redact
 from pipelines.storage import SWEEP_FILE, Store, timestamped
 from pipelines.sweep.config import SweepConfig
 from pipelines.sweep.record import PARAMS_TAG, SweepRecord
@@ -222,8 +223,10 @@ def best_config_yaml(sweep: SweepConfig, best: TrialOutcome) -> str:
     run.tracking.run_name = None
     run.resume = None
     header = (f"# best trial of sweep {sweep.name} ({sweep.path}): {best.name}, "
-              f"{sweep.metric} = {best.metric:.4f}\n# raydeep run THIS_FILE trains it again\n")
-    return header + yaml.safe_dump(run.to_dict(), sort_keys=False)
+              f"{sweep.metric} = {best.metric:.4f}\n# raydeep run THIS_FILE trains it again\n"
+              "# (URI passwords are hidden: give them again with --storage-path / --tracking-uri)\n")
+    # logged as an MLflow artifact and uploaded beside the sweep: no secret in clear
+    return header + redact(yaml.safe_dump(run.to_dict(), sort_keys=False))
 
 
 def _record_result(sweep: SweepConfig, record: SweepRecord, result: SweepResult) -> None:

@@ -70,7 +70,9 @@ def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, stor
     assert listing(fs, "runs/raydeep/on-s3") == ["checkpoint_epoch_00001", "checkpoint_epoch_00002",
                                                  "raydeep_run.json"]
     assert not (workdir / "raydeep_runs").exists()
-    marker = json.loads(fs.open_input_stream("runs/raydeep/on-s3/raydeep_run.json").read())
+    raw_marker = fs.open_input_stream("runs/raydeep/on-s3/raydeep_run.json").read().decode()
+    marker = json.loads(raw_marker)
+    assert "test:test@" not in raw_marker and "s3://test:***@runs" in raw_marker  # no secret on the bucket
 
     again = run_cli("run", "--resume", "on-s3", "--epochs", "4", *common, cwd=workdir)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -142,6 +144,8 @@ mode: max
     assert name == result.directory.name and name.startswith("s3sweep-")
     held = listing(fs, f"runs/raydeep/sweeps/{name}")
     assert {"raydeep_sweep.json", "best_config.yaml", "tune"} <= set(held), held
+    best = fs.open_input_stream(f"runs/raydeep/sweeps/{name}/best_config.yaml").read().decode()
+    assert "test:test@" not in best and "s3://test:***@runs" in best  # logged and uploaded: no secret
     import pyarrow.fs
 
     stored = fs.get_file_info(pyarrow.fs.FileSelector(f"runs/raydeep/sweeps/{name}/tune", recursive=True))
