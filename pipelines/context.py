@@ -41,18 +41,31 @@ class RunContext:
 
     def resume_state(self) -> dict[str, Any] | None:
         """The state a `--resume`d run (or a restored trial) continues from, if any."""
-        return self.run_dir.newest_state() if self.run.resume else None
+        return self.newest_state() if self.run.resume else None
 
     def newest_state(self) -> dict[str, Any] | None:
-        """The newest whole checkpoint of this run (a strategy's restart after a failure)."""
-        return self.run_dir.newest_state()
+        """The newest whole checkpoint of this run (a strategy's restart after a failure);
+        the metrics of its epoch are logged if a crash came between the two."""
+        state = self.run_dir.newest_state()
+        log_saved_metrics(self.tracker, state)
+        return state
 
     def epoch_done(self, epoch: int, metrics: dict[str, float], *, model: dict, optimizer: dict,
                    extra: dict[str, Any] | None = None) -> Path:
-        """Epoch `epoch` (0-based) ended in this state with these metrics."""
-        saved = self.run_dir.save_checkpoint(epoch, model=model, optimizer=optimizer, extra=extra)
+        """Epoch `epoch` (0-based) ended in this state with these metrics. The checkpoint
+        holds the metrics too: a crash before they are logged loses neither."""
+        saved = self.run_dir.save_checkpoint(epoch, model=model, optimizer=optimizer,
+                                             extra={**(extra or {}), "metrics": metrics})
         self.tracker.log_epoch(epoch, metrics)
         self.history.append(metrics)
         if self.reporter is not None:
             self.reporter.epoch_done(epoch, metrics, saved)
         return saved
+
+
+def log_saved_metrics(tracker: Tracker, state: dict[str, Any] | None) -> None:
+    """Log the metrics a checkpoint holds for its epoch, unless that epoch is logged already
+    (the run stopped between saving the checkpoint and logging what it describes)."""
+    metrics = ((state or {}).get("extra") or {}).get("metrics")
+    if metrics and state["epoch"] not in tracker.logged_steps("train_loss"):
+        tracker.log_metrics(metrics, step=state["epoch"])

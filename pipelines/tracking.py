@@ -259,6 +259,10 @@ class Tracker:
     def status(self) -> str:
         return _client(self.uri).get_run(self.run_id).info.status
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which `key` has been logged."""
+        return {m.step for m in _client(self.uri).get_metric_history(self.run_id, key)}
+
     def metric_history(self, key: str) -> list[float]:
         """Every value logged under `key`, oldest first."""
         history = _client(self.uri).get_metric_history(self.run_id, key)

@@ -22,7 +22,7 @@ def start_session_ray():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         # The dashboard serves the state API the tests find actors with (`live_actor_pids`).
-        ray.init(num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
     return ray
 
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from pipelines.config import ConfigError, RunConfig
-from pipelines.context import RunContext
+from pipelines.context import RunContext, log_saved_metrics
 from pipelines.data import Dataset
 from pipelines.registry import register
 from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
@@ -129,6 +129,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     writes, pending = ThreadPoolExecutor(max_workers=1), []
     if comm.rank == 0 and state:
         tracker.say(f"resumed from the checkpoint of epoch {start}")
+        log_saved_metrics(tracker, state)  # a restart between its checkpoint and its log line
 
     def after_epoch(epoch, metrics, model, optimizer):
         for write in pending:
@@ -138,7 +139,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             saved = None
             if comm.rank == 0:
                 save_state(tmp, epoch=epoch, model=_cpu(model.state_dict()),
-                           optimizer=optimizer.state_dict())
+                           optimizer=optimizer.state_dict(), extra={"metrics": metrics})
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch + 1}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint_name(epoch))
