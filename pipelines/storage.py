@@ -309,7 +309,8 @@ class Store:
                               join(self.location, candidate) if self.remote else "")
             if not unique:
                 break
-        raise ConfigError(f"tracking.run_name {name!r} already has a {self.what} under "
+        key = "tracking.run_name" if self.what == "run" else f"{self.what} name"
+        raise ConfigError(f"{key} {name!r} already has a {self.what} under "
                           f"{redact(self.location)}; pick another name or pass --resume to continue it")
 
     def _claim(self, name: str) -> bool:

@@ -101,9 +101,7 @@ class LbfgsStrategy(Strategy):
             (run.optim.grad_clip is None,
              f"optim.grad_clip ({run.optim.grad_clip}) does not apply to lbfgs: its line search "
              "sets the step; unset it"),
-            (run.optim.weight_decay >= 0,
-             f"optim.weight_decay must be >= 0, got {run.optim.weight_decay}"),
-        ])
+        ])  # optim.weight_decay >= 0 is the config's own check, for every strategy
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         return [worker_bundle(run)] * run.resources.workers  # shards take no CPU of their own
