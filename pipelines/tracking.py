@@ -101,6 +101,10 @@ def open_store_in_background(uri: str):
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:///"):
+        from pipelines import sqlite_store
+
+        sqlite_store.seed(uri[len("sqlite:///"):])  # a new store: a copy, not 1 s of migrations
     return MlflowClient(tracking_uri=uri)
 
 
