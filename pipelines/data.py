@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines import split
 from pipelines.config import ConfigError, DataSection
 from pipelines.errors import first_line
 
@@ -60,11 +61,9 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return x, bunch.target.astype(np.int64), [str(c) for c in range(10)]
+    pixels, labels = split.digits()
+    x = (pixels / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return x, labels.astype(np.int64), [str(c) for c in range(10)]
 
 
 def synthetic(samples: int, shape: list[int], classes: int, seed: int):
@@ -162,14 +161,12 @@ def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
 
 
 def _split(name, x, y, names, test_fraction, val_fraction, seed) -> Dataset:
-    from sklearn.model_selection import train_test_split
-
     try:
-        x_rest, x_test, y_rest, y_test = train_test_split(
-            x, y, test_size=test_fraction, stratify=y, random_state=seed)
+        rest, test = split.stratified_split(y, test_fraction, seed)
+        x_rest, x_test, y_rest, y_test = x[rest], x[test], y[rest], y[test]
         if val_fraction > 0:
-            x_train, x_val, y_train, y_val = train_test_split(
-                x_rest, y_rest, test_size=val_fraction, stratify=y_rest, random_state=seed)
+            train, val = split.stratified_split(y_rest, val_fraction, seed)
+            x_train, x_val, y_train, y_val = x_rest[train], x_rest[val], y_rest[train], y_rest[val]
         else:
             x_train, y_train, x_val, y_val = x_rest, y_rest, x_rest[:0], y_rest[:0]
     except ValueError as e:
