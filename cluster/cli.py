@@ -238,7 +238,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_resumable(sweep, args.resume)
     except ConfigError as e:
         return _fail(str(e))
-    failed = _connect(sweep.run_config({}))
+    failed = _connect(sweep.run_config({}), sweep=True)
     if failed:
         return _fail(failed)
     from pipelines.sweep.runner import run_sweep
@@ -280,9 +280,10 @@ def print_sweep(result) -> None:
               f"its config: {result.best_config}\n  raydeep run {result.best_config}")
 
 
-def _connect(run_config) -> str | None:
+def _connect(run_config, sweep: bool = False) -> str | None:
     """Connect to the run's Ray; the one-line reason when that fails, or when the cluster
-    has several nodes and the run's storage is on one of them."""
+    has several nodes and the run's storage is on one of them. A sweep's embedded Ray keeps
+    its dashboard, whose state API Ray Train needs, whatever strategies its trials take."""
     from cluster.connect import connect
     from cluster.storage import shared_storage_problem
     from pipelines import registry
@@ -290,11 +291,13 @@ def _connect(run_config) -> str | None:
     from pipelines.training.placement import shortfall
 
     try:
-        resources = connect(run_config.resources.address, run_config.resources.num_cpus)
+        strategy = registry.get(run_config.strategy.name)
+        resources = connect(run_config.resources.address, run_config.resources.num_cpus,
+                            dashboard=sweep or strategy.needs_dashboard)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"
-    missing = shortfall(registry.get(run_config.strategy.name).actor_bundles(run_config), resources)
+    missing = shortfall(strategy.actor_bundles(run_config), resources)
     return missing or shared_storage_problem(run_config)
 
 

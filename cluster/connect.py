@@ -104,12 +104,13 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"no Ray cluster answers at {address} ({e})") from None
 
 
-def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
     """Start or join Ray once per process; returns the cluster's resources.
 
-    The embedded Ray keeps its dashboard: besides the web page it serves Ray's state API,
-    which Ray Train's placement-group cleaner polls (without it, the cleaner warns on the
-    terminal and cannot clean up). A cluster keeps whatever it was started with.
+    An embedded Ray runs its dashboard where `dashboard` says: besides the web page it
+    serves Ray's state API, which Ray Train's placement-group cleaner polls (without it, the
+    cleaner warns on the terminal and cannot clean up); a run of raydeep's own actors does
+    without it. A cluster keeps whatever it was started with.
     """
     import ray
 
@@ -129,6 +130,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> dict:
             # address="local": a Ray of our own whatever else runs or ran here (a cluster
             # started with `ray start` and killed leaves a file that plain ray.init would join).
             ray.init(address="local", num_cpus=num_cpus, logging_level=level,
-                     _system_config=LOCAL_SYSTEM_CONFIG)
+                     include_dashboard=dashboard, _system_config=LOCAL_SYSTEM_CONFIG)
     filter_worker_logs()
     return ray.cluster_resources()

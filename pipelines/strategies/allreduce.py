@@ -44,6 +44,7 @@ class AllreduceStrategy(Strategy):
     options = AllreduceOptions
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
     bundles_in_trial = False  # Ray Train reserves its worker group itself
+    needs_dashboard = True  # Ray Train's placement-group cleaner polls the state API
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         return [worker_bundle(run)] * run.resources.workers

@@ -38,6 +38,10 @@ class Strategy:
     bundles_in_trial: bool = True
     """Whether a Tune trial reserves `actor_bundles` in its own placement group (False where
     the strategy's framework reserves its workers itself, as Ray Train does)."""
+    needs_dashboard: bool = False
+    """Whether an embedded Ray must run its dashboard for this strategy: besides the web page
+    it serves Ray's state API, which Ray Train's placement-group cleaner polls. Without it
+    Ray starts 11 fewer processes (about 1.4 s of CPU before the first step on 2 cores)."""
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         """Resources of the actors this strategy starts beside its driver, one bundle each."""
