@@ -1,6 +1,8 @@
 """The `ps` strategy on a real local Ray: sharded servers, async workers, bounded staleness,
 failures of workers and shards."""
 
+import re
+
 import pytest
 import torch
 from helpers import run_cli, small_run, train_and_kill
@@ -172,3 +174,59 @@ def test_ps_run_from_the_command_line(ray_session, workdir):
     assert final["max_clock_gap"] <= 1
     assert final["staleness_max_overall"] <= 1 * (2 * 1 + 1)
     assert final["updates"] > 0 and final["test_accuracy"] > 0.5
+
+
+def test_a_run_whose_driver_died_resumes_from_the_shards_snapshots(ray_session, store, workdir, capfd):
+    """The coordinator is killed mid-epoch 2 (the run fails, as when its head node is lost);
+    `--resume` starts the shards from their snapshots, newer than epoch 1's checkpoint, and
+    the workers where they were, instead of taking epoch 2 again from its start."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from helpers import live_actor_pids
+
+    common = {"data.batch_size": 4, "optim.lr": 0.01, "strategy.snapshot_every": 10, "strategy.shards": 2,
+              "optim.epochs": 2, "tracking.run_name": "ps-lost"}
+    outcome = {}
+    first = threading.Thread(target=lambda: outcome.update(
+        error=_failure(lambda: pipelines.train(ps_run(store, **common)))))
+    first.start()
+    progress = workdir / "raydeep_runs" / "ps-lost" / "ps_snapshots" / "progress.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.is_alive():
+        try:
+            positions = json.loads(progress.read_text())["positions"].values()
+        except (OSError, ValueError):
+            positions = []
+        if len(positions) == 2 and all(epoch == 1 and step >= 30 for epoch, step in positions):
+            break
+        time.sleep(0.01)
+    (pid,) = live_actor_pids(ray_session, class_name="Coordinator")
+    os.kill(pid, signal.SIGKILL)
+    first.join(timeout=300)
+    assert outcome.get("error"), "the run went on without its coordinator"
+
+    capfd.readouterr()
+    resumed = pipelines.train(ps_run(store, **{**common, "resume": "ps-lost"}))
+    said = capfd.readouterr().out
+    past = [int(n) for n in re.findall(r"\((\d+) updates past the checkpoint\)", said)]
+    assert len(past) == 2 and min(past) >= 10, said  # 60+ pushes made, snapshots every 10
+    assert re.findall(r"worker \d resumes its data at epoch 2 step (\d+)", said), said
+    client = MlflowClient(store)
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(resumed.run_id, "train_loss"))
+    assert [step for step, _ in losses] == [0, 1]
+    # Carried on, not started afresh: a fresh start's first epoch is near epoch 1's loss (1.08
+    # here), the resumed rest of epoch 2 was at 0.22.
+    assert losses[1][1] < 0.6 * losses[0][1], losses
+
+
+def _failure(call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - the test asserts that it failed
+        return e
+    return None

@@ -14,13 +14,16 @@ from collections import Counter
 
 
 class Coordinator:
-    def __init__(self, world: int, staleness: int | None, clock: int = 0):
+    def __init__(self, world: int, staleness: int | None, resumed: dict | None = None):
+        """`resumed`: the clocks, positions and pending epoch reports of a run's earlier
+        attempt (`progress.load`), which its resumed workers carry on from."""
+        resumed = resumed or {}
         self.staleness = staleness
-        self.clocks = {rank: clock for rank in range(world)}
-        self.positions: dict[int, tuple[int, int]] = {}
+        self.clocks = {rank: resumed.get("clocks", {}).get(rank, 0) for rank in range(world)}
+        self.positions: dict[int, tuple[int, int]] = dict(resumed.get("positions", {}))
         """rank -> (epoch, next step) after its last push: where a replacement resumes."""
         self.live = set(range(world))
-        self.epochs: dict[int, dict[int, dict]] = {}
+        self.epochs: dict[int, dict[int, dict]] = {e: dict(r) for e, r in resumed.get("epochs", {}).items()}
         self.gaps: Counter[int] = Counter()
         self.first_step_at: float | None = None
         self.changed = asyncio.Condition()
@@ -45,7 +48,16 @@ class Coordinator:
             self.changed.notify_all()
 
     async def epoch_done(self, rank: int, epoch: int, stats: dict) -> None:
-        self.epochs.setdefault(epoch, {})[rank] = stats
+        """A worker ended `epoch`; a worker that took it up where another left it (a resumed
+        run's) adds its part to what was reported before."""
+        reports = self.epochs.setdefault(epoch, {})
+        earlier = reports.get(rank)
+        if earlier is not None:
+            stats = {"loss_sum": earlier["loss_sum"] + stats["loss_sum"],
+                     "steps": earlier["steps"] + stats["steps"],
+                     "samples": earlier["samples"] + stats["samples"],
+                     "began": min(earlier["began"], stats["began"]), "ended": max(earlier["ended"], stats["ended"])}
+        reports[rank] = stats
 
     async def position(self, rank: int) -> tuple[int, int, int] | None:
         """(epoch, step, clock) to resume `rank` from, or None if it never pushed."""
@@ -57,7 +69,7 @@ class Coordinator:
         """Epoch reports from `from_epoch` on (the driver polls: keep the reply small)."""
         return {"epochs": {e: r for e, r in self.epochs.items() if e >= from_epoch},
                 "gaps": dict(self.gaps), "first_step_at": self.first_step_at,
-                "clocks": dict(self.clocks)}
+                "clocks": dict(self.clocks), "positions": dict(self.positions)}
 
     def _slowest(self) -> int:
         live = [self.clocks[r] for r in self.live]

@@ -14,6 +14,7 @@ from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.errors import first_line, raise_task_cause
 from pipelines.strategies.base import FitResult
+from pipelines.strategies.ps import progress
 from pipelines.strategies.ps.coordinator import Coordinator
 from pipelines.strategies.ps.shard import ParameterShard, write_initial_state
 from pipelines.strategies.ps.worker import PSWorker
@@ -43,11 +44,15 @@ class Downpour:
         self.start_epoch = state["epoch"] + 1 if state else 0
         self.layout = ShardLayout.of(self.model, self.options.shards)
         self.snapshot_dir = self.run_dir / "ps_snapshots"
-        shutil.rmtree(self.snapshot_dir, ignore_errors=True)  # restarts resume this run's state only
+        # A resumed run carries on from its shards' snapshots and its workers' positions
+        # where they are newer than the checkpoint (`progress`); a new run starts clean.
+        self.resumed = progress.load(self.snapshot_dir, self.start_epoch) if state else None
+        if self.resumed is None:
+            shutil.rmtree(self.snapshot_dir, ignore_errors=True)
         self.shards = self._start_shards(state)
         self.coordinator = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=1000,
                                                            **place.at(-1)).remote(
-            run.resources.workers, self.options.staleness)
+            run.resources.workers, self.options.staleness, self.resumed)
         self.data_ref = ray.put(data)
         self.initial_ref = ray.put({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         self.workers: dict[int, object] = {}
@@ -71,9 +76,19 @@ class Downpour:
             self.tracker.say(f"the checkpoint has {len(saved)} shards, this run {o.shards}: "
                              "the weights carry over, the optimizer state starts afresh")
             saved = [None] * o.shards
+        fresher = {}
         for i, part in enumerate(self.layout.split(flat)):
-            write_initial_state(self.snapshot_dir, i, part, buffers if i == 0 and len(buffers) else None,
-                                saved[i])
+            version = progress.fresher_snapshot(self.snapshot_dir, i, saved[i]) if self.resumed else None
+            if version is None:
+                write_initial_state(self.snapshot_dir, i, part, buffers if i == 0 and len(buffers) else None,
+                                    saved[i])
+            else:
+                fresher[i] = version
+        if fresher:
+            behind = {i: (saved[i] or {}).get("version", 0) for i in fresher}
+            self.tracker.say("resumed shard(s) " + ", ".join(
+                f"{i} at version {v} ({v - behind[i]} updates past the checkpoint)" for i, v in fresher.items())
+                + " from their snapshots")
         remote = ray.remote(ParameterShard)
         return [remote.options(
                     name=f"{self._prefix()}shard-{i}", num_cpus=o.shard_cpus,
@@ -97,6 +112,15 @@ class Downpour:
         self.workers[rank] = actor
         return actor.run.remote(epoch, step, clock)
 
+    def _start_position(self, rank: int) -> tuple[int, int, int]:
+        """(epoch, step, clock) worker `rank` starts from: where a resumed run's worker was."""
+        if self.resumed and rank in self.resumed["positions"]:
+            epoch, step = self.resumed["positions"][rank]
+            if (epoch, step) != (self.start_epoch, 0):
+                self.tracker.say(f"worker {rank} resumes its data at epoch {epoch + 1} step {step}")
+            return epoch, step, self.resumed["clocks"].get(rank, 0)
+        return self.start_epoch, 0, 0
+
     def _prefix(self) -> str:
         return f"raydeep-ps:{self.run_dir.name}:"
 
@@ -106,7 +130,7 @@ class Downpour:
         import ray
 
         try:
-            running = {self._start_worker(rank, self.start_epoch, 0, 0): rank
+            running = {self._start_worker(rank, *self._start_position(rank)): rank
                        for rank in range(self.run.resources.workers)}
             expected = set(running.values())
             next_epoch = self.start_epoch
@@ -176,6 +200,7 @@ class Downpour:
         import ray
 
         report = ray.get(self.coordinator.report.remote(next_epoch))
+        progress.save(self.snapshot_dir, report)
         while next_epoch < self.run.optim.epochs:
             done = report["epochs"].get(next_epoch, {})
             if not expected or not expected <= set(done):
