@@ -4,7 +4,8 @@ It owns the run's tracker (MLflow), its directory (`pipelines.storage.RunDir`) a
 Tune trial, the trial's reporter, and it ends every epoch the same way for every strategy
 (`epoch_done`): checkpoint first (saved, uploaded to an object store, older ones pruned),
 then the metrics that describe it are logged and, in a trial, reported to Tune with it. A
-crash between the two loses no state a logged metric speaks of.
+crash between the two loses no state a logged metric speaks of, and the checkpoint holds
+the metrics (`epoch_record`): a run restarted from it logs what the store did not get.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 
 from pipelines.config import RunConfig
 from pipelines.storage import RunDir
-from pipelines.tracking import Tracker
+from pipelines.tracking import Tracker, now_ms
 
 
 class EpochReporter(Protocol):
@@ -54,18 +55,34 @@ class RunContext:
                    extra: dict[str, Any] | None = None) -> Path:
         """Epoch `epoch` (0-based) ended in this state with these metrics. The checkpoint
         holds the metrics too: a crash before they are logged loses neither."""
+        record = epoch_record(self.tracker, metrics)
         saved = self.run_dir.save_checkpoint(epoch, model=model, optimizer=optimizer,
-                                             extra={**(extra or {}), "metrics": metrics})
-        self.tracker.log_epoch(epoch, metrics)
+                                             extra={**(extra or {}), **record})
+        self.tracker.log_epoch(epoch, metrics, timestamp=record["logged_at"])
         self.history.append(metrics)
         if self.reporter is not None:
             self.reporter.epoch_done(epoch, metrics, saved)
         return saved
 
 
+def epoch_record(tracker: Tracker, metrics: dict[str, float]) -> dict[str, Any]:
+    """What a checkpoint holds of the tracking: its epoch's metrics, the time they are
+    logged at, and every metric this process has not got into the store yet (the store is
+    away: earlier epochs, whose own checkpoints may be pruned by now)."""
+    return {"metrics": metrics, "logged_at": now_ms(), "unlogged": tracker.unlogged()}
+
+
 def log_saved_metrics(tracker: Tracker, state: dict[str, Any] | None) -> None:
-    """Log the metrics a checkpoint holds for its epoch, unless that epoch is logged already
-    (the run stopped between saving the checkpoint and logging what it describes)."""
-    metrics = ((state or {}).get("extra") or {}).get("metrics")
-    if metrics and state["epoch"] not in tracker.logged_steps("train_loss"):
+    """Log the metrics a checkpoint holds that the store may have missed: the run stopped
+    between saving the checkpoint and logging what it describes, or ended while the store
+    was away. Each is logged with the timestamp it was first logged at, so one the store
+    has already is not added again (`Tracker.log_rows`)."""
+    extra = (state or {}).get("extra") or {}
+    metrics = extra.get("metrics")
+    if not metrics:
+        return
+    if "logged_at" in extra:
+        stamp, step = extra["logged_at"], state["epoch"]
+        tracker.log_rows([*extra.get("unlogged", []), *((k, v, stamp, step) for k, v in metrics.items())])
+    elif state["epoch"] not in tracker.logged_steps("train_loss"):  # a checkpoint of an older raydeep
         tracker.log_metrics(metrics, step=state["epoch"])

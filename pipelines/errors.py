@@ -13,6 +13,11 @@ class ConfigError(ValueError):
     the value. `pipelines.config.ConfigError` is this class."""
 
 
+class TrackingUnreachable(RuntimeError):
+    """The tracking store stayed away longer than a run waits for it (`pipelines.backlog`):
+    the run cannot be marked in it, and its checkpoints are kept for `--resume`."""
+
+
 _CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
 
 

@@ -5,17 +5,20 @@ Only MLflow: checkpoints are `pipelines.storage`'s, the end of an epoch is
 
 A `Tracker` holds only strings, so it can travel to the rank-0 worker of a Ray job and log
 from there; it talks to the store through `MlflowClient`, never through global state.
+Its writes outlive an outage of the store (`pipelines.backlog`): each process keeps what
+it could not write and writes it, in order, once the store is back.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.errors import redact
+from pipelines.backlog import Backlog, bound_http_waits, port_probe, reason, transient, wait_seconds
+from pipelines.errors import TrackingUnreachable, redact
 
 EPOCH_KEYS = ("train_loss", "samples_per_s")
 
@@ -48,6 +51,7 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
 
     from pipelines.config import ConfigError
 
+    wait_seconds()  # RAYDEEP_TRACKING_WAIT_S is checked with the store it waits for
     shown = redact(uri)
     scheme = uri.partition("://")[0].lower()
     dialect, _, driver = scheme.partition("+")
@@ -87,6 +91,8 @@ def open_store_in_background(uri: str):
     are left for the run's own first call to report."""
     import threading
 
+    bound_http_waits(uri)  # the caller joins this thread: no MLflow call may wait minutes
+
     def open_store():
         try:
             _client(absolute_uri(uri)).search_experiments(max_results=1)
@@ -119,18 +125,47 @@ class Tracker:
     launched_at: float = 0.0
     """When the run was launched (time.time(), `pipelines.startup`): the origin of its
     start-up timeline. 0: unknown (a tracker made outside `pipelines.train`), no timeline."""
+    run_name: str = ""
+    """The name `raydeep run --resume` takes for this run (set by `pipelines.run.open_run`):
+    an absent store's error names it. Empty for a sweep's trials (Tune resumes them)."""
+    _backlog: Backlog | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict:
+        # A copy sent to a Ray worker keeps the writes it makes there, not this process's.
+        return {**self.__dict__, "_backlog": None}
+
+    @property
+    def backlog(self) -> Backlog:
+        """This process's writes that the store has not taken yet."""
+        if self._backlog is None:
+            bound_http_waits(self.uri)
+            self._backlog = Backlog(self.uri, self._send, port_probe(self.uri), hint=self._resume_hint)
+        return self._backlog
+
+    def _resume_hint(self) -> str:
+        if not self.run_name:
+            return "its checkpoints are kept for a resume once the store is back"
+        return (f"its checkpoints are kept, and `raydeep run --resume {self.run_name} "
+                f"--tracking-uri {redact(self.uri)}` logs what MLflow missed once the store is back")
+
+    def _send(self, kind: str, payload: list) -> None:
+        _client(self.uri).log_batch(self.run_id, **{kind: payload})
 
     @classmethod
     def start(cls, uri: str, experiment: str, run_name: str, params: dict[str, Any],
               tags: dict[str, str] | None = None, epochs: int = 0) -> "Tracker":
+        bound_http_waits(uri)
         client = _client(uri)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(
-            experiment, tags=EXPERIMENT_TAGS)
-        if found and not EXPERIMENT_TAGS.keys() <= found.tags.keys():  # made by an older raydeep
-            for key, value in EXPERIMENT_TAGS.items():
-                client.set_experiment_tag(experiment_id, key, value)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        try:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(
+                experiment, tags=EXPERIMENT_TAGS)
+            if found and not EXPERIMENT_TAGS.keys() <= found.tags.keys():  # made by an older raydeep
+                for key, value in EXPERIMENT_TAGS.items():
+                    client.set_experiment_tag(experiment_id, key, value)
+            run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
+        except Exception as e:
+            raise _unreachable(uri, "start the run", e) if transient(e) else e
         tracker = cls(uri, run.info.run_id, experiment_id, epochs)
         tracker.log_params(params)
         return tracker
@@ -145,19 +180,25 @@ class Tracker:
 
         from pipelines.config import ConfigError
 
+        bound_http_waits(uri)
         client = _client(uri)
         try:
             run = client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as e:
+            if transient(e):
+                raise _unreachable(uri, "reopen the run", e) from None
             raise ConfigError(f"--resume: the run's MLflow run {run_id} is not in the tracking store "
                               f"{redact(uri)} (pass the --tracking-uri it was recorded in)") from None
         attempts = int(run.data.tags.get("raydeep.attempts", "1"))
         tags = {"raydeep.attempts": str(attempts + 1)}
         if run.info.status == "RUNNING":
             tags[f"raydeep.attempt_{attempts}"] = "lost: its driver ended without ending the run"
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        client.update_run(run_id, status="RUNNING")
+        try:
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.update_run(run_id, status="RUNNING")
+        except Exception as e:
+            raise _unreachable(uri, "reopen the run", e) if transient(e) else e
         return cls(uri, run_id, run.info.experiment_id, epochs)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -165,24 +206,38 @@ class Tracker:
 
         items = [Param(k, "None" if v is None else redact(str(v))) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            _client(self.uri).log_batch(self.run_id, params=items[start:start + 100])
+            self.backlog.write("params", items[start:start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if items:
-            _client(self.uri).log_batch(self.run_id, metrics=items)
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, timestamp: int | None = None) -> None:
+        """`timestamp` (ms): the time the values are recorded at (default: now)."""
+        now = now_ms() if timestamp is None else timestamp
+        self.log_rows([(k, v, now, step) for k, v in metrics.items()])
 
     def log_series(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """Metrics of many steps in few writes: [(step, {key: value}), ...]."""
+        now = now_ms()
+        self.log_rows([(k, v, now, step) for step, metrics in rows for k, v in metrics.items()])
+
+    def log_rows(self, rows: list[tuple[str, float, int, int]]) -> None:
+        """Metrics as (key, value, timestamp ms, step). Logging the same row again adds
+        nothing: SQL stores (and a server over one) keep one row per (key, value,
+        timestamp, step), which makes writing a checkpoint's metrics again harmless."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for step, metrics in rows for k, v in metrics.items()]
+        items = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows]
         for start in range(0, len(items), 1000):
-            _client(self.uri).log_batch(self.run_id, metrics=items[start:start + 1000])
+            self.backlog.write("metrics", items[start:start + 1000])
+
+    def wait_for_store(self, doing: str) -> None:
+        """Write everything kept so far, waiting a bounded time (`RAYDEEP_TRACKING_WAIT_S`)
+        for an absent store; `TrackingUnreachable` (saying what could not be done) if it
+        stays away."""
+        self.backlog.drain(doing)
+
+    def unlogged(self) -> list[list]:
+        """The metrics this process has not written to the store yet, as log_rows takes them."""
+        return [[m.key, m.value, m.timestamp, m.step] for batch in self.backlog.pending("metrics")
+                for m in batch]
 
     def since_launch(self, at: float | None = None) -> float:
         """Seconds from the launch to wall-clock time `at` (default: now)."""
@@ -211,9 +266,9 @@ class Tracker:
             metrics["time_to_first_step_s"] = marks["first_step"]
         self.log_metrics(metrics)
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+    def log_epoch(self, epoch: int, metrics: dict[str, float], timestamp: int | None = None) -> None:
         """Per-epoch metrics at step `epoch` (0-based) and a progress line."""
-        self.log_metrics(metrics, step=epoch)
+        self.log_metrics(metrics, step=epoch, timestamp=timestamp)
         keys = ["train_loss", *sorted(k for k in metrics if k.startswith("val_")), "samples_per_s"]
         shown = "  ".join(
             f"{k} {metrics[k]:.4f}" if k != "samples_per_s" else f"samples/s {metrics[k]:,.0f}"
@@ -228,15 +283,17 @@ class Tracker:
             print(line, flush=True, file=sys.__stdout__)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        client = _client(self.uri)
-        for k, v in tags.items():
-            client.set_tag(self.run_id, k, v)
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.backlog.write("tags", [RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path) -> None:
-        _client(self.uri).log_artifact(self.run_id, str(path))
+        self.backlog.call(lambda: _client(self.uri).log_artifact(self.run_id, str(path)),
+                          f"log {Path(path).name}")
 
     def log_figure(self, figure, name: str) -> None:
-        _client(self.uri).log_figure(self.run_id, figure, name)
+        self.backlog.call(lambda: _client(self.uri).log_figure(self.run_id, figure, name), f"log {name}")
 
     def log_model(self, model, input_example) -> None:
         import mlflow
@@ -245,35 +302,50 @@ class Tracker:
 
         import models
 
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            # The family's code travels with the model, so it loads where raydeep is not installed.
-            mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example,
-                code_paths=[os.path.dirname(models.__file__)],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                  f"mlflow=={mlflow.__version__}"])
+        def log():
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                # The family's code travels with the model, so it loads where raydeep is not installed.
+                mlflow.pytorch.log_model(
+                    model, name="model", input_example=input_example,
+                    code_paths=[os.path.dirname(models.__file__)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                      f"mlflow=={mlflow.__version__}"])
+
+        # Tried once: a retried log_model would record a second model.
+        self.backlog.call(log, "log the model", retry=False)
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        client = _client(self.uri)
-        if error:
-            client.set_tag(self.run_id, "error", error[:5000])
-        client.set_terminated(self.run_id, status=status)
+        """End the run after every kept write; `TrackingUnreachable` if the store stays away."""
+        def end():
+            client = _client(self.uri)
+            if error:
+                client.set_tag(self.run_id, "error", error[:5000])
+            client.set_terminated(self.run_id, status=status)
+
+        after = f" after {error.strip().splitlines()[0][:300]}" if error and error.strip() else ""
+        self.backlog.call(end, f"mark the run {status}{after}")
+
+    def _read(self, fn):
+        return self.backlog.call(fn, "read the run's metrics")
 
     def status(self) -> str:
-        return _client(self.uri).get_run(self.run_id).info.status
+        return self._read(lambda: _client(self.uri).get_run(self.run_id).info.status)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which `key` has been logged."""
-        return {m.step for m in _client(self.uri).get_metric_history(self.run_id, key)}
+        return {m.step for m in self._read(lambda: _client(self.uri).get_metric_history(self.run_id, key))}
 
     def metric_history(self, key: str) -> list[float]:
         """Every value logged under `key`, oldest first."""
-        history = _client(self.uri).get_metric_history(self.run_id, key)
+        history = self._read(lambda: _client(self.uri).get_metric_history(self.run_id, key))
         return [m.value for m in sorted(history, key=lambda m: (m.timestamp, m.step))]
 
     def epoch_history(self) -> list[dict[str, float]]:
         """Per-epoch metrics as logged (for a restarted epoch, the last value logged wins)."""
+        return self._read(self._epoch_history)
+
+    def _epoch_history(self) -> list[dict[str, float]]:
         client = _client(self.uri)
         keys = [k for k in client.get_run(self.run_id).data.metrics
                 if k in EPOCH_KEYS or k.startswith(("val_", "grad_norm."))]
@@ -282,3 +354,12 @@ class Tracker:
             for m in sorted(client.get_metric_history(self.run_id, key), key=lambda m: m.timestamp):
                 by_step.setdefault(m.step, {})[key] = m.value
         return [by_step[s] for s in sorted(by_step)]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _unreachable(uri: str, doing: str, error: BaseException) -> TrackingUnreachable:
+    return TrackingUnreachable(f"cannot {doing}: the tracking store {redact(uri)} is unreachable "
+                               f"({reason(error)})")

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from pipelines.config import ConfigError, RunConfig
-from pipelines.context import RunContext, log_saved_metrics
+from pipelines.context import RunContext, epoch_record, log_saved_metrics
 from pipelines.data import Dataset
 from pipelines.registry import register
 from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
@@ -100,6 +100,9 @@ class AllreduceStrategy(Strategy):
             state = run_dir.newest_state()
         if state is None:
             raise RuntimeError(f"allreduce finished without a checkpoint under {run_dir.location}")
+        # What rank 0 could not write while the store was away ended with its process; the
+        # last checkpoint holds it (rows the store has are not added twice).
+        log_saved_metrics(tracker, state)
         starts = tracker.metric_history("worker_group_start_epoch")
         summary = {"worker_restarts": float(max(len(starts) - 1, 0))}
         first = tracker.metric_history("time_to_first_step_s")
@@ -136,16 +139,17 @@ def _train_worker(config: dict[str, Any]) -> None:
         for write in pending:
             write.result()
         pending.clear()
+        record = epoch_record(tracker, metrics) if comm.rank == 0 else {}
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if comm.rank == 0:
                 save_state(tmp, epoch=epoch, model=_cpu(model.state_dict()),
-                           optimizer=optimizer.state_dict(), extra={"metrics": metrics})
+                           optimizer=optimizer.state_dict(), extra=record)
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch + 1}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint_name(epoch))
         if comm.rank == 0:  # after the checkpoint it describes
-            tracker.log_epoch(epoch, metrics)
+            tracker.log_epoch(epoch, metrics, timestamp=record["logged_at"])
 
     def first_step():
         if comm.rank != 0:
