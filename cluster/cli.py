@@ -188,6 +188,11 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
             run_config = config.load(args.config, overrides, args.sets)
         if args.print_schedule:
             return cmd_print_schedule(run_config)
+        from pipelines import registry
+
+        failed = registry.get(run_config.strategy.name).uses_ray and _check_address(args, run_config)
+        if failed:
+            return _fail(failed)
         data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
@@ -238,6 +243,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_resumable(sweep, args.resume)
     except ConfigError as e:
         return _fail(str(e))
+    failed = _check_address(args, sweep.run_config({}))
+    if failed:
+        return _fail(failed)
     failed = _connect(sweep.run_config({}), sweep=True)
     if failed:
         return _fail(failed)
@@ -278,6 +286,14 @@ def print_sweep(result) -> None:
     if result.best_config is not None:
         print(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}); "
               f"its config: {result.best_config}\n  raydeep run {result.best_config}")
+
+
+def _check_address(args: argparse.Namespace, run_config) -> str | None:
+    """Why the run's Ray address cannot be joined, said before the data, the tracking store
+    or Ray start."""
+    from cluster.ray_address import refusal
+
+    return refusal(getattr(args, "resources.address", None), run_config.resources.address)
 
 
 def _connect(run_config, sweep: bool = False) -> str | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 
 LOCAL_SYSTEM_CONFIG = {
     # Objects up to 1 MiB go inline in actor calls instead of through the shared-memory
@@ -93,17 +92,6 @@ def _without_internal_lines(handler):
     return forward
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on a `host:port` nobody listens on: `ray.init` would retry for minutes."""
-    if address in ("auto", "local") or "://" in address or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as e:
-        raise ConnectionError(f"no Ray cluster answers at {address} ({e})") from None
-
-
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
     """Start or join Ray once per process; returns the cluster's resources.
 
@@ -114,12 +102,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     """
     import ray
 
+    from cluster import ray_address
+
     quiet_ray_logs()
     # A Ray job's driver (`raydeep submit`) finds its cluster in RAY_ADDRESS; starting an
     # embedded Ray there would fail on `_system_config`, which only a new cluster takes.
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and not ray.is_initialized():
-        check_reachable(address)
+    # An address given here wins over RAY_ADDRESS; ray.init would retry a bad one for
+    # half a minute, so it is checked first (the CLI has checked it before anything else).
+    address, origin = ray_address.chosen(address)
+    if address is not None and not ray.is_initialized():
+        ray_address.check_one(address, origin)
     if not ray.is_initialized():
         level = logging.INFO if verbose() else logging.WARNING
         if address:
