@@ -169,6 +169,7 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
 
     quiet_ray_logs()
     from pipelines import ConfigError, RunFailed, config, startup, train
+    from pipelines.errors import TrackingUnreachable
     from pipelines.run import prepare
 
     startup.launched(launched_at)
@@ -215,6 +216,9 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         return _fail(str(e))
     except RunFailed as e:
         print(f"raydeep: run failed (MLflow run {e.run_id} marked FAILED): {e}", file=sys.stderr)
+        return 1
+    except TrackingUnreachable as e:  # the MLflow run cannot be marked; the message says what to do
+        print(f"raydeep: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("raydeep: interrupted; the MLflow run is marked KILLED", file=sys.stderr)

@@ -12,7 +12,7 @@ from pipelines import data as datasets
 from pipelines import figures, registry, resume, startup
 from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext
-from pipelines.errors import first_line, one_line
+from pipelines.errors import TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri, check_store
 from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
@@ -94,11 +94,14 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"),
                  "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary}
         tracker.log_metrics(final)
+        tracker.wait_for_store("end the run")  # what it kept first; a bounded wait if the store is away
         history = fit.history or context.history or tracker.epoch_history()
         _log_figures(tracker, model, data, history)
         if config.tracking.log_model:
             tracker.log_model(model, data.x_test[:4].numpy())
         tracker.finish("FINISHED")
+    except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
+        raise
     except KeyboardInterrupt:
         tracker.finish("KILLED", "interrupted by the user")
         raise
@@ -132,6 +135,7 @@ def open_run(config: RunConfig, data: datasets.Dataset) -> RunContext:
                                       "config": config.to_dict()})
     run_dir.keep = config.resources.keep_checkpoints
     tracker.launched_at = startup.launch_time()
+    tracker.run_name = run_dir.name  # what an absent store's error tells the user to --resume
     startup.mark("run_open")
     tracker.log_startup(startup.marks())  # the marks the driver took before the run existed
     return RunContext(config, tracker, run_dir)
