@@ -4,25 +4,20 @@ The repository goes up as the job's `working_dir` (`.rayignore` keeps data, MLfl
 checkpoints and virtual environments out), so the cluster runs the code on this laptop, not
 whatever version its image holds. The job's driver runs the command on the head node; the
 environment variables given here reach it and every worker it starts, which is how the MLflow
-tracking URI and the Ray token get to all of them.
+tracking URI gets to all of them. No secret goes with a job (`cluster/job_env.py`): the job's
+record is readable through the Jobs API, so the cluster's own credentials serve.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from cluster import jobs as jobs_api
+from cluster.job_env import check_command, job_env, kept_here
 from cluster.jobs import JobsError
 
 REPO = Path(__file__).resolve().parents[1]
-
-FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                 "MLFLOW_EXPERIMENT_NAME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
-"""Set here, they are set in the job too: where runs are tracked and how storage is reached.
-RAY_AUTH_TOKEN is not among them: the cluster's own processes hold the cluster's token."""
 
 WORKER_PIP = ["mlflow>=3.0", "pyarrow>=14", "pyyaml>=6", "scikit-learn>=1.3", "matplotlib>=3.7",
               "optuna>=3.0"]
@@ -32,13 +27,11 @@ cluster/configs/ has them already."""
 
 
 def runtime_env(env_pairs: list[str], pip: bool) -> dict:
-    """The job's runtime_env: this repository, the forwarded variables, optionally pip."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    for pair in env_pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise JobsError(f"--env takes KEY=VALUE, got {pair!r}")
-        env[key] = value
+    """The job's runtime_env: this repository, the forwarded settings, optionally pip."""
+    try:
+        env = job_env(env_pairs)
+    except ValueError as e:
+        raise JobsError(str(e)) from None
     env.setdefault("PYTHONUNBUFFERED", "1")  # progress lines reach the log as they are printed
     spec: dict = {"working_dir": str(REPO), "env_vars": env}
     if pip:
@@ -54,11 +47,18 @@ def entrypoint(command: list[str]) -> str:
         raise JobsError("nothing to submit: raydeep submit [OPTIONS] -- raydeep run ...")
     if command[0] not in ("raydeep", "python", "python3"):
         raise JobsError(f"the job must be a raydeep command (raydeep run|tune ...), got {command[0]!r}")
+    try:
+        check_command(command)
+    except ValueError as e:
+        raise JobsError(str(e)) from None
     return shlex.join(command)
 
 
 def cmd_submit(args) -> int:
     """Submit, then (unless --no-wait) follow the logs and exit with the job's result."""
+    from cluster.connect import quiet_ray_logs
+
+    quiet_ray_logs()  # Ray's INFO lines on packaging the working_dir stay off the terminal
     command = entrypoint(args.job_command)
     spec = runtime_env(args.env, args.pip)
     jobs = jobs_api.client(args.address)
@@ -66,7 +66,10 @@ def cmd_submit(args) -> int:
     job_id = jobs_api.guarded(lambda: jobs.submit_job(
         entrypoint=command, runtime_env=spec, submission_id=args.submission_id,
         metadata={"raydeep": "submit"}), url)
-    print(f"raydeep: submitted job {job_id} to {url}", file=sys.stderr, flush=True)
+    kept = kept_here()
+    print(f"raydeep: submitted job {job_id} to {url}" + (
+        f" ({', '.join(kept)} set here not sent: the cluster's own credentials serve)" if kept else ""),
+        file=sys.stderr, flush=True)
     if args.no_wait:
         print(job_id)
         print(f"raydeep: follow it with: raydeep jobs logs {job_id} --follow", file=sys.stderr)

@@ -269,8 +269,9 @@ def test_unreachable_address_is_one_line(tmp_path):
     line = one_line_error(run_cli_process("submit", "--address", f"http://127.0.0.1:{free_port()}", "--",
                                   "raydeep", "run", cwd=tmp_path, timeout=60))
     assert "no Ray Jobs server answers at http://127.0.0.1:" in line
-    line = one_line_error(run_cli_process("jobs", "logs", "--address", f"http://127.0.0.1:{free_port()}",
-                                  cwd=tmp_path, timeout=60))
+    # (a job id: without one, `jobs logs` is refused before any address is tried)
+    line = one_line_error(run_cli_process("jobs", "logs", "raysubmit_x", "--address",
+                                          f"http://127.0.0.1:{free_port()}", cwd=tmp_path, timeout=60))
     assert "no Ray Jobs server answers" in line
 
 
