@@ -253,6 +253,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     failed = _connect(sweep.run_config({}), sweep=True)
     if failed:
         return _fail(failed)
+    from pipelines.errors import TrackingUnreachable
     from pipelines.sweep.runner import run_sweep
 
     try:
@@ -260,6 +261,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             result = run_sweep(sweep, args.resume)
     except ConfigError as e:
         return _fail(str(e))
+    except TrackingUnreachable as e:  # Tune's own state is kept: --resume carries the sweep on
+        print(f"raydeep: error: {e}; the sweep's trials are kept: raydeep tune {args.config} --resume",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"raydeep: interrupted; finish the sweep with: raydeep tune {args.config} --resume",
               file=sys.stderr)
