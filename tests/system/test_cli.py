@@ -50,7 +50,7 @@ BAD_INPUTS = [
     (["--set", "optim.lr"], "--set 'optim.lr' needs the form key=value"),
     (["--tracking-uri", "mlflow.db"], "tracking.uri 'mlflow.db' is not a URI"),
     (["--resume", "never-ran"], "--resume 'never-ran': no run of that name under"),
-    (["--address", "127.0.0.1:9"], "cannot connect to 127.0.0.1:9: no Ray cluster answers"),
+    (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9: no Ray cluster answers there"),
     (["{root}/run.yaml"], "unknown config key 'model.bogus'"),
     (["--model", "cnn", "--set", "model.channels=[4,4,4,4]"], "too many stages"),
 ]
