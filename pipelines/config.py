@@ -147,8 +147,23 @@ def from_dict(raw: dict[str, Any] | None) -> RunConfig:
     config.strategy = _build_open(
         config.strategy, raw.get("strategy") or {}, "strategy", _strategy_params
     )
+    config.resources.storage_path = local_storage(config.resources.storage_path)
     validate(config)
     return config
+
+
+def local_storage(location: str) -> str:
+    """`file:///dir` as the path `/dir`: pyarrow opens it as a local filesystem with no
+    bucket, and everything that tells object stores from paths ("://") must see a path."""
+    if not location.lower().startswith("file://"):
+        return location
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(location)
+    if parts.netloc not in ("", "localhost") or not parts.path.startswith("/") or parts.query:
+        raise ConfigError(f"resources.storage_path {location!r}: a file URI names a directory of "
+                          "this machine as file:///absolute/path (or give the path itself)")
+    return unquote(parts.path)
 
 
 def _model_params(name: str) -> type:
@@ -330,9 +345,12 @@ def validate(config: RunConfig) -> None:
     need(r.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}")
     need(r.num_cpus is None or r.num_cpus >= 1, f"resources.num_cpus must be >= 1, got {r.num_cpus}")
     need(r.keep_checkpoints >= 1, f"resources.keep_checkpoints must be >= 1, got {r.keep_checkpoints}")
+    need(r.storage_path.strip() != "", "resources.storage_path must not be empty (default: raydeep_runs)")
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     need(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    need(d.input_shape is None or len(d.input_shape) >= 1,
+         "data.input_shape must hold at least one size (or be unset for the data's own shape)")
     need(d.input_shape is None or all(s >= 1 for s in d.input_shape),
          f"data.input_shape must hold positive sizes, got {d.input_shape}")
     need(d.synthetic_samples >= 10, f"data.synthetic_samples must be >= 10, got {d.synthetic_samples}")
@@ -347,7 +365,10 @@ def validate(config: RunConfig) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+    need(d.source.strip() != "", "data.source must not be empty (digits, synthetic, or a Parquet or CSV file)")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
+    # The split's RandomState takes 32 bits: its own message would name numpy's limit.
+    need(0 <= config.seed <= MAX_SEED, f"seed must be an integer in 0..{MAX_SEED}, got {config.seed}")
     if config.tracking.run_name is not None:
         check_plain_name("tracking.run_name", config.tracking.run_name)
     need("://" in config.tracking.uri,
@@ -361,6 +382,8 @@ def check_plain_name(key: str, name: str) -> None:
         raise ConfigError(f"{key} {name!r} must be a plain name (no '/', '\\', '..' or surrounding "
                           "spaces): it names a directory under resources.storage_path")
 
+
+MAX_SEED = 2**32 - 1
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
 """`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""
