@@ -5,6 +5,8 @@ strategies then hand each worker a disjoint shard of every global batch (`pipeli
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     if section.source == "digits":
         x, y, names = _digits()
     elif section.source == "synthetic":
+        check_synthetic_size(section)
         x, y, names = synthetic(section.synthetic_samples, section.synthetic_shape,
                                 section.synthetic_classes, seed)
     else:
@@ -75,48 +78,109 @@ def synthetic(samples: int, shape: list[int], classes: int, seed: int):
     return prototypes[y] + noise, y, [str(c) for c in range(classes)]
 
 
+BYTES_PER_VALUE = 24
+"""Peak bytes per synthetic feature value while drawn and split: numpy draws the noise in
+float64 (8), then float32 copies for the noise, the blobs and the split parts (4 each)."""
+
+
+def check_synthetic_size(section: DataSection) -> None:
+    """Refuse synthetic data this machine cannot hold, in one line: numpy would raise a
+    MemoryError (or 'array is too big') halfway through drawing it."""
+    shape = list(section.synthetic_shape)
+    samples, classes = section.synthetic_samples, section.synthetic_classes
+    values = (samples + classes) * math.prod(shape)  # Python ints: a huge shape cannot wrap to 0
+    need, memory = values * BYTES_PER_VALUE, machine_memory()
+    if need > memory:
+        raise DataError(
+            f"synthetic data of {samples:,} examples and {classes:,} class prototypes of shape {shape} "
+            f"is {values:,} values, about {_gib(need)} GiB while drawn, and this machine has "
+            f"{_gib(memory)} GiB: ask for fewer data.synthetic_samples or classes, or a smaller shape")
+
+
+def _gib(size: int) -> str:
+    gib = size / 2**30
+    return f"{gib:,.1f}" if gib < 1e5 else f"{gib:.1e}"
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A Parquet or CSV file: a label column and numeric feature columns (or one list column)."""
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"data file {path!r} does not exist")
-    table = _read_arrow(file)
+    table = _read_arrow(_data_file(path))
+    if table.num_rows == 0:
+        raise DataError(f"data file {path!r} has no rows" + (
+            f" (only a header: {', '.join(table.column_names)})" if table.column_names else ""))
     if label not in table.column_names:
         raise DataError(
             f"data file {path!r} has no label column {label!r} "
             f"(columns: {', '.join(table.column_names)}); set --label"
         )
+    label_type = table.schema.field(label).type
+    if _is_nested(label_type):
+        raise DataError(f"data file {path!r}: label column {label!r} holds {label_type} values; a label "
+                        "is one class per row (an integer, a string or a boolean)")
     feature_columns = [c for c in table.column_names if c != label]
     if not feature_columns:
         raise DataError(f"data file {path!r} has no feature columns beside {label!r}")
-    if len(feature_columns) == 1 and _is_list(table.schema.field(feature_columns[0]).type):
-        column = table.column(feature_columns[0]).combine_chunks()
-        try:
-            x = np.array(column.to_pylist(), dtype=np.float32)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"data file {path!r}: list column {feature_columns[0]!r} must hold numeric "
-                "lists of one length"
-            ) from None
-    else:
-        bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
-        if bad:
-            raise DataError(f"data file {path!r} has non-numeric feature columns: {', '.join(bad)}")
-        x = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in feature_columns],
-                     axis=1).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 is refused below
+        x = _features(path, table, feature_columns)
     if np.isnan(x).any():
         raise DataError(f"data file {path!r} has missing or NaN feature values")
     if np.isinf(x).any():
         raise DataError(f"data file {path!r} has infinite feature values (or values beyond float32's range)")
     labels = table.column(label).to_pylist()
-    if any(v is None for v in labels):
+    if any(v is None or v != v for v in labels):  # v != v: a float NaN
         raise DataError(f"data file {path!r} has missing values in label column {label!r}")
     classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[v] for v in labels], dtype=np.int64)
     if len(classes) < 2:
-        raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes")
+        raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes "
+                        f"(only {classes[0]!r})")
     return x, y, [str(c) for c in classes]
+
+
+def _data_file(path: str) -> Path:
+    """The one local file `data.source` names, or a one-line error saying what it is instead."""
+    if "://" in path:
+        raise DataError(f"data.source {path!r} is a URI: data is read from one Parquet or CSV file "
+                        "on this machine today (copy it here)")
+    file = Path(path)
+    if file.is_dir():
+        raise DataError(f"data file {path!r} is a directory: data.source takes one Parquet (.parquet) "
+                        "or CSV (.csv) file today")
+    if not file.is_file():
+        pattern = any(c in path for c in "*?[")
+        raise DataError(f"data file {path!r} does not exist" + (
+            " (a pattern is not expanded: data.source takes one Parquet or CSV file today)"
+            if pattern else ""))
+    return file
+
+
+def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
+    """The feature matrix (float32) of numeric columns, or of one column of numeric lists."""
+    if len(feature_columns) == 1 and _is_list(table.schema.field(feature_columns[0]).type):
+        column = table.column(feature_columns[0]).combine_chunks()
+        try:
+            return np.array(column.to_pylist(), dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"data file {path!r}: list column {feature_columns[0]!r} must hold numeric "
+                "lists of one length"
+            ) from None
+    bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
+    if bad:
+        raise DataError(f"data file {path!r} has non-numeric feature columns: {', '.join(bad)}")
+    return np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in feature_columns],
+                    axis=1).astype(np.float32)
 
 
 def _read_arrow(file: Path):
@@ -149,9 +213,15 @@ def _is_list(t) -> bool:
     return pat.is_list(t) or pat.is_large_list(t) or pat.is_fixed_size_list(t)
 
 
+def _is_nested(t) -> bool:
+    import pyarrow.types as pat
+
+    return pat.is_nested(t) or pat.is_map(t)
+
+
 def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
-    features = int(np.prod(x.shape[1:]))
-    wanted = int(np.prod(shape))
+    features = math.prod(x.shape[1:])
+    wanted = math.prod(shape)  # Python ints: np.prod of huge sizes wraps around to 0
     if features != wanted:
         raise DataError(
             f"data.input_shape {list(shape)} holds {wanted} values but each example of "
@@ -161,6 +231,13 @@ def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
 
 
 def _split(name, x, y, names, test_fraction, val_fraction, seed) -> Dataset:
+    present, counts = np.unique(y, return_counts=True)
+    single = [names[c] for c in present[counts < 2]]
+    if single:  # said here: the split's own message lists every such class
+        more = "; draw more data.synthetic_samples or fewer data.synthetic_classes" if name == "synthetic" else ""
+        raise DataError(f"cannot split {name} into train/val/test: {len(single)} of its {len(present)} "
+                        f"classes have a single example (first: {single[0]!r}); a stratified split "
+                        f"needs at least 2 of each{more}")
     try:
         rest, test = split.stratified_split(y, test_fraction, seed)
         x_rest, x_test, y_rest, y_test = x[rest], x[test], y[rest], y[test]
