@@ -80,3 +80,70 @@ def children(location: str) -> list[tuple[str, str]]:
         raise ConfigError(f"resources.storage_path {redact(location)!r} cannot be listed: "
                           f"{first_line(e)}") from None
     return [(c.base_name, c.path) for c in found if c.type == pyarrow.fs.FileType.Directory]
+
+
+PROBE_SECONDS = 10.0
+"""How long a check before a run waits for an object store to answer: a GCS client with no
+credentials looks for a metadata server for minutes, an S3 client retries a refused
+connection for seconds."""
+
+
+def probe(location: str, seconds: float = PROBE_SECONDS) -> tuple[str, bool]:
+    """The bucket of object-store URI `location` and whether it exists (False for no
+    bucket), asked once and answered within `seconds`: a `TimeoutError` after that, an
+    `OSError` (or `ConfigError`) saying why it cannot be asked. Opening is inside the wait:
+    an S3 URI without a region asks the network for one."""
+    import queue
+    import threading
+
+    answer: queue.Queue = queue.Queue()
+
+    def ask() -> None:
+        try:
+            fs, path = _impatient(*open_filesystem(location))
+            bucket = path.split("/")[0]
+            answer.put((bucket, bool(bucket) and fs.get_file_info(bucket).type.name != "NotFound"))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            answer.put(e)
+
+    # A thread, as pyarrow's calls cannot be interrupted: one that hangs past `seconds` is
+    # left behind (a daemon: it does not keep the process alive).
+    threading.Thread(target=ask, name="raydeep-storage-probe", daemon=True).start()
+    try:
+        result = answer.get(timeout=seconds)
+    except queue.Empty:
+        raise TimeoutError(f"no answer within {seconds:.0f} s") from None
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _impatient(fs, path: str):
+    """`fs` rebuilt to try once (S3) or retry for a second (GCS), for a check that should
+    answer in seconds; `fs` itself where it cannot be rebuilt. Its pickling state holds its
+    constructor's arguments."""
+    import datetime
+
+    import pyarrow.fs
+
+    try:
+        options = dict(fs.__reduce__()[1][0])
+        if isinstance(fs, pyarrow.fs.S3FileSystem):
+            return pyarrow.fs.S3FileSystem(
+                **options, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1)), path
+        if type(fs).__name__ == "GcsFileSystem":
+            options["retry_time_limit"] = datetime.timedelta(seconds=1)
+            return type(fs)(**options), path
+    except (TypeError, ValueError, IndexError, AttributeError):
+        pass
+    return fs, path
+
+
+def short_reason(error: BaseException, limit: int = 240) -> str:
+    """An object-store client's error in a line a user reads: GCS's missing credentials said
+    plainly, anything else its first line, cut at `limit` characters."""
+    line = first_line(error)
+    if "OAuth2 access token" in line:
+        return ("no Google Cloud credentials were found (set GOOGLE_APPLICATION_CREDENTIALS or run "
+                "`gcloud auth application-default login`)")
+    return line if len(line) <= limit else line[:limit].rstrip() + "..."

@@ -35,7 +35,9 @@ from pipelines.filesystem import (
     join,
     kind,
     open_filesystem,
+    probe,
     read_bytes,
+    short_reason,
     write_text,
 )
 
@@ -251,22 +253,23 @@ class Store:
         return cls(join(Store(storage_path).location, "sweeps"), "sweep", SWEEP_FILE)
 
     def check(self) -> None:
-        """A one-line error unless an object store's bucket answers: before a run starts,
-        not in its middle (a local directory is made when the run opens)."""
-        import pyarrow.fs
-
+        """A one-line error unless the store can hold runs, said before a run starts, not in
+        its middle: a local directory (made when the run opens) must be one and be writable;
+        an object store's bucket must answer, within seconds."""
         if not self.remote:
-            return
-        fs, path = open_filesystem(self.location)
-        bucket = path.split("/")[0]
+            return check_local_directory(self.location)
+        shown = redact(self.location)
         try:
-            found = fs.get_file_info(bucket).type != pyarrow.fs.FileType.NotFound
+            bucket, found = probe(self.location)
+        except TimeoutError as e:
+            raise ConfigError(f"resources.storage_path {shown!r} cannot be reached: {e} (check the "
+                              "endpoint and the credentials)") from None
         except OSError as e:
-            raise ConfigError(f"resources.storage_path {redact(self.location)!r} cannot be reached: "
-                              f"{first_line(e)}") from None
+            raise ConfigError(f"resources.storage_path {shown!r} cannot be reached: {short_reason(e)}") from None
+        if not bucket:
+            raise ConfigError(f"resources.storage_path {shown!r} names no bucket (e.g. s3://BUCKET/runs)")
         if not found:
-            raise ConfigError(f"resources.storage_path {redact(self.location)!r}: "
-                              f"bucket {bucket!r} does not exist")
+            raise ConfigError(f"resources.storage_path {shown!r}: bucket {bucket!r} does not exist")
 
     def find(self, name: str, prefix: str = "") -> str:
         """The name `--resume NAME` means: `name` itself, or for `latest` the newest (by its
@@ -344,6 +347,22 @@ class Store:
             raise ConfigError(f"resources.storage_path {self.location!r} cannot hold "
                               f"{self.what}s: {e.strerror}") from None
         return path
+
+
+def check_local_directory(location: str) -> None:
+    """`location` is a directory this process can write in, or can be made as one: its
+    nearest existing ancestor must be a directory a probe directory can be made in (a
+    permission check alone says yes to root, even on a read-only or virtual filesystem)."""
+    existing = Path(location)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"resources.storage_path {location!r}: {str(existing)!r} is a file, not a directory")
+    try:
+        tempfile.TemporaryDirectory(prefix=".raydeep-probe-", dir=existing).cleanup()
+    except OSError as e:
+        raise ConfigError(f"resources.storage_path {location!r} cannot be written "
+                          f"({str(existing)!r}: {e.strerror})") from None
 
 
 def timestamped(prefix: str) -> str:
