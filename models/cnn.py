@@ -51,6 +51,12 @@ class CNN(SequentialClassifier):
         if cfg.conv not in CONVS:
             raise ValueError(f"unknown conv {cfg.conv!r} (known: {', '.join(CONVS)})")
         check_projection(cfg.projection)
+        # Said here: torch would warn about empty tensors or divide by zero first.
+        if cfg.kernel_size < 1 or cfg.pool_size < 1 or not all(out >= 1 for out in cfg.channels):
+            raise ValueError(f"cnn needs kernel_size >= 1, pool_size >= 1 and positive channels, got "
+                             f"{cfg.kernel_size}, {cfg.pool_size} and {list(cfg.channels)}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"cnn dropout must be in [0, 1), got {cfg.dropout}")
         c, h, w = input_shape
         layers: list[nn.Module] = []
         pad = cfg.kernel_size // 2

@@ -49,6 +49,8 @@ class RNN(Classifier):
             raise ValueError(f"rnn nonlinearity must be tanh or relu, got {cfg.nonlinearity!r}")
         if cfg.layers < 1 or cfg.hidden < 1:
             raise ValueError(f"rnn needs layers >= 1 and hidden >= 1, got {cfg.layers} and {cfg.hidden}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"rnn dropout must be in [0, 1), got {cfg.dropout}")
         if cfg.head_layers < 0 or cfg.head_width < 1:
             raise ValueError(f"rnn needs head_layers >= 0 and head_width >= 1, "
                              f"got {cfg.head_layers} and {cfg.head_width}")

@@ -56,6 +56,8 @@ class AllreduceStrategy(Strategy):
             raise ConfigError(f"strategy.backend must be gloo or nccl, got {options.backend!r}")
         if options.backend == "nccl" and run.resources.gpus_per_worker <= 0:
             raise ConfigError("strategy.backend nccl needs resources.gpus_per_worker > 0")
+        if options.max_failures < -1:  # Ray Train's FailureConfig would refuse it once Ray is up
+            raise ConfigError(f"strategy.max_failures must be >= -1 (-1: no limit), got {options.max_failures}")
 
     def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         import ray

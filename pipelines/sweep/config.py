@@ -225,6 +225,8 @@ def _named(spec: Any, what: str, known: dict[str, dict], fail) -> tuple[str, dic
     """`asha` or `{name: asha, grace_period: 2}`: the name and its settings over the defaults."""
     options = dict(spec) if isinstance(spec, dict) else {"name": spec}
     name = options.pop("name", None)
+    if not isinstance(name, str):  # a list or a mapping is no name (and cannot be looked up)
+        fail(f"{what} must be a name ({', '.join(known)}) or a mapping with one, got {spec!r}")
     if name not in known:
         fail(f"{what} {name!r} is unknown (known: {', '.join(known)})")
     extra = [k for k in options if k not in known[name]]
