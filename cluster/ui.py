@@ -43,6 +43,8 @@ def address_problem(host: str, port: int, allow_remote: bool) -> str | None:
 
     if not 1 <= port <= 65535:
         return f"--port must be in 1..65535, got {port}"
+    if not host.strip():
+        return "--host must not be empty (default: 127.0.0.1)"
     if host not in LOOPBACK and not allow_remote:
         return (f"--host {host} would let other machines read and write the runs (MLflow's server has "
                 "no authentication): pass --allow-remote to mean it, or keep the default 127.0.0.1")
@@ -58,8 +60,29 @@ def address_problem(host: str, port: int, allow_remote: bool) -> str | None:
     return None
 
 
+def check_backend_store(tracking_uri: str) -> None:
+    """A one-line error for a store `mlflow server` cannot serve, said before it starts: it
+    would print a traceback (or, for a server's address, retry for minutes)."""
+    from pipelines.config import ConfigError
+    from pipelines.errors import redact
+    from pipelines.tracking import check_store
+
+    scheme = tracking_uri.partition("://")[0].lower()
+    if "://" in tracking_uri and scheme in ("http", "https"):
+        raise ConfigError(f"--tracking-uri {redact(tracking_uri)!r} is an MLflow server, not a store to "
+                          "serve: open it in a browser, or give its store (e.g. sqlite:///mlflow.db)")
+    if "://" in tracking_uri:
+        check_store(tracking_uri)
+
+
 def serve(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, allow_remote: bool = False) -> int:
     """Run the MLflow server in the foreground until interrupted."""
+    try:  # the store first: its problem is the same on any address
+        check_backend_store(tracking_uri)
+        command = server_command(tracking_uri, host, port)
+    except ValueError as e:  # ConfigError is one
+        print(f"raydeep: error: {e}", file=sys.stderr)
+        return 2
     problem = address_problem(host, port, allow_remote)
     if problem:
         print(f"raydeep: error: {problem}", file=sys.stderr)
@@ -67,11 +90,6 @@ def serve(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, allow_re
     if host not in LOOPBACK:
         print(f"raydeep: warning: the MLflow UI on {host} is reachable from other machines "
               "and has no authentication", file=sys.stderr)
-    try:
-        command = server_command(tracking_uri, host, port)
-    except ValueError as e:
-        print(f"raydeep: error: {e}", file=sys.stderr)
-        return 2
     address = f"http://{host}:{port}"
     print(f"MLflow UI on {address} over {command[5]} (Ctrl-C to stop)", flush=True)
     newest = newest_experiment(command[5])
