@@ -310,16 +310,18 @@ def _connect(run_config, sweep: bool = False) -> str | None:
     has several nodes and the run's storage is on one of them. A sweep's embedded Ray keeps
     its dashboard, whose state API Ray Train needs, whatever strategies its trials take."""
     from cluster.connect import connect
+    from cluster.ray_address import note_live_cluster
     from cluster.storage import shared_storage_problem
     from pipelines import registry
     from pipelines.errors import first_line
     from pipelines.training.placement import shortfall
 
+    note_live_cluster(run_config.resources.address)
     try:
         strategy = registry.get(run_config.strategy.name)
         resources = connect(run_config.resources.address, run_config.resources.num_cpus,
                             dashboard=sweep or strategy.needs_dashboard)
-    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: also a Ray temp dir it cannot use
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"
     missing = shortfall(strategy.actor_bundles(run_config), resources)

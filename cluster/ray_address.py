@@ -34,7 +34,7 @@ def check(given: str | None) -> str | None:
     """The address a run joins (None: a Ray of its own), checked; `AddressError` in one line.
 
     Prints (stderr) the line that says RAY_ADDRESS is not used when `--address` differs from
-    it, or that a live `ray start` cluster is not joined. Ray's own clients read RAY_ADDRESS
+    it (`note_live_cluster` says when a live `ray start` cluster is not joined). Ray's own clients read RAY_ADDRESS
     over an explicit address (its state API, its Jobs client): once `--address` has won,
     this process forgets it.
     """
@@ -50,12 +50,17 @@ def check(given: str | None) -> str | None:
     if overridden:
         print(f"raydeep: joining --address {address}; RAY_ADDRESS={env} is not used", file=sys.stderr)
         os.environ.pop("RAY_ADDRESS", None)
-    if address is None and not _ray_started():
+    return address
+
+
+def note_live_cluster(address: str | None) -> None:
+    """Say (stderr) that a live `ray start` cluster is not joined, when a run with no address
+    is about to start a Ray of its own; said only then, so a refused run stays one line."""
+    if address is None and not os.environ.get("RAY_ADDRESS", "").strip() and not _ray_started():
         live = live_recorded_cluster()
         if live:
             print(f"raydeep: a Ray cluster runs at {live}; this run starts a Ray of its own "
                   f"(--address {live} joins it)", file=sys.stderr)
-    return address
 
 
 def refusal(flag: str | None, configured: str | None) -> str | None:

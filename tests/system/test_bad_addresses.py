@@ -355,22 +355,28 @@ def test_no_secret_reaches_the_job_spec(head, scratch, monkeypatch):
 @pytest.mark.slow  # a process of its own: the note is for a command that starts its own Ray
 def test_a_live_cluster_not_joined_is_said(head, tmp_path):
     """With no --address a run starts its own Ray; a cluster that `ray start` recorded and
-    that answers is named in one line (here the run then stops at a bad tracking URI,
-    before its Ray would start)."""
-    record = tmp_path / "tmp" / "ray" / "ray_current_cluster"
+    that answers is named in one line when that Ray starts (here the run then stops at
+    resources its Ray cannot give), and not at all for a run refused before Ray starts."""
+    short = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))  # Ray's socket paths must stay short
+    record = short / "ray" / "ray_current_cluster"
     record.parent.mkdir(parents=True)
     record.write_text(f"127.0.0.1:{head.gcs}")
-    env = {"RAY_TMPDIR": str(tmp_path / "tmp"), "RAY_ADDRESS": ""}
+    env = {"RAY_TMPDIR": str(short), "RAY_ADDRESS": ""}
     started = time.monotonic()
-    result = run_cli_process("run", "--strategy", "ps", "--tracking-uri", "file:///nowhere", cwd=tmp_path,
-                             env=env, timeout=120)
+    refused = run_cli_process("run", "--strategy", "ps", "--tracking-uri", "file:///nowhere", cwd=tmp_path,
+                              env=env, timeout=120)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "MLflow 3 refuses file stores" in lines[0], lines
+    result = run_cli_process("run", "--strategy", "ps", "--gpus-per-worker", "1", "--num-cpus", "2",
+                             cwd=tmp_path, env=env, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 2, result.stderr
     assert lines[0] == (f"raydeep: a Ray cluster runs at 127.0.0.1:{head.gcs}; this run starts a Ray of "
                         f"its own (--address 127.0.0.1:{head.gcs} joins it)")
-    assert "MLflow 3 refuses file stores" in lines[1]
-    assert time.monotonic() - started < 60
+    assert "need 2 GPU in all, and the Ray cluster has 0" in lines[1], lines
+    assert time.monotonic() - started < 90
     record.write_text(f"127.0.0.1:{free_port()}")  # a dead cluster's leftover: nothing to say
     dead = run_cli_process("run", "--strategy", "ps", "--tracking-uri", "file:///nowhere", cwd=tmp_path,
                            env=env, timeout=120)
     assert dead.returncode == 2 and len(dead.stderr.strip().splitlines()) == 1, dead.stderr
+    shutil.rmtree(short, ignore_errors=True)
