@@ -59,7 +59,13 @@ def check_store(uri: str, timeout: float = 3.0) -> None:
         raise ConfigError(f"tracking.uri {shown!r}: MLflow 3 refuses file stores; use a SQLite file "
                           "(sqlite:///mlflow.db) or a server (http://HOST:5000)")
     if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):  # sqlite://x.db: SQLAlchemy reads 'x.db' as a host
+            raise ConfigError(f"tracking.uri {shown!r}: a SQLite URI has three slashes "
+                              "(sqlite:///mlflow.db, or four for an absolute path)")
         path = Path(absolute_uri(uri)[len("sqlite:///"):])
+        if path.is_dir():
+            raise ConfigError(f"tracking.uri {shown!r}: {str(path)!r} is a directory; name a file in it "
+                              "(sqlite:///DIR/mlflow.db)")
         if not path.parent.is_dir():
             raise ConfigError(f"tracking.uri {shown!r}: the directory {str(path.parent)!r} does not exist")
         if not os.access(path if path.exists() else path.parent, os.W_OK):

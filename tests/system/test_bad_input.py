@@ -395,6 +395,8 @@ STORES_AND_NAMES = [
     (["--tracking-uri", "file:///tmp/mlruns"], "MLflow 3 refuses file stores; use a SQLite file"),
     (["--tracking-uri", "sqlite:////no/such/dir/m.db"], "the directory '/no/such/dir' does not exist"),
     (["--tracking-uri", "sqlite:///{root}/good.csv/m.db"], "the directory '{root}/good.csv' does not exist"),
+    (["--tracking-uri", "sqlite:///{root}"], "'{root}' is a directory; name a file in it"),
+    (["--tracking-uri", "sqlite://m.db"], "a SQLite URI has three slashes"),
     (["--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers at http://127.0.0.1:9"),
     (["--tracking-uri", "http://no-such-host.invalid:5000"], "no MLflow server answers at http://no-such-host"),
     (["--tracking-uri", "htp://127.0.0.1:5000"], "'htp' is not a store MLflow opens"),
