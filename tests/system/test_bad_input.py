@@ -568,6 +568,7 @@ def _refused(files, cwd, args, message):
     # A check that regressed into a hang (a store client retrying for minutes, a server
     # started) ends the session with every thread's stack instead of waiting without end.
     faulthandler.dump_traceback_later(60 * SECONDS_PER_CASE, exit=True)
+    ray_before = _ray_running()  # the session's Ray may be up already (tests/strategies ran first)
     started = time.monotonic()
     try:
         result = run_cli(*args, cwd=cwd)
@@ -581,8 +582,12 @@ def _refused(files, cwd, args, message):
     assert took < SECONDS_PER_CASE, f"{args} took {took:.1f} s"
     assert not list(cwd.iterdir()), "a refused command wrote into its working directory"
     assert not list(root.glob("**/.raydeep-probe-*"))  # the storage check leaves nothing behind
+    assert _ray_running() == ray_before, "a bad input started Ray"
+
+
+def _ray_running() -> bool:
     ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized(), "a bad input started Ray"
+    return ray is not None and ray.is_initialized()
 
 
 @pytest.mark.slow  # a process of its own starts its own Ray
