@@ -28,9 +28,10 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np
     if n_train == 0:
         raise ValueError(f"{n} examples leave none for training with a fraction of {test_fraction} held out")
     classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
-    if class_counts.min() < 2:
-        raise ValueError(f"classes {classes[class_counts < 2].tolist()} have a single example; "
-                         "a stratified split needs at least 2 of each")
+    if class_counts.min() < 2:  # the first only: a table may have thousands of such classes
+        single = classes[class_counts < 2]
+        raise ValueError(f"{len(single)} of {len(classes)} classes have a single example (first: "
+                         f"{single[0].item()!r}); a stratified split needs at least 2 of each")
     if n_train < len(classes) or n_test < len(classes):
         raise ValueError(f"{len(classes)} classes do not fit in parts of {n_train} and {n_test} examples")
     class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])

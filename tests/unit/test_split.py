@@ -33,7 +33,7 @@ def test_the_split_is_scikit_learns(sizes, fraction, seed):
 
 
 @pytest.mark.parametrize("y, fraction, message", [
-    ([0, 0, 1], 0.5, "classes [1] have a single example"),
+    ([0, 0, 1], 0.5, "1 of 2 classes have a single example (first: 1)"),
     ([0, 1] * 3, 0.1, "2 classes do not fit in parts of 5 and 1 examples"),
     ([0, 1] * 3, 1.0, "the fraction 1.0 must be in (0, 1)"),
 ])
