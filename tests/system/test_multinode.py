@@ -8,6 +8,9 @@ session's local Ray is stopped for this module and started again after it.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import pipelines
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]  # one cluster: one pytest worker
 
 
 class Nodes:
@@ -57,6 +60,12 @@ def nodes():
 
     had_session = ray.is_initialized()
     ray.shutdown()
+    # A temp folder of its own (short: socket paths): `Cluster` records its head in Ray's
+    # `ray_current_cluster`, and runs elsewhere on the machine (another pytest worker) that
+    # start their own Ray would name it as a live cluster they do not join.
+    short = tempfile.mkdtemp(prefix="rdm", dir="/tmp")
+    kept = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = short
     three = Nodes()
     quiet_ray_logs()
     ray.init(address=three.cluster.address)
@@ -64,6 +73,8 @@ def nodes():
     yield three
     ray.shutdown()
     three.cluster.shutdown()
+    os.environ.pop("RAY_TMPDIR") if kept is None else os.environ.update(RAY_TMPDIR=kept)
+    shutil.rmtree(short, ignore_errors=True)
     if had_session:
         start_session_ray()
 

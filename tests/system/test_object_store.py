@@ -60,6 +60,7 @@ def listing(fs, path: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
 
 
+@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, store):
     uri, fs = bucket
     common = ["--strategy", "local", "--storage-path", uri, "--tracking-uri", store,
@@ -90,6 +91,7 @@ def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, stor
     assert taken.returncode == 2 and "already has a run under" in taken.stderr
 
 
+@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_session, store):
     uri, fs = bucket
     result = pipelines.train(small_run(**{
@@ -110,6 +112,7 @@ def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_ses
     (lambda server: server.replace("test:test@runs/raydeep", "test:secret@nobucket/x"),
      "bucket 'nobucket' does not exist"),
 ])
+@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
     where = storage_uri(bucket[0])
     result = run_cli("run", "--storage-path", where, "--epochs", "1", cwd=workdir)
@@ -119,6 +122,7 @@ def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
     assert "secret" not in result.stderr
 
 
+@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
     from pipelines.sweep.config import load
     from pipelines.sweep.runner import run_sweep

@@ -19,7 +19,8 @@ from pipelines.backlog import HTTP_DEFAULTS, WAIT_ENV
 from pipelines.storage import checkpoint_name, complete_checkpoints
 from pipelines.tracking import EPOCH_KEYS
 
-pytestmark = pytest.mark.slow  # `mlflow server` processes started, killed and started again
+pytestmark = [pytest.mark.slow,  # `mlflow server` processes started, killed and started again
+              pytest.mark.xdist_group("tracking-server")]  # one server: one pytest worker
 
 EPOCHS = 20
 
