@@ -169,7 +169,7 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
 
     quiet_ray_logs()
     from pipelines import ConfigError, RunFailed, config, startup, train
-    from pipelines.errors import TrackingUnreachable
+    from pipelines.errors import InterruptedUnmarked, TrackingUnreachable
     from pipelines.run import prepare
 
     startup.launched(launched_at)
@@ -220,6 +220,9 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
     except TrackingUnreachable as e:  # the MLflow run cannot be marked; the message says what to do
         print(f"raydeep: error: {e}", file=sys.stderr)
         return 1
+    except InterruptedUnmarked as e:
+        print(f"raydeep: interrupted; {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("raydeep: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130

@@ -109,7 +109,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     # embedded Ray there would fail on `_system_config`, which only a new cluster takes.
     # An address given here wins over RAY_ADDRESS; ray.init would retry a bad one for
     # half a minute, so it is checked first (the CLI has checked it before anything else).
-    address, origin = ray_address.chosen(address)
+    address, origin = ray_address.chosen(address, "resources.address")
     if address is not None and not ray.is_initialized():
         ray_address.check_one(address, origin)
     if not ray.is_initialized():

@@ -21,16 +21,17 @@ LIVE_PROBE_S = 0.5
 """How long a recorded `ray start` cluster gets to answer before it counts as gone."""
 
 
-def chosen(given: str | None) -> tuple[str | None, str]:
-    """The address to join and what named it; (None, "") for a Ray of raydeep's own."""
+def chosen(given: str | None, named: str = "--address") -> tuple[str | None, str]:
+    """The address to join and what named it (`named`: the flag, or the config key it was
+    set by); (None, "") for a Ray of raydeep's own."""
     env = os.environ.get("RAY_ADDRESS", "").strip()
-    address, origin = (given, "--address") if given is not None else (env or None, "RAY_ADDRESS")
+    address, origin = (given, named) if given is not None else (env or None, "RAY_ADDRESS")
     if address is not None and address.strip() == OWN_RAY:
         return None, ""
     return (address.strip(), origin) if address is not None else (None, "")
 
 
-def check(given: str | None) -> str | None:
+def check(given: str | None, named: str = "--address") -> str | None:
     """The address a run joins (None: a Ray of its own), checked; `AddressError` in one line.
 
     Prints (stderr) the line that says RAY_ADDRESS is not used when `--address` differs from
@@ -38,17 +39,17 @@ def check(given: str | None) -> str | None:
     over an explicit address (its state API, its Jobs client): once `--address` has won,
     this process forgets it.
     """
-    address, origin = chosen(given)
+    address, origin = chosen(given, named)
     env = os.environ.get("RAY_ADDRESS", "").strip()
-    overridden = origin == "--address" and bool(env) and env != address
+    overridden = origin == named and bool(env) and env != address
     try:
         if address is not None:
             check_one(address, origin)
     except AddressError as e:
-        raise AddressError(f"{e} (RAY_ADDRESS={env} is not used: --address wins)" if overridden
+        raise AddressError(f"{e} (RAY_ADDRESS={env} is not used: {named} wins)" if overridden
                            else str(e)) from None
     if overridden:
-        print(f"raydeep: joining --address {address}; RAY_ADDRESS={env} is not used", file=sys.stderr)
+        print(f"raydeep: joining {named} {address}; RAY_ADDRESS={env} is not used", file=sys.stderr)
         os.environ.pop("RAY_ADDRESS", None)
     return address
 
@@ -65,9 +66,11 @@ def note_live_cluster(address: str | None) -> None:
 
 def refusal(flag: str | None, configured: str | None) -> str | None:
     """`check` for the CLI: the one-line reason, or None. `flag` is --address as typed:
-    `--address ''` is refused, not read as "no address" as the config reads it."""
+    `--address ''` is refused, not read as "no address" as the config reads it. An address
+    from `--set` or a YAML file is named by its key, `resources.address`."""
     try:
-        check("" if flag is not None and not flag.strip() else configured)
+        check("" if flag is not None and not flag.strip() else configured,
+              "--address" if flag is not None else "resources.address")
     except AddressError as e:
         return str(e)
     return None

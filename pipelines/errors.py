@@ -18,6 +18,11 @@ class TrackingUnreachable(RuntimeError):
     the run cannot be marked in it, and its checkpoints are kept for `--resume`."""
 
 
+class InterruptedUnmarked(KeyboardInterrupt):
+    """An interrupted run whose MLflow run could not be marked KILLED (the store is away):
+    the message says so and how `--resume` ends it."""
+
+
 _CREDENTIALS = re.compile(r"(\w+://)([^/@:\s]+):[^/@\s]+@")
 
 

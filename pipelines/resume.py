@@ -46,7 +46,31 @@ def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[
             raise ConfigError(_refusal(name, key, before.get(key), after.get(key)))
         notes.append(f"resuming {name}: {key} is now {after[key]} (it was {before.get(key)})")
     config.resume = name
+    _check_recorded(store, name, config)
     return config, notes
+
+
+def _check_recorded(store: Store, name: str, config: RunConfig) -> None:
+    """The MLflow run the marker names is in the command's tracking store: checked here,
+    before Ray starts, not when the resumed run opens it."""
+    from pathlib import Path
+
+    from pipelines.errors import TrackingUnreachable, redact
+    from pipelines.tracking import absolute_uri, check_store, recorded_run
+
+    run_id = store.read_marker(name).get("mlflow_run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigError(f"{name}: its {RUN_FILE} names no MLflow run; it cannot be resumed")
+    uri = absolute_uri(config.tracking.uri)
+    check_store(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # (opening it would create it: a refused command writes nothing)
+        raise ConfigError(f"--resume: the run's MLflow run {run_id} is not in the tracking store "
+                          f"{redact(uri)}, which does not exist (pass the --tracking-uri it was recorded in)")
+    try:
+        recorded_run(uri, run_id)
+    except TrackingUnreachable as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_matches(config: RunConfig, name: str, store: Store) -> None:

@@ -12,7 +12,7 @@ from pipelines import data as datasets
 from pipelines import figures, registry, resume, startup
 from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext
-from pipelines.errors import TrackingUnreachable, first_line, one_line
+from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri, check_store
 from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
@@ -103,7 +103,10 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
     except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
         raise
     except KeyboardInterrupt:
-        tracker.finish("KILLED", "interrupted by the user")
+        try:
+            tracker.finish("KILLED", "interrupted by the user")
+        except TrackingUnreachable as e:  # an interrupt still, not a failure: exit 130
+            raise InterruptedUnmarked(str(e)) from None
         raise
     except Exception as e:
         message = one_line(e)

@@ -110,6 +110,23 @@ def open_store_in_background(uri: str):
     return thread
 
 
+def recorded_run(uri: str, run_id: str):
+    """The MLflow run `run_id` in store `uri`, which a resumed run continues; a run that is
+    not there (another store, a deleted run) is refused in one line."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.config import ConfigError
+
+    bound_http_waits(uri)
+    try:
+        return _client(uri).get_run(run_id)
+    except MlflowException as e:
+        if transient(e):
+            raise _unreachable(uri, "reopen the run", e) from None
+        raise ConfigError(f"--resume: the run's MLflow run {run_id} is not in the tracking store "
+                          f"{redact(uri)} (pass the --tracking-uri it was recorded in)") from None
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -182,19 +199,8 @@ class Tracker:
 
         Each attempt is counted (`raydeep.attempts`); one that was still RUNNING had its
         driver killed without a word (SIGKILL, a lost node), and its tag says so."""
-        from mlflow.exceptions import MlflowException
-
-        from pipelines.config import ConfigError
-
-        bound_http_waits(uri)
         client = _client(uri)
-        try:
-            run = client.get_run(run_id)
-        except MlflowException as e:
-            if transient(e):
-                raise _unreachable(uri, "reopen the run", e) from None
-            raise ConfigError(f"--resume: the run's MLflow run {run_id} is not in the tracking store "
-                              f"{redact(uri)} (pass the --tracking-uri it was recorded in)") from None
+        run = recorded_run(uri, run_id)
         attempts = int(run.data.tags.get("raydeep.attempts", "1"))
         tags = {"raydeep.attempts": str(attempts + 1)}
         if run.info.status == "RUNNING":

@@ -35,7 +35,6 @@ def runs(ray_session, tmp_path_factory):
     return common, local, first
 
 
-@pytest.mark.xdist_group("allreduce-runs")  # shares the module's runs fixture: one pytest worker runs these
 def test_allreduce_equals_local(runs):
     common, local, first = runs
     reference, trained = local.model.state_dict(), first.model.state_dict()
@@ -56,7 +55,6 @@ def test_allreduce_equals_local(runs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
-@pytest.mark.xdist_group("allreduce-runs")  # shares the module's runs fixture: one pytest worker runs these
 def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs):
     common, _, first = runs
     store = common["tracking.uri"]

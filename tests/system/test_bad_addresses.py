@@ -99,7 +99,10 @@ CASES = [
     ({}, ["run", "--address", f"ray://{R}:{{web}}"], "answers but is not a Ray cluster (a web server"),
     ({}, ["run", "--address", f"http://{R}:{{web}}"], "is a web address: raydeep run and tune join Ray at"),
     ({}, ["run", "--address", f"redis://{R}:6379"], "redis:// is not a Ray address"),
-    ({}, ["run", "--set", f"resources.address={R}:{{silent}}"], "is not a Ray cluster"),
+    ({}, ["run", "--set", f"resources.address={R}:{{silent}}"],
+     f"resources.address {R}:{{silent}} answers but is not a Ray cluster"),  # named by its key
+    ({"RAY_ADDRESS": f"{R}:{{web}}"}, ["run", "--set", f"resources.address={R}:{{nobody}}"],
+     f"(RAY_ADDRESS={R}:{{web}} is not used: resources.address wins)"),
     ({}, ["run", "--strategy", "ps", "--address", f"{R}:{{silent}}"], "is not a Ray cluster"),
     ({}, ["tune", str(REPO / "tune_configs/strategies.yaml"), "--address", f"{R}:{{web}}"],
      "is not a Ray cluster (a web server"),
@@ -265,7 +268,6 @@ def non_loopback_ip() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-head")  # shares the module's head fixture: one pytest worker runs these
 def test_against_a_real_head(head, ports, scratch, monkeypatch, capsys):
     """One head for the cases that need Ray: each is one line, and fast."""
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
@@ -293,7 +295,6 @@ def test_against_a_real_head(head, ports, scratch, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-head")  # shares the module's head fixture: one pytest worker runs these
 def test_address_wins_over_ray_address_and_the_token_goes_to_it_only(head, ports, scratch, monkeypatch):
     """Ray's Jobs client takes RAY_ADDRESS over the address it is given: the token went to
     whatever RAY_ADDRESS named. --address wins, and one line says RAY_ADDRESS is not used."""
@@ -308,7 +309,6 @@ def test_address_wins_over_ray_address_and_the_token_goes_to_it_only(head, ports
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-head")  # shares the module's head fixture: one pytest worker runs these
 def test_the_token_over_plain_http_beyond_loopback_is_warned_of(head, scratch, monkeypatch):
     ip = non_loopback_ip()
     if ip is None:
@@ -324,7 +324,6 @@ def test_the_token_over_plain_http_beyond_loopback_is_warned_of(head, scratch, m
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("real-head")  # shares the module's head fixture: one pytest worker runs these
 def test_no_secret_reaches_the_job_spec(head, scratch, monkeypatch):
     """A job's runtime_env and command are readable by anyone who reaches the Jobs API: the
     credentials set on this machine stay here (the submitted line names them), the
@@ -357,7 +356,6 @@ def test_no_secret_reaches_the_job_spec(head, scratch, monkeypatch):
 
 
 @pytest.mark.slow  # a process of its own: the note is for a command that starts its own Ray
-@pytest.mark.xdist_group("real-head")  # shares the module's head fixture: one pytest worker runs these
 def test_a_live_cluster_not_joined_is_said(head, tmp_path):
     """With no --address a run starts its own Ray; a cluster that `ray start` recorded and
     that answers is named in one line when that Ray starts (here the run then stops at

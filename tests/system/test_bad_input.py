@@ -139,7 +139,7 @@ def files(tmp_path_factory):
         pq.write_table(pa.table(columns), root / f"{name}.parquet")
     store = root / "store"
     for name, marker in {"broken": "{not json", "noconfig": '{"mlflow_run_id": "abc"}', "listed": "[1, 2]",
-                         "saved": _marker()}.items():
+                         "saved": _marker(), "savedps": _marker("ps")}.items():
         (store / name).mkdir(parents=True)
         (store / name / "raydeep_run.json").write_text(marker)
     # Root may write anywhere a permission says no: sysfs refuses it a new directory too.
@@ -147,6 +147,9 @@ def files(tmp_path_factory):
     if unwritable != Path("/sys"):
         unwritable.mkdir()
         unwritable.chmod(0o500)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{root / 'other.db'}").search_experiments()  # a store without the run
     import pipelines.run  # noqa: F401 - imported once here: a case's bound is its checks, not torch's import
     import pipelines.sweep.runner  # noqa: F401
     return root, unwritable
@@ -165,13 +168,14 @@ def no_cluster_here():
         yield
 
 
-def _marker() -> str:
-    """A marker as a local run writes it (the resume cases change what it trained)."""
+def _marker(strategy: str = "local") -> str:
+    """A marker as a run writes it (the resume cases change what it trained); the MLflow
+    run it names is in no store."""
     import json
 
     from pipelines import config
 
-    saved = config.load(overrides={"strategy.name": "local", "optim.epochs": 1})
+    saved = config.load(overrides={"strategy.name": strategy, "optim.epochs": 1})
     return json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": "sqlite:///mlflow.db",
                        "config": saved.to_dict()})
 
@@ -421,6 +425,13 @@ STORES_AND_NAMES = [
      "the run was trained with optim.lr=0.05, this command asks for optim.lr=0.5"),
     (["--storage-path", "{root}/store", "--resume", "saved", "--strategy", "ps"],
      "the run was trained with strategy.name=local"),
+    # the MLflow run the marker names is looked up before Ray starts (a `ps` run starts it)
+    (["--storage-path", "{root}/store", "--resume", "savedps"],
+     f"--resume: the run's MLflow run {'0' * 32} is not in the tracking store sqlite:///{{cwd}}/mlflow.db, "
+     "which does not exist"),
+    (["--storage-path", "{root}/store", "--resume", "savedps", "--tracking-uri", "sqlite:///{root}/other.db"],
+     f"--resume: the run's MLflow run {'0' * 32} is not in the tracking store sqlite:///{{root}}/other.db "
+     "(pass the --tracking-uri it was recorded in)"),
 ]
 
 TUNE = [

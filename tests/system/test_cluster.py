@@ -183,7 +183,6 @@ def check_job(cluster, tmp_path: Path, strategy: str, code: int, stdout: str, st
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two-nodes")  # shares the module's cluster fixture: one pytest worker runs these
 def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
     result = cluster.submit(*run_args("allreduce", tmp_path))
     logs = check_job(cluster, tmp_path, "allreduce", result.returncode, result.stdout, result.stderr)
@@ -204,7 +203,6 @@ def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two-nodes")  # shares the module's cluster fixture: one pytest worker runs these
 def test_a_failing_job_exits_non_zero(cluster, tmp_path):
     """Local storage on two nodes: the run refuses to start, in one line, and the job fails."""
     result = cluster.submit("--", "raydeep", "run", "--strategy", "ps", *TINY,
@@ -215,7 +213,6 @@ def test_a_failing_job_exits_non_zero(cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two-nodes")  # shares the module's cluster fixture: one pytest worker runs these
 def test_no_wait_then_stop(cluster):
     result = cluster.submit("--no-wait", "--submission-id", "raydeep-test-stop", "--",
                             "raydeep", "run", "--strategy", "ps", "--epochs", "50",
@@ -239,7 +236,6 @@ def one_line_error(result) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two-nodes")  # shares the module's cluster fixture: one pytest worker runs these
 def test_wrong_or_missing_token_is_one_line(cluster, tmp_path):
     command = ["--", "raydeep", "run", "--epochs", "1"]
     wrong = one_line_error(cluster.submit(*command, token="not-the-token"))
@@ -250,7 +246,6 @@ def test_wrong_or_missing_token_is_one_line(cluster, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("two-nodes")  # shares the module's cluster fixture: one pytest worker runs these
 def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_path):
     """`raydeep run --address HOST:PORT` on a machine of the cluster (no job): the driver joins
     it, and the run's workers are spread over both nodes.

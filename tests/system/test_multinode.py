@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import pipelines
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multinode")]  # one cluster: one pytest worker
+pytestmark = pytest.mark.slow
 
 
 class Nodes:
@@ -61,8 +61,8 @@ def nodes():
     had_session = ray.is_initialized()
     ray.shutdown()
     # A temp folder of its own (short: socket paths): `Cluster` records its head in Ray's
-    # `ray_current_cluster`, and runs elsewhere on the machine (another pytest worker) that
-    # start their own Ray would name it as a live cluster they do not join.
+    # `ray_current_cluster`, and any run on the machine that starts a Ray of its own
+    # meanwhile would name it as a live cluster it does not join.
     short = tempfile.mkdtemp(prefix="rdm", dir="/tmp")
     kept = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = short

@@ -60,7 +60,6 @@ def listing(fs, path: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
 
 
-@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, store):
     uri, fs = bucket
     common = ["--strategy", "local", "--storage-path", uri, "--tracking-uri", store,
@@ -91,7 +90,6 @@ def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, stor
     assert taken.returncode == 2 and "already has a run under" in taken.stderr
 
 
-@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_session, store):
     uri, fs = bucket
     result = pipelines.train(small_run(**{
@@ -112,7 +110,6 @@ def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_ses
     (lambda server: server.replace("test:test@runs/raydeep", "test:secret@nobucket/x"),
      "bucket 'nobucket' does not exist"),
 ])
-@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
     where = storage_uri(bucket[0])
     result = run_cli("run", "--storage-path", where, "--epochs", "1", cwd=workdir)
@@ -122,7 +119,6 @@ def test_bad_storage_uris_are_one_line(bucket, workdir, storage_uri, says):
     assert "secret" not in result.stderr
 
 
-@pytest.mark.xdist_group("bucket")  # shares the module's bucket fixture: one pytest worker runs these
 def test_sweep_keeps_tune_state_and_best_config_on_the_bucket(bucket, ray_session, workdir, store):
     from pipelines.sweep.config import load
     from pipelines.sweep.runner import run_sweep
@@ -158,3 +154,56 @@ mode: max
     again = run_sweep(load(path), resume="latest")
     assert again.parent_run_id == result.parent_run_id and again.count("FINISHED") == 2
     assert MlflowClient(store).get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_run_killed_mid_upload_resumes_from_the_last_whole_checkpoint(bucket, workdir, store):
+    """SIGKILL of the driver while epoch 1's checkpoint is on its way to the bucket (its
+    state file's multipart upload under way): that checkpoint never becomes one, epoch 0's
+    stays, and `--resume` continues from epoch 0 in the same MLflow run."""
+    import os
+    import signal
+    from urllib.parse import parse_qs, urlparse
+
+    import boto3
+
+    from pipelines.storage import newest_state
+
+    uri, fs = bucket
+    s3 = boto3.client("s3", endpoint_url=f"http://{parse_qs(urlparse(uri).query)['endpoint_override'][0]}",
+                      aws_access_key_id="test", aws_secret_access_key="test", region_name="us-east-1")
+    # 8.5M parameters and their momentum: a 68 MB state, uploaded in parts.
+    common = ["--strategy", "local", "--storage-path", uri, "--tracking-uri", store,
+              "--set", "tracking.log_model=false", "--set", "optim.steps_per_epoch=2",
+              "--set", "model.width=2048", "--set", "model.depth=3", "--run-name", "cut-short"]
+    first = subprocess.Popen([sys.executable, "-m", "cluster.cli", "run", "--epochs", "3", *common],
+                             cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                             start_new_session=True)
+    uploading = "raydeep/cut-short/checkpoint_epoch_00001/state.pt"
+    try:
+        deadline = time.time() + 120
+        while first.poll() is None and time.time() < deadline:
+            pending = s3.list_multipart_uploads(Bucket="runs", Prefix=uploading).get("Uploads", [])
+            if pending:
+                os.killpg(first.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        assert pending, "the run ended (or timed out) before its second checkpoint's upload was seen"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    run_dir = "runs/raydeep/cut-short"
+    assert "complete.json" not in listing(fs, f"{run_dir}/checkpoint_epoch_00001")
+    assert newest_state(uri.replace("raydeep?", "raydeep/cut-short?"))["epoch"] == 0
+
+    again = run_cli("run", "--resume", "cut-short", "--epochs", "3", *common[:-2], cwd=workdir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "epoch 2/3" in again.stdout and "epoch 1/3" not in again.stdout, again.stdout
+    assert listing(fs, run_dir) == ["checkpoint_epoch_00001", "checkpoint_epoch_00002", "raydeep_run.json"]
+    assert "complete.json" in listing(fs, f"{run_dir}/checkpoint_epoch_00001")  # written again, whole
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id],
+                                filter_string="attributes.run_name = 'cut-short'")
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [0, 1, 2]

@@ -19,8 +19,7 @@ from pipelines.backlog import HTTP_DEFAULTS, WAIT_ENV
 from pipelines.storage import checkpoint_name, complete_checkpoints
 from pipelines.tracking import EPOCH_KEYS
 
-pytestmark = [pytest.mark.slow,  # `mlflow server` processes started, killed and started again
-              pytest.mark.xdist_group("tracking-server")]  # one server: one pytest worker
+pytestmark = pytest.mark.slow  # `mlflow server` processes started, killed and started again
 
 EPOCHS = 20
 
@@ -190,3 +189,46 @@ def test_a_store_that_stays_away_ends_the_run_in_one_line_and_resume_logs_the_re
     resumed = run_cli("run", "--resume", "away", "--tracking-uri", server.uri, cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert_every_epoch_once(server, run_id)
+
+
+class ProcessRun:
+    """`raydeep run` in a process of its own, which a signal can interrupt (Ctrl-C)."""
+
+    def __init__(self, workdir: Path, server: Server, name: str, epochs: int, env: dict):
+        import sys
+
+        from helpers import REPO
+
+        self.location = workdir / "raydeep_runs" / name
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "run", "--strategy", "local", "--epochs", str(epochs),
+             "--tracking-uri", server.uri, "--run-name", name, "--set", "tracking.log_model=false"],
+            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def result(self):
+        out, err = self.process.communicate(timeout=120)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out, err)
+
+
+def test_ctrl_c_while_the_store_is_away_exits_130_and_says_the_run_is_unmarked(workdir, server):
+    """The interrupt is still an interrupt (exit 130), and the line says why the MLflow run
+    is not KILLED and how `--resume` ends it; the checkpoints stay."""
+    run = ProcessRun(workdir, server, "interrupted", epochs=500, env={WAIT_ENV: "2"})
+    run_id, _ = stop_after_first_epoch(server, run)
+    wait_for_checkpoint(run, 1)
+    run.process.send_signal(signal.SIGINT)
+    result = run.result()
+    assert result.returncode == 130, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"raydeep: interrupted; cannot mark the run KILLED after interrupted by the user: "
+                           f"the tracking store {server.uri} has been unreachable for "), last
+    assert "`raydeep run --resume interrupted" in last and "Traceback" not in result.stderr
+    assert complete_checkpoints(str(run.location))
+    server.start()
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(server.uri).get_run(run_id).info.status == "RUNNING"  # until --resume ends it
