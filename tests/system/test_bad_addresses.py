@@ -356,10 +356,12 @@ def test_no_secret_reaches_the_job_spec(head, scratch, monkeypatch):
 
 
 @pytest.mark.slow  # a process of its own: the note is for a command that starts its own Ray
-def test_a_live_cluster_not_joined_is_said(head, tmp_path):
-    """With no --address a run starts its own Ray; a cluster that `ray start` recorded and
+def test_a_live_recorded_cluster_is_named_and_a_dead_one_ignored(head, tmp_path):
+    """With no --address a run starts its own Ray. A cluster that `ray start` recorded and
     that answers is named in one line when that Ray starts (here the run then stops at
-    resources its Ray cannot give), and not at all for a run refused before Ray starts."""
+    resources its Ray cannot give), and not at all for a run refused before Ray starts. The
+    record a killed `ray start` leaves is ignored: plain `ray.init()` would try to join it,
+    raydeep starts its own Ray (the refusal names that Ray's resources) and says nothing."""
     short = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))  # Ray's socket paths must stay short
     record = short / "ray" / "ray_current_cluster"
     record.parent.mkdir(parents=True)
@@ -378,8 +380,13 @@ def test_a_live_cluster_not_joined_is_said(head, tmp_path):
                         f"its own (--address 127.0.0.1:{head.gcs} joins it)")
     assert "need 2 GPU in all, and the Ray cluster has 0" in lines[1], lines
     assert time.monotonic() - started < 90
-    record.write_text(f"127.0.0.1:{free_port()}")  # a dead cluster's leftover: nothing to say
-    dead = run_cli_process("run", "--strategy", "ps", "--tracking-uri", "file:///nowhere", cwd=tmp_path,
-                           env=env, timeout=120)
-    assert dead.returncode == 2 and len(dead.stderr.strip().splitlines()) == 1, dead.stderr
+    record.write_text("127.0.0.1:9\n")  # a dead cluster's leftover: nobody listens on the discard port
+    # allreduce (Ray Train) would wait forever for the GPUs: they are compared with the
+    # cluster's resources once its Ray is up, before any actor starts
+    dead = run_cli_process("run", "--gpus-per-worker", "1", "--num-cpus", "2", cwd=tmp_path, env=env,
+                           timeout=120)
+    lines = dead.stderr.strip().splitlines()
+    assert dead.returncode == 2 and len(lines) == 1, dead.stderr
+    assert "the run's 2 actors need 2 GPU in all, and the Ray cluster has 0" in lines[0], lines
+    assert not (tmp_path / "raydeep_runs").exists()
     shutil.rmtree(short, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, run_cli, run_cli_process
+from helpers import REPO, run_cli
 
 SECONDS_PER_CASE = 5.0
 """A refusal is said at once: the slowest case here (a GCS bucket without credentials, whose
@@ -599,13 +599,3 @@ def _refused(files, cwd, args, message):
 def _ray_running() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
-
-
-@pytest.mark.slow  # a process of its own starts its own Ray
-def test_resources_the_cluster_cannot_give_are_refused_once_ray_is_up(tmp_path):
-    """Ray would wait forever for them (Ray Train retries a worker group's start without end)."""
-    result = run_cli_process("run", "--gpus-per-worker", "1", "--num-cpus", "2", cwd=tmp_path, timeout=180)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "the run's 2 actors need 2 GPU in all, and the Ray cluster has 0" in lines[0]
-    assert not (tmp_path / "raydeep_runs").exists()

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -182,20 +181,3 @@ def test_sigterm_marks_the_run_killed_and_a_sigkilled_one_resumes_as_a_new_attem
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["raydeep.attempts"] == "2"
     assert run.data.tags["raydeep.attempt_1"].startswith("lost")
-
-
-@pytest.mark.slow  # a run in a process of its own, with its own Ray
-def test_the_embedded_ray_ignores_a_dead_cluster_left_on_the_machine(tmp_path):
-    """A `ray start --head` that was killed leaves Ray's `ray_current_cluster` file behind;
-    a plain `ray.init()` would try to join it. With no --address, raydeep starts its own."""
-    # In a Ray temp folder of the run's own (short: socket paths), not the machine's
-    # /tmp/ray: the record would be seen by every other Ray started here meanwhile.
-    with tempfile.TemporaryDirectory(prefix="rdc", dir="/tmp", ignore_cleanup_errors=True) as short:
-        marker = Path(short) / "ray" / "ray_current_cluster"
-        marker.parent.mkdir()
-        marker.write_text("127.0.0.1:9\n")  # nobody listens on the discard port
-        done = run_cli_process("run", "--strategy", "lbfgs", "--epochs", "1", "--num-cpus", "2",
-                               "--set", "tracking.log_model=false", cwd=tmp_path, timeout=300,
-                               env={"RAY_TMPDIR": short, "RAY_ADDRESS": ""})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "finished" in done.stdout
