@@ -28,7 +28,8 @@ def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[
     store = Store(where.resources.storage_path)
     store.check()
     name = store.find(where.resume)
-    saved = store_config(store, name)
+    marker = store.read_marker(name)
+    saved = store_config(store, name, marker)
     keys = configs.flat_keys(given)
     for section in ("model", "strategy"):  # another family or strategy: its keys differ too
         key = f"{section}.name"
@@ -46,11 +47,11 @@ def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[
             raise ConfigError(_refusal(name, key, before.get(key), after.get(key)))
         notes.append(f"resuming {name}: {key} is now {after[key]} (it was {before.get(key)})")
     config.resume = name
-    _check_recorded(store, name, config)
+    _check_recorded(marker, name, config)
     return config, notes
 
 
-def _check_recorded(store: Store, name: str, config: RunConfig) -> None:
+def _check_recorded(marker: dict[str, Any], name: str, config: RunConfig) -> None:
     """The MLflow run the marker names is in the command's tracking store: checked here,
     before Ray starts, not when the resumed run opens it."""
     from pathlib import Path
@@ -58,7 +59,7 @@ def _check_recorded(store: Store, name: str, config: RunConfig) -> None:
     from pipelines.errors import TrackingUnreachable, redact
     from pipelines.tracking import absolute_uri, check_store, recorded_run
 
-    run_id = store.read_marker(name).get("mlflow_run_id")
+    run_id = marker.get("mlflow_run_id")
     if not isinstance(run_id, str) or not run_id:
         raise ConfigError(f"{name}: its {RUN_FILE} names no MLflow run; it cannot be resumed")
     uri = absolute_uri(config.tracking.uri)
@@ -81,8 +82,9 @@ def check_matches(config: RunConfig, name: str, store: Store) -> None:
             raise ConfigError(_refusal(name, key, before[key], value))
 
 
-def store_config(store: Store, name: str) -> dict[str, Any]:
-    marker = store.read_marker(name)
+def store_config(store: Store, name: str, marker: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run config in run `name`'s marker (`marker`, when the caller has read it)."""
+    marker = store.read_marker(name) if marker is None else marker
     saved = marker.get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{name}: its {RUN_FILE} holds no run config; it cannot be resumed")

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import run_cli, small_run
+from helpers import REPO, run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -177,9 +177,10 @@ def test_a_run_killed_mid_upload_resumes_from_the_last_whole_checkpoint(bucket, 
               "--set", "model.width=2048", "--set", "model.depth=3", "--run-name", "cut-short"]
     first = subprocess.Popen([sys.executable, "-m", "cluster.cli", "run", "--epochs", "3", *common],
                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+                             env={**os.environ, "PYTHONPATH": str(REPO)},
                              start_new_session=True)
     uploading = "raydeep/cut-short/checkpoint_epoch_00001/state.pt"
+    pending = []
     try:
         deadline = time.time() + 120
         while first.poll() is None and time.time() < deadline:

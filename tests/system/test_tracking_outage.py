@@ -6,13 +6,14 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import REPO, run_cli
 
 from cluster.ui import server_command
 from pipelines.backlog import HTTP_DEFAULTS, WAIT_ENV
@@ -195,10 +196,6 @@ class ProcessRun:
     """`raydeep run` in a process of its own, which a signal can interrupt (Ctrl-C)."""
 
     def __init__(self, workdir: Path, server: Server, name: str, epochs: int, env: dict):
-        import sys
-
-        from helpers import REPO
-
         self.location = workdir / "raydeep_runs" / name
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "run", "--strategy", "local", "--epochs", str(epochs),
