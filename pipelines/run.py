@@ -96,7 +96,8 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         tracker.log_metrics(final)
         tracker.wait_for_store("end the run")  # what it kept first; a bounded wait if the store is away
         history = fit.history or context.history or tracker.epoch_history()
-        _log_figures(tracker, model, data, history)
+        if config.tracking.figures:
+            _log_figures(tracker, model, data, history)
         if config.tracking.log_model:
             tracker.log_model(model, data.x_test[:4].numpy())
         tracker.finish("FINISHED")

@@ -57,10 +57,12 @@ def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
 
 
 def small_run(**overrides):
-    """A run config for tests: digits, few epochs, no model artifact unless asked."""
+    """A run config for tests: digits, few epochs, no model artifact and no figures unless
+    asked (drawing them is most of a short local run's time)."""
     from pipelines import config
 
-    base = {"strategy.name": "local", "optim.epochs": 2, "tracking.log_model": False}
+    base = {"strategy.name": "local", "optim.epochs": 2, "tracking.log_model": False,
+            "tracking.figures": False}
     base.update(overrides)
     return config.load(overrides=base)
 

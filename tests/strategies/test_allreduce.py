@@ -39,6 +39,9 @@ def runs(ray_session, tmp_path_factory):
     training.wait_for_checkpoint(root, 1)
     pids = live_actor_pids(ray_session, class_name="RayTrainWorker")
     assert pids, "no live Ray Train worker to kill"
+    # A Ray this process started ends with it: Ray Train's placement-group cleaner would
+    # guard nothing, and is not started (one process less before the first step).
+    assert not live_actor_pids(ray_session, class_name="PlacementGroupCleaner")
     os.kill(pids[-1], signal.SIGKILL)
     return common, local, training.result()
 

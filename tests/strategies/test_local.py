@@ -14,7 +14,7 @@ from models.registry import ModelSpec
 
 def test_local_run_is_recorded_in_mlflow(store):
     result = pipelines.train(small_run(**{"tracking.uri": store, "tracking.log_model": True,
-                                          "optim.epochs": 3, "optim.lr": 0.1}))
+                                          "tracking.figures": True, "optim.epochs": 3, "optim.lr": 0.1}))
     run = MlflowClient(store).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "mlp" and run.data.params["optim.lr"] == "0.1"
@@ -90,19 +90,22 @@ def test_a_failing_run_is_marked_failed(store):
 
 
 def test_grad_norms_show_vanishing_gradients_of_a_deep_sigmoid_mlp(store):
-    def layer_norms(activation):
+    def layer_norms(activation, figures):
         result = pipelines.train(small_run(**{
             "tracking.uri": store, "tracking.grad_norms": True, "optim.epochs": 1,
+            "tracking.figures": figures,
             "model.depth": 6, "model.width": 64, "model.activation": activation}))
         norms = {k: v for k, v in result.history[-1].items() if k.startswith("grad_norm.")}
         names = sorted(norms, key=lambda k: int(k.split(".")[-1]))
         return result, norms[names[0]], norms[names[-1]]
 
-    sigmoid, first, last = layer_norms("sigmoid")
+    sigmoid, first, last = layer_norms("sigmoid", figures=True)
     assert first < last / 20, (first, last)
-    _, relu_first, relu_last = layer_norms("relu")
+    relu, relu_first, relu_last = layer_norms("relu", figures=False)
     assert relu_first / relu_last > 10 * first / last
     artifacts = {a.path for a in MlflowClient(store).list_artifacts(sigmoid.run_id)}
     assert {"grad_norms.png", "first_layer_filters.png"} <= artifacts
+    # tracking.figures false: the run draws nothing
+    assert not [a.path for a in MlflowClient(store).list_artifacts(relu.run_id) if a.path.endswith(".png")]
     assert MlflowClient(store).get_run(sigmoid.run_id).data.metrics["num_params"] == sum(
         p.numel() for p in sigmoid.model.parameters())

@@ -97,7 +97,7 @@ def test_async_mlp_reaches_097_through_a_killed_worker_and_a_killed_shard(ray_se
     from helpers import TrainingInBackground, live_actor_pids
 
     cfg = ps_run(store, **{"tracking.run_name": "faults", **MLP_TO_097, "strategy.shards": 2,
-                           "strategy.snapshot_every": 25})
+                           "strategy.snapshot_every": 25, "tracking.figures": True})
     training = TrainingInBackground(cfg)
     for epoch, actor in ((1, "worker-1"), (4, "shard-1")):
         training.wait_for_checkpoint(workdir, epoch)

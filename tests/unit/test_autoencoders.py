@@ -79,7 +79,8 @@ def test_reconstructions_interleave_inputs_and_outputs():
 ])
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_autoencoders_reconstruct_far_better_than_the_mean_image(store, name, extra):
-    cfg = small_run(**{"tracking.uri": store, "model.name": name, "optim.name": "adam",
+    cfg = small_run(**{"tracking.uri": store, "tracking.figures": True, "model.name": name,
+                       "optim.name": "adam",
                        "optim.lr": 0.01, "optim.epochs": 10, **extra})
     result = pipelines.train(cfg)
     baseline = _mean_image_error(cfg)
@@ -194,7 +195,7 @@ def test_sae_phases_train_one_layer_each_on_frozen_codes():
 def test_sae_pretrains_greedily_then_fine_tunes_to_97_percent(store):
     pretrain_epochs = 10
     result = pipelines.train(small_run(**{
-        "tracking.uri": store, "model.name": "sae", "model.layers": [512, 256],
+        "tracking.uri": store, "tracking.figures": True, "model.name": "sae", "model.layers": [512, 256],
         "model.pretrain_epochs": pretrain_epochs, "model.corruption_level": 0.3, "model.dropout": 0.5,
         "optim.name": "adam", "optim.lr": 0.001, "optim.epochs": 60}))
     client = MlflowClient(store)
@@ -230,7 +231,8 @@ def test_vae_binarizes_and_evaluates_deterministically():
 
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_vae_elbo_beats_independent_pixels_and_improves(store):
-    cfg = small_run(**{"tracking.uri": store, "model.name": "vae", "optim.name": "adam",
+    cfg = small_run(**{"tracking.uri": store, "tracking.figures": True, "model.name": "vae",
+                       "optim.name": "adam",
                        "optim.lr": 0.003, "optim.epochs": 10})
     result = pipelines.train(cfg)
     elbo = result.metrics["test_elbo"]
@@ -271,7 +273,8 @@ def test_ssvae_uses_only_the_labels_of_its_labelled_fraction():
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_ssvae_learns_from_a_tenth_of_the_labels(store):
     result = pipelines.train(small_run(**{
-        "tracking.uri": store, "model.name": "ssvae", "model.labelled_fraction": 0.1,
+        "tracking.uri": store, "tracking.figures": True, "model.name": "ssvae",
+        "model.labelled_fraction": 0.1,
         "optim.name": "adam", "optim.lr": 0.003, "optim.epochs": 20}))
     # seeds 0-2: 0.93-0.94; a classifier trained on the same 135 labels alone: 0.91
     assert result.metrics["test_accuracy"] >= 0.88, result.metrics

@@ -119,7 +119,8 @@ def test_training_raises_pseudo_likelihood_and_lowers_recon_error(store, persist
 
 
 def test_rbm_run_logs_filters_and_gibbs_samples(store):
-    result = pipelines.train(small_run(**{"tracking.uri": store, "model.name": "rbm",
+    result = pipelines.train(small_run(**{"tracking.uri": store, "tracking.figures": True,
+                                          "model.name": "rbm",
                                           "model.hidden": 32, "optim.epochs": 1}))
     artifacts = {a.path for a in MlflowClient(store).list_artifacts(result.run_id)}
     assert {"first_layer_filters.png", "gibbs_samples.png", "reconstructions.png",
@@ -156,7 +157,7 @@ def test_dbn_phases_train_only_their_rbm_and_fine_tuning_uses_every_parameter():
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_dbn_pretrains_each_layer_then_fine_tunes_to_high_accuracy(store):
     result = pipelines.train(small_run(**{
-        "tracking.uri": store, "model.name": "dbn", "model.layers": [512, 256],
+        "tracking.uri": store, "tracking.figures": True, "model.name": "dbn", "model.layers": [512, 256],
         "model.pretrain_epochs": 20, "optim.lr": 0.1, "data.batch_size": 16, "optim.epochs": 20,
         "seed": 1}))
     client = MlflowClient(store)

@@ -194,7 +194,7 @@ class PipelineRun:
 
     def _log_timeline(self, reports: list[dict]) -> None:
         rows = {r["stage"]: r["timeline"] for r in reports if r["replica"] == 0}
-        if all(rows.values()):
+        if all(rows.values()) and self.run.tracking.figures:
             figure = figures.pipeline_timeline([rows[s] for s in sorted(rows)])
             self.tracker.log_figure(figure, "pipeline_timeline.png")
             figures.close(figure)

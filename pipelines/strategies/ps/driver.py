@@ -262,7 +262,7 @@ class Downpour:
             summary["max_clock_gap"] = float(max(report["gaps"]))
         if self.first_step_s is not None:
             summary["time_to_first_step_s"] = self.first_step_s
-        if self.histogram:
+        if self.histogram and self.run.tracking.figures:
             figure = figures.staleness_histogram(dict(self.histogram))
             self.tracker.log_figure(figure, "staleness_histogram.png")
             figures.close(figure)
