@@ -32,9 +32,14 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: str = "digits"
-    """`digits` (bundled), `synthetic`, or the path of a Parquet or CSV file."""
+    """`digits` (bundled), `synthetic`, or a Parquet or CSV table: a file, a directory or glob
+    of files, on this machine or an object store (`s3://bucket/data/`)."""
     label: str = "label"
     """Label column of a Parquet/CSV file."""
+    standardize: Optional[bool] = None
+    """Standardise each feature by the training split's mean and standard deviation (the
+    logged model applies it to raw inputs); default: on for tables, off for digits and
+    synthetic data (pixels and blobs already share one scale)."""
     input_shape: Optional[list[int]] = None
     """View each example's features as this shape, e.g. [1, 28, 28] or [28, 28]."""
     batch_size: int = 64

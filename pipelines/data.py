@@ -1,4 +1,5 @@
-"""Data sets: the bundled digits, Parquet/CSV files read with pyarrow, synthetic blobs.
+"""Data sets: the bundled digits, Parquet/CSV tables read with pyarrow (`pipelines.tables`:
+a file, a directory or glob of files, on this machine or an object store), synthetic blobs.
 
 Everything is loaded on the driver into tensors and split once (stratified, by seed);
 strategies then hand each worker a disjoint shard of every global batch (`pipelines.training.loop`).
@@ -14,12 +15,10 @@ import numpy as np
 import torch
 
 from pipelines import split
-from pipelines.config import ConfigError, DataSection
-from pipelines.errors import first_line
+from pipelines.config import DataSection
+from pipelines.tables import DataError
 
-
-class DataError(ConfigError):
-    """Input data that cannot be trained on; the message names the file and the problem."""
+__all__ = ["DataError", "Dataset", "load"]
 
 
 @dataclass
@@ -32,6 +31,10 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     class_names: list[str]
+    feature_mean: torch.Tensor | None = None
+    """The training split's per-feature mean and standard deviation the features were
+    standardised with (`data.standardize`); None when they are used as they are."""
+    feature_std: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -55,12 +58,30 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     if section.input_shape:
         x = _reshape(x, section.input_shape, section.source)
     data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed)
+    table = section.source not in ("digits", "synthetic")
+    if section.standardize if section.standardize is not None else table:
+        standardize(data)
     if len(data.y_train) < section.batch_size:
         raise DataError(
             f"data.batch_size ({section.batch_size}) exceeds the training split "
             f"({len(data.y_train)} examples of {section.source})"
         )
     return data
+
+
+def standardize(data: Dataset) -> None:
+    """Scale every feature to the training split's zero mean and unit variance (a constant
+    feature is only centred), in place; validation and test use the training statistics.
+    Without it, columns of very different scales leave SGD at a fraction of a linear
+    model's accuracy (0.64 against 0.98 on a public table, issue 17)."""
+    x = data.x_train.double()  # float64 sums: a column of 1e6-sized values keeps its digits
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    mean, std = mean.float(), std.float()
+    for name in ("x_train", "x_val", "x_test"):
+        setattr(data, name, ((getattr(data, name) - mean) / std).contiguous())
+    data.feature_mean, data.feature_std = mean, std
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -113,8 +134,10 @@ def machine_memory() -> int:
 
 
 def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Parquet or CSV file: a label column and numeric feature columns (or one list column)."""
-    table = _read_arrow(_data_file(path))
+    """A Parquet or CSV table: a label column and numeric feature columns (or one list column)."""
+    from pipelines import tables
+
+    table = tables.read(path)
     if table.num_rows == 0:
         raise DataError(f"data file {path!r} has no rows" + (
             f" (only a header: {', '.join(table.column_names)})" if table.column_names else ""))
@@ -148,23 +171,6 @@ def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]
     return x, y, [str(c) for c in classes]
 
 
-def _data_file(path: str) -> Path:
-    """The one local file `data.source` names, or a one-line error saying what it is instead."""
-    if "://" in path:
-        raise DataError(f"data.source {path!r} is a URI: data is read from one Parquet or CSV file "
-                        "on this machine today (copy it here)")
-    file = Path(path)
-    if file.is_dir():
-        raise DataError(f"data file {path!r} is a directory: data.source takes one Parquet (.parquet) "
-                        "or CSV (.csv) file today")
-    if not file.is_file():
-        pattern = any(c in path for c in "*?[")
-        raise DataError(f"data file {path!r} does not exist" + (
-            " (a pattern is not expanded: data.source takes one Parquet or CSV file today)"
-            if pattern else ""))
-    return file
-
-
 def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
     """The feature matrix (float32) of numeric columns, or of one column of numeric lists."""
     if len(feature_columns) == 1 and _is_list(table.schema.field(feature_columns[0]).type):
@@ -181,24 +187,6 @@ def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
         raise DataError(f"data file {path!r} has non-numeric feature columns: {', '.join(bad)}")
     return np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in feature_columns],
                     axis=1).astype(np.float32)
-
-
-def _read_arrow(file: Path):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    suffix = file.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(file)
-        if suffix in (".csv", ".txt"):
-            return pacsv.read_csv(file)
-    except (pa.ArrowInvalid, OSError) as e:
-        kind = "Parquet" if suffix in (".parquet", ".pq") else "CSV"
-        raise DataError(f"data file {str(file)!r} is not a readable {kind} file: "
-                        f"{first_line(e)}") from None
-    raise DataError(f"data file {str(file)!r} is not Parquet (.parquet) or CSV (.csv)")
 
 
 def _is_numeric(t) -> bool:

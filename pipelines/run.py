@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.standardize import Standardized
 from pipelines import data as datasets
 from pipelines import figures, registry, resume, startup
 from pipelines.config import ConfigError, RunConfig
@@ -98,8 +99,12 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         history = fit.history or context.history or tracker.epoch_history()
         if config.tracking.figures:
             _log_figures(tracker, model, data, history)
+        if data.feature_mean is not None:  # the model users get takes raw features
+            model = Standardized(model, data.feature_mean, data.feature_std)
         if config.tracking.log_model:
-            tracker.log_model(model, data.x_test[:4].numpy())
+            raw = data.x_test[:4] * data.feature_std + data.feature_mean if data.feature_mean is not None \
+                else data.x_test[:4]
+            tracker.log_model(model, raw.numpy())
         tracker.finish("FINISHED")
     except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
         raise

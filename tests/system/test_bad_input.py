@@ -104,6 +104,12 @@ def files(tmp_path_factory):
     (root / "latin1.yaml").write_bytes("optim: {name: caf\xe9}\n".encode("latin-1"))
     (root / "adir.yaml").mkdir()
     (root / "adir").mkdir()
+    for name in ("twoschemas", "twoformats"):  # tables split over files that do not agree
+        (root / name).mkdir()
+        pq.write_table(pa.table({"a": [1.0, 2.0] * 20, "b": [0.5, 0.1] * 20, "label": [0, 1] * 20}),
+                       root / name / "a.parquet")
+    pq.write_table(pa.table({"a": [1.0, 2.0] * 20, "label": [0, 1] * 20}), root / "twoschemas" / "b.parquet")
+    (root / "twoformats" / "b.csv").write_text("a,b,label\n1.0,2.0,0\n")
     rows = "1.0,2.0,0\n3.0,0.5,1\n" * 20
     csv = {
         "empty.csv": "", "header.csv": "a,b,label\n", "text.csv": "a,b,label\n" + "x,1,0\ny,2,1\n" * 20,
@@ -342,10 +348,15 @@ RUN_FILES_CASES = [
 
 DATA = [
     (["--data", "{root}/missing.csv"], "data file '{root}/missing.csv' does not exist"),
-    (["--data", "{root}/adir"], "'{root}/adir' is a directory: data.source takes one Parquet (.parquet) or CSV"),
-    (["--data", "{root}/nomatch*.parquet"], "does not exist (a pattern is not expanded"),
+    (["--data", "{root}/adir"], "data directory '{root}/adir' holds no Parquet (.parquet) or CSV (.csv) files"),
+    (["--data", "{root}/nomatch*.parquet"], "data.source '{root}/nomatch*.parquet' matches no Parquet or CSV"),
     (["--data", "{root}/good.csv/x.csv"], "data file '{root}/good.csv/x.csv' does not exist"),
-    (["--data", "s3://bucket/data.parquet"], "data.source 's3://bucket/data.parquet' is a URI"),
+    (["--data", "{root}/twoschemas"], "data file '{root}/twoschemas/b.parquet' lacks column(s) b (unlike"),
+    (["--data", "{root}/twoformats"], "data.source '{root}/twoformats' mixes Parquet and CSV files"),
+    (["--data", "s3://raydeep-absent/data/?endpoint_override=127.0.0.1:9&scheme=http"],
+     "data.source 's3://raydeep-absent/data/?endpoint_override=127.0.0.1:9&scheme=http' cannot be reached"),
+    (["--data", "gs://raydeep-absent/data/"], "data.source 'gs://raydeep-absent/data/' cannot be reached: no Google"),
+    (["--data", "nosuch://x/data/"], "data.source 'nosuch://x/data/' cannot be opened: Unrecognized filesystem"),
     (["--data", "{root}/data.json"], "is not Parquet (.parquet) or CSV (.csv)"),
     (["--data", "{root}/data.xlsx"], "is not Parquet (.parquet) or CSV (.csv)"),
     (["--data", "{root}/empty.csv"], "is not a readable CSV file: Empty CSV file"),
@@ -498,7 +509,7 @@ TUNE = [
     ([MLP, "--seed", "-1"], "base: seed must be an integer in 0..4294967295, got -1"),
     ([MLP, "--run-name", "a/b"], "base: tracking.run_name 'a/b' must be a plain name"),
     ([MLP, "--data", "{root}/header.csv"], "has no rows (only a header: a, b, label)"),
-    ([MLP, "--data", "{root}/adir"], "'{root}/adir' is a directory"),
+    ([MLP, "--data", "{root}/adir"], "data directory '{root}/adir' holds no Parquet"),
     ([MLP, "--storage-path", "{root}/good.csv"], "'{root}/good.csv' is a file, not a directory"),
     ([MLP, "--storage-path", "gs://raydeep-absent/runs"], "no Google Cloud credentials"),
     ([MLP, "--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers at http://127.0.0.1:9"),

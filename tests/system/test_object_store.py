@@ -208,3 +208,36 @@ def test_a_run_killed_mid_upload_resumes_from_the_last_whole_checkpoint(bucket, 
                                 filter_string="attributes.run_name = 'cut-short'")
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [0, 1, 2]
+
+
+def test_a_table_split_over_files_on_the_bucket_trains_as_the_same_files_on_disk(bucket, workdir, store):
+    """`--data s3://.../dir/` reads every Parquet file under it (here the digits, 64 pixel
+    columns, in three files); the same files on the local disk give the very same run."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines import split
+
+    uri, fs = bucket
+    pixels, labels = split.digits()
+    table = pa.table({**{f"p{i}": pixels[:, i].astype(np.float32) for i in range(64)},
+                      "label": labels.astype(np.int64)})
+    local = workdir / "digits"
+    local.mkdir()
+    for i, start in enumerate(range(0, len(labels), 600)):
+        chunk = table.slice(start, 600)
+        pq.write_table(chunk, local / f"part-{i}.parquet")
+        with fs.open_output_stream(f"runs/tables/digits/part-{i}.parquet") as out:
+            pq.write_table(chunk, out)
+    remote = uri.replace("runs/raydeep?", "runs/tables/digits/?")
+    common = {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 6}
+    on_bucket = pipelines.train(small_run(**common, **{"data.source": remote}))
+    on_disk = pipelines.train(small_run(**common, **{"data.source": str(local)}))
+    for key, value in on_disk.model.state_dict().items():
+        assert torch.equal(on_bucket.model.state_dict()[key], value), key
+    assert on_bucket.metrics["test_accuracy"] == on_disk.metrics["test_accuracy"]
+    # the secret in the URI is not shown to whoever browses the runs
+    params = MlflowClient(store).get_run(on_bucket.run_id).data.params
+    assert params["data.source"].startswith("s3://test:***@runs/tables/digits/?")

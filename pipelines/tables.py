@@ -1,0 +1,189 @@
+"""Table sources: one Parquet or CSV file, a directory or glob of them, on this machine or
+on an object store (`s3://bucket/data/`, `gs://...`, any URI pyarrow's filesystems open,
+with connection options in the URI's query as for `resources.storage_path`).
+
+A directory is read whole (its files in name order, recursively; names starting with `_`
+or `.`, as Spark's `_SUCCESS` and hidden files, are not data). Every file must hold the
+same columns of the same types: a table split over files is one table.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from pipelines.config import ConfigError
+from pipelines.errors import first_line, redact
+
+FORMATS = {".parquet": "Parquet", ".pq": "Parquet", ".csv": "CSV", ".txt": "CSV"}
+"""File name suffixes read as data, and their format."""
+
+
+class DataError(ConfigError):
+    """Input data that cannot be trained on; the message names the file and the problem."""
+
+
+@dataclass
+class TableFiles:
+    source: str
+    """As the user gave it (what messages name)."""
+    filesystem: object
+    paths: list[str]
+    """Inside `filesystem`, in name order."""
+    format: str
+    """Parquet or CSV."""
+
+
+def find(source: str) -> TableFiles:
+    """The files `source` names, or a one-line error saying why there are none to read."""
+    import pyarrow.fs
+
+    shown = redact(source)
+    if "://" in source:
+        _reachable(source, shown)
+    fs, path = _open(source)
+    pattern = any(c in path for c in "*?[")
+    if pattern:
+        paths = _glob(fs, path, shown)
+        if not paths:
+            raise DataError(f"data.source {shown!r} matches no Parquet or CSV file")
+    else:
+        kind = fs.get_file_info(path).type if path else pyarrow.fs.FileType.Directory
+        if kind == pyarrow.fs.FileType.NotFound:
+            raise DataError(f"data file {shown!r} does not exist")
+        if kind == pyarrow.fs.FileType.Directory:
+            paths = _listing(fs, path, shown)
+            if not paths:
+                raise DataError(f"data directory {shown!r} holds no Parquet (.parquet) or CSV (.csv) files")
+        else:
+            paths = [path]
+    formats = {FORMATS.get(_suffix(p)) for p in paths}
+    if None in formats:
+        odd = next(p for p in paths if _suffix(p) not in FORMATS)
+        raise DataError(f"data file {_shown(source, odd)!r} is not Parquet (.parquet) or CSV (.csv)")
+    if len(formats) > 1:
+        raise DataError(f"data.source {shown!r} mixes Parquet and CSV files; give one format")
+    return TableFiles(source, fs, paths, formats.pop())
+
+
+def read(source: str):
+    """The whole table `source` names (a pyarrow Table), its files checked to agree."""
+    import pyarrow as pa
+
+    files = find(source)
+    tables = [_read_one(files, path) for path in files.paths]
+    first = tables[0].schema
+    for path, table in zip(files.paths[1:], tables[1:]):
+        if table.schema.names != first.names:
+            missing = [c for c in first.names if c not in table.schema.names]
+            extra = [c for c in table.schema.names if c not in first.names]
+            what = (f"lacks column(s) {', '.join(missing)}" if missing else
+                    f"has column(s) {', '.join(extra)} the others lack" if extra else
+                    "orders its columns differently")
+            raise DataError(f"data file {_shown(source, path)!r} {what} (unlike "
+                            f"{_shown(source, files.paths[0])!r}): every file of a table holds the same columns")
+        if not table.schema.equals(first):
+            column = next(n for n in first.names if table.schema.field(n).type != first.field(n).type)
+            raise DataError(f"data file {_shown(source, path)!r}: column {column!r} holds "
+                            f"{table.schema.field(column).type}, but {first.field(column).type} in "
+                            f"{_shown(source, files.paths[0])!r}")
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _reachable(source: str, shown: str) -> None:
+    """An object store answers, within seconds, and its bucket exists: a client without an
+    endpoint or credentials would otherwise retry for minutes."""
+    from pipelines.filesystem import probe, short_reason
+
+    try:
+        bucket, found = probe(source)
+    except TimeoutError as e:
+        raise DataError(f"data.source {shown!r} cannot be reached: {e} (check the endpoint and the "
+                        "credentials)") from None
+    except ConfigError as e:
+        raise DataError(str(e).replace("resources.storage_path", "data.source", 1)) from None
+    except OSError as e:
+        raise DataError(f"data.source {shown!r} cannot be reached: {short_reason(e)}") from None
+    if not bucket:
+        raise DataError(f"data.source {shown!r} names no bucket (e.g. s3://BUCKET/data/)")
+    if not found:
+        raise DataError(f"data.source {shown!r}: bucket {bucket!r} does not exist")
+
+
+def _open(source: str):
+    from pipelines import filesystem
+
+    try:
+        return filesystem.open_filesystem(source)
+    except ConfigError as e:  # it names the storage path: say it of the data
+        raise DataError(str(e).replace("resources.storage_path", "data.source", 1)) from None
+
+
+def _listing(fs, directory: str, shown: str) -> list[str]:
+    import pyarrow.fs
+
+    try:
+        found = fs.get_file_info(pyarrow.fs.FileSelector(directory, recursive=True, allow_not_found=True))
+    except OSError as e:
+        from pipelines.filesystem import short_reason
+
+        raise DataError(f"data.source {shown!r} cannot be listed: {short_reason(e)}") from None
+    return sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File
+                  and not any(part[:1] in ("_", ".") for part in f.path[len(directory):].split("/") if part))
+
+
+def _read_one(files: TableFiles, path: str):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if files.format == "Parquet":
+            return pq.read_table(path, filesystem=files.filesystem)
+        with files.filesystem.open_input_file(path) as stream:
+            return pacsv.read_csv(stream)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"data file {_shown(files.source, path)!r} is not a readable {files.format} "
+                        f"file: {first_line(e)}") from None
+
+
+def _glob(fs, pattern: str, shown: str) -> list[str]:
+    """The data files a shell glob names: `*`, `?` and `[...]` match within one directory
+    level, listed level by level (a pattern under /tmp must not list all of /tmp); `**`
+    matches across levels, below the fixed part of the pattern."""
+    import pyarrow.fs
+
+    if "**" in pattern:
+        head = pattern[:pattern.index("**")].rsplit("/", 1)[0]
+        flat = pattern.replace("/**/", "/")  # `**/` also matches no directory at all
+        return [p for p in _listing(fs, head, shown)
+                if fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, flat)]
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    level = ["/".join(parts[:fixed])]
+    for i, part in enumerate(parts[fixed:], start=fixed):
+        last = i == len(parts) - 1
+        matched = []
+        for directory in level:
+            try:
+                found = fs.get_file_info(pyarrow.fs.FileSelector(directory, allow_not_found=True))
+            except OSError:
+                continue  # not a directory, or not readable: it holds no match
+            wanted = pyarrow.fs.FileType.File if last else pyarrow.fs.FileType.Directory
+            matched += [f.path for f in found if f.type == wanted and fnmatch.fnmatchcase(f.base_name, part)]
+        level = matched
+    return sorted(p for p in level if p.rsplit("/", 1)[-1][:1] not in ("_", "."))
+
+
+def _suffix(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name[name.rfind("."):].lower() if "." in name else ""
+
+
+def _shown(source: str, path: str) -> str:
+    """A file of `source` as the user would name it: the path on this machine, or the URI."""
+    from pipelines.filesystem import is_uri
+
+    if not is_uri(source):
+        return path
+    scheme = source.split("://", 1)[0]
+    return redact(f"{scheme}://{path}")

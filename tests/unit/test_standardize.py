@@ -1,0 +1,59 @@
+"""Tables are standardised by their training split (`data.standardize`), and the logged model
+takes their raw columns."""
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import small_run
+from sklearn.linear_model import LogisticRegression
+
+import pipelines
+from pipelines import data
+from pipelines.config import DataSection
+
+SCALES = [1e-3, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4, 1e5]
+
+
+@pytest.fixture
+def unscaled(tmp_path):
+    """A linearly separable-ish table whose columns differ in scale by 10^8 and sit far from 0."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(1500, len(SCALES)))
+    label = (z @ rng.normal(size=len(SCALES)) + 0.3 * rng.normal(size=1500) > 0).astype(np.int64)
+    columns = {f"c{i}": z[:, i] * s + 3 * s for i, s in enumerate(SCALES)}
+    path = tmp_path / "unscaled.parquet"
+    pq.write_table(pa.table({**columns, "label": label}), path)
+    return path
+
+
+def test_statistics_come_from_the_training_split_only(unscaled):
+    split = data.load(DataSection(source=str(unscaled)))
+    torch.testing.assert_close(split.x_train.mean(dim=0), torch.zeros(len(SCALES)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.x_train.std(dim=0, unbiased=False), torch.ones(len(SCALES)),
+                               atol=1e-4, rtol=0)
+    assert not torch.allclose(split.x_test.mean(dim=0), torch.zeros(len(SCALES)), atol=1e-5)
+    raw = data.load(DataSection(source=str(unscaled), standardize=False))
+    assert raw.feature_mean is None and float(raw.x_train.abs().max()) > 1e5
+    torch.testing.assert_close(split.x_test * split.feature_std + split.feature_mean, raw.x_test,
+                               rtol=1e-5, atol=1e-3)
+    assert data.load(DataSection()).feature_mean is None  # digits keep their pixels
+
+
+@pytest.mark.slow  # trains to an accuracy bar: seconds of training
+def test_an_unscaled_table_trains_to_a_scaled_linear_models_accuracy(unscaled, store):
+    split = data.load(DataSection(source=str(unscaled)))
+    linear = LogisticRegression(max_iter=1000).fit(split.x_train.numpy(), split.y_train.numpy())
+    reference = linear.score(split.x_test.numpy(), split.y_test.numpy())
+    result = pipelines.train(small_run(**{"tracking.uri": store, "data.source": str(unscaled),
+                                          "optim.epochs": 10, "tracking.log_model": True}))
+    # 300 test rows: one accuracy's standard error is about 0.01 at these rates
+    assert result.metrics["test_accuracy"] >= reference - 0.02, (result.metrics, reference)
+    raw = data.load(DataSection(source=str(unscaled), standardize=False))
+    mlflow.set_tracking_uri(store)
+    logged = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    predicted = logged(raw.x_test).argmax(dim=1)
+    assert float((predicted == raw.y_test).float().mean()) == pytest.approx(result.metrics["test_accuracy"])
+    torch.testing.assert_close(logged(raw.x_test), result.model(raw.x_test))
