@@ -233,8 +233,8 @@ def test_a_table_split_over_files_on_the_bucket_trains_as_the_same_files_on_disk
             pq.write_table(chunk, out)
     remote = uri.replace("runs/raydeep?", "runs/tables/digits/?")
     common = {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 6}
-    on_bucket = pipelines.train(small_run(**common, **{"data.source": remote}))
-    on_disk = pipelines.train(small_run(**common, **{"data.source": str(local)}))
+    on_bucket = pipelines.train(small_run(**common, **{"data.source": remote, "tracking.run_name": "bucket"}))
+    on_disk = pipelines.train(small_run(**common, **{"data.source": str(local), "tracking.run_name": "disk"}))
     for key, value in on_disk.model.state_dict().items():
         assert torch.equal(on_bucket.model.state_dict()[key], value), key
     assert on_bucket.metrics["test_accuracy"] == on_disk.metrics["test_accuracy"]
