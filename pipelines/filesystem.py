@@ -118,6 +118,25 @@ def probe(location: str, seconds: float = PROBE_SECONDS) -> tuple[str, bool]:
     return result
 
 
+def check_reachable(location: str, named: str, example: str, error: type = ConfigError) -> None:
+    """Refuse, in one line naming `named`, an object-store `location` that does not answer
+    within seconds or whose bucket does not exist; `example` shows a URI with a bucket."""
+    shown = redact(location)
+    try:
+        bucket, found = probe(location)
+    except TimeoutError as e:
+        raise error(f"{named} {shown!r} cannot be reached: {e} (check the endpoint and the "
+                    "credentials)") from None
+    except ConfigError as e:  # pyarrow cannot open it: the message names the storage path
+        raise error(str(e).replace("resources.storage_path", named, 1)) from None
+    except OSError as e:
+        raise error(f"{named} {shown!r} cannot be reached: {short_reason(e)}") from None
+    if not bucket:
+        raise error(f"{named} {shown!r} names no bucket (e.g. {example})")
+    if not found:
+        raise error(f"{named} {shown!r}: bucket {bucket!r} does not exist")
+
+
 def _impatient(fs, path: str):
     """`fs` rebuilt to try once (S3) or retry for a second (GCS), for a check that should
     answer in seconds; `fs` itself where it cannot be rebuilt. Its pickling state holds its

@@ -29,15 +29,14 @@ from pipelines.config import ConfigError
 from pipelines.errors import first_line, redact
 from pipelines.filesystem import (
     CHUNK,
+    check_reachable,
     children,
     exists,
     is_uri,
     join,
     kind,
     open_filesystem,
-    probe,
     read_bytes,
-    short_reason,
     write_text,
 )
 
@@ -258,18 +257,7 @@ class Store:
         an object store's bucket must answer, within seconds."""
         if not self.remote:
             return check_local_directory(self.location)
-        shown = redact(self.location)
-        try:
-            bucket, found = probe(self.location)
-        except TimeoutError as e:
-            raise ConfigError(f"resources.storage_path {shown!r} cannot be reached: {e} (check the "
-                              "endpoint and the credentials)") from None
-        except OSError as e:
-            raise ConfigError(f"resources.storage_path {shown!r} cannot be reached: {short_reason(e)}") from None
-        if not bucket:
-            raise ConfigError(f"resources.storage_path {shown!r} names no bucket (e.g. s3://BUCKET/runs)")
-        if not found:
-            raise ConfigError(f"resources.storage_path {shown!r}: bucket {bucket!r} does not exist")
+        check_reachable(self.location, "resources.storage_path", "s3://BUCKET/runs")
 
     def find(self, name: str, prefix: str = "") -> str:
         """The name `--resume NAME` means: `name` itself, or for `latest` the newest (by its

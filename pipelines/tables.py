@@ -39,7 +39,9 @@ def find(source: str) -> TableFiles:
 
     shown = redact(source)
     if "://" in source:
-        _reachable(source, shown)
+        from pipelines.filesystem import check_reachable
+
+        check_reachable(source, "data.source", "s3://BUCKET/data/", DataError)
     fs, path = _open(source)
     pattern = any(c in path for c in "*?[")
     if pattern:
@@ -87,26 +89,6 @@ def read(source: str):
                             f"{table.schema.field(column).type}, but {first.field(column).type} in "
                             f"{_shown(source, files.paths[0])!r}")
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-
-
-def _reachable(source: str, shown: str) -> None:
-    """An object store answers, within seconds, and its bucket exists: a client without an
-    endpoint or credentials would otherwise retry for minutes."""
-    from pipelines.filesystem import probe, short_reason
-
-    try:
-        bucket, found = probe(source)
-    except TimeoutError as e:
-        raise DataError(f"data.source {shown!r} cannot be reached: {e} (check the endpoint and the "
-                        "credentials)") from None
-    except ConfigError as e:
-        raise DataError(str(e).replace("resources.storage_path", "data.source", 1)) from None
-    except OSError as e:
-        raise DataError(f"data.source {shown!r} cannot be reached: {short_reason(e)}") from None
-    if not bucket:
-        raise DataError(f"data.source {shown!r} names no bucket (e.g. s3://BUCKET/data/)")
-    if not found:
-        raise DataError(f"data.source {shown!r}: bucket {bucket!r} does not exist")
 
 
 def _open(source: str):
