@@ -136,8 +136,10 @@ def open_run(config: RunConfig, data: datasets.Dataset) -> RunContext:
         previous = run_dir.read_json(RUN_FILE)
         tracker = Tracker.reopen(uri, previous["mlflow_run_id"], config.optim.epochs)
     else:
+        # A name of the user's is refused when taken; a default one of a run started in the
+        # same second as another gets the next free -2, -3...
         name = config.tracking.run_name or timestamped(f"{config.model.name}-{config.strategy.name}")
-        run_dir = store.create(name)
+        run_dir = store.create(name, unique=not config.tracking.run_name)
         tracker = Tracker.start(uri, config.tracking.experiment, run_dir.name, config.flat(),
                                 tags=run_tags(config, data), epochs=config.optim.epochs)
         run_dir.write_json(RUN_FILE, {"mlflow_run_id": tracker.run_id, "tracking_uri": uri,

@@ -33,6 +33,8 @@ def test_local_run_is_recorded_in_mlflow(store):
 def test_same_seed_same_run(store):
     a = pipelines.train(small_run(**{"tracking.uri": store}))
     b = pipelines.train(small_run(**{"tracking.uri": store}))
+    # default names are timestamps to the second: a run started in a's second is b-2, not refused
+    assert b.run_name != a.run_name and b.run_name.startswith("mlp-local-")
     for key, value in a.model.state_dict().items():
         assert torch.equal(b.model.state_dict()[key], value), key
     timing = ("samples_per_s", "time_to_first_step_s")
