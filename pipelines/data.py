@@ -16,9 +16,7 @@ import torch
 
 from pipelines import split
 from pipelines.config import DataSection
-from pipelines.tables import DataError
-
-__all__ = ["DataError", "Dataset", "load"]
+from pipelines.errors import DataError
 
 
 @dataclass
@@ -58,8 +56,8 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     if section.input_shape:
         x = _reshape(x, section.input_shape, section.source)
     data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed)
-    table = section.source not in ("digits", "synthetic")
-    if section.standardize if section.standardize is not None else table:
+    is_table = section.source not in ("digits", "synthetic")
+    if is_table if section.standardize is None else section.standardize:
         standardize(data)
     if len(data.y_train) < section.batch_size:
         raise DataError(

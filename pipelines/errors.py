@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     the value. `pipelines.config.ConfigError` is this class."""
 
 
+class DataError(ConfigError):
+    """Input data that cannot be trained on; the message names the file and the problem."""
+
+
 class TrackingUnreachable(RuntimeError):
     """The tracking store stayed away longer than a run waits for it (`pipelines.backlog`):
     the run cannot be marked in it, and its checkpoints are kept for `--resume`."""

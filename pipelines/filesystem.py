@@ -28,9 +28,9 @@ def join(location: str, *parts: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-def open_filesystem(location: str):
-    """(pyarrow filesystem, path inside it) for a URI or a local path; a one-line error
-    when pyarrow cannot open it."""
+def open_filesystem(location: str, named: str = "resources.storage_path", error: type = ConfigError):
+    """(pyarrow filesystem, path inside it) for a URI or a local path; a one-line `error`
+    naming the config key `named` when pyarrow cannot open it."""
     import pyarrow.fs
 
     if not is_uri(location):
@@ -38,7 +38,7 @@ def open_filesystem(location: str):
     try:
         return pyarrow.fs.FileSystem.from_uri(location)
     except Exception as e:  # noqa: BLE001 - unknown scheme, bad query, missing credentials
-        raise ConfigError(f"resources.storage_path {redact(location)!r} cannot be opened: "
+        raise error(f"{named} {redact(location)!r} cannot be opened: "
                           f"{first_line(e)}") from None
 
 
@@ -88,7 +88,8 @@ credentials looks for a metadata server for minutes, an S3 client retries a refu
 connection for seconds."""
 
 
-def probe(location: str, seconds: float = PROBE_SECONDS) -> tuple[str, bool]:
+def probe(location: str, seconds: float = PROBE_SECONDS, named: str = "resources.storage_path",
+          error: type = ConfigError) -> tuple[str, bool]:
     """The bucket of object-store URI `location` and whether it exists (False for no
     bucket), asked once and answered within `seconds`: a `TimeoutError` after that, an
     `OSError` (or `ConfigError`) saying why it cannot be asked. Opening is inside the wait:
@@ -100,7 +101,7 @@ def probe(location: str, seconds: float = PROBE_SECONDS) -> tuple[str, bool]:
 
     def ask() -> None:
         try:
-            fs, path = _impatient(*open_filesystem(location))
+            fs, path = _impatient(*open_filesystem(location, named, error))
             bucket = path.split("/")[0]
             answer.put((bucket, bool(bucket) and fs.get_file_info(bucket).type.name != "NotFound"))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
@@ -123,12 +124,10 @@ def check_reachable(location: str, named: str, example: str, error: type = Confi
     within seconds or whose bucket does not exist; `example` shows a URI with a bucket."""
     shown = redact(location)
     try:
-        bucket, found = probe(location)
+        bucket, found = probe(location, named=named, error=error)
     except TimeoutError as e:
         raise error(f"{named} {shown!r} cannot be reached: {e} (check the endpoint and the "
                     "credentials)") from None
-    except ConfigError as e:  # pyarrow cannot open it: the message names the storage path
-        raise error(str(e).replace("resources.storage_path", named, 1)) from None
     except OSError as e:
         raise error(f"{named} {shown!r} cannot be reached: {short_reason(e)}") from None
     if not bucket:

@@ -99,12 +99,12 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         history = fit.history or context.history or tracker.epoch_history()
         if config.tracking.figures:
             _log_figures(tracker, model, data, history)
+        example = data.x_test[:4]
         if data.feature_mean is not None:  # the model users get takes raw features
             model = Standardized(model, data.feature_mean, data.feature_std)
+            example = example * data.feature_std + data.feature_mean
         if config.tracking.log_model:
-            raw = data.x_test[:4] * data.feature_std + data.feature_mean if data.feature_mean is not None \
-                else data.x_test[:4]
-            tracker.log_model(model, raw.numpy())
+            tracker.log_model(model, example.numpy())
         tracker.finish("FINISHED")
     except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
         raise

@@ -11,15 +11,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from pipelines.config import ConfigError
-from pipelines.errors import first_line, redact
+from pipelines.errors import DataError, first_line, redact
+from pipelines.filesystem import check_reachable, is_uri, open_filesystem, short_reason
 
 FORMATS = {".parquet": "Parquet", ".pq": "Parquet", ".csv": "CSV", ".txt": "CSV"}
 """File name suffixes read as data, and their format."""
-
-
-class DataError(ConfigError):
-    """Input data that cannot be trained on; the message names the file and the problem."""
 
 
 @dataclass
@@ -38,11 +34,9 @@ def find(source: str) -> TableFiles:
     import pyarrow.fs
 
     shown = redact(source)
-    if "://" in source:
-        from pipelines.filesystem import check_reachable
-
+    if is_uri(source):
         check_reachable(source, "data.source", "s3://BUCKET/data/", DataError)
-    fs, path = _open(source)
+    fs, path = open_filesystem(source, "data.source", DataError)
     pattern = any(c in path for c in "*?[")
     if pattern:
         paths = _glob(fs, path, shown)
@@ -91,23 +85,12 @@ def read(source: str):
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _open(source: str):
-    from pipelines import filesystem
-
-    try:
-        return filesystem.open_filesystem(source)
-    except ConfigError as e:  # it names the storage path: say it of the data
-        raise DataError(str(e).replace("resources.storage_path", "data.source", 1)) from None
-
-
 def _listing(fs, directory: str, shown: str) -> list[str]:
     import pyarrow.fs
 
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(directory, recursive=True, allow_not_found=True))
     except OSError as e:
-        from pipelines.filesystem import short_reason
-
         raise DataError(f"data.source {shown!r} cannot be listed: {short_reason(e)}") from None
     return sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File
                   and not any(part[:1] in ("_", ".") for part in f.path[len(directory):].split("/") if part))
@@ -163,8 +146,6 @@ def _suffix(path: str) -> str:
 
 def _shown(source: str, path: str) -> str:
     """A file of `source` as the user would name it: the path on this machine, or the URI."""
-    from pipelines.filesystem import is_uri
-
     if not is_uri(source):
         return path
     scheme = source.split("://", 1)[0]
