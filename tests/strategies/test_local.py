@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 import models
 import pipelines
+import pipelines.run
 from models.mlp import MLP, MLPConfig
 from models.registry import ModelSpec
 
@@ -30,11 +31,13 @@ def test_local_run_is_recorded_in_mlflow(store):
     torch.testing.assert_close(loaded(x), result.model(x))
 
 
-def test_same_seed_same_run(store):
+def test_same_seed_same_run(store, monkeypatch):
+    # Default names are timestamps to the second: both runs are given the same one here, as
+    # two runs started in one second are, and the second is NAME-2, not refused.
+    monkeypatch.setattr(pipelines.run, "timestamped", lambda prefix: f"{prefix}-20261202-120000")
     a = pipelines.train(small_run(**{"tracking.uri": store}))
     b = pipelines.train(small_run(**{"tracking.uri": store}))
-    # default names are timestamps to the second: a run started in a's second is b-2, not refused
-    assert b.run_name != a.run_name and b.run_name.startswith("mlp-local-")
+    assert (a.run_name, b.run_name) == ("mlp-local-20261202-120000", "mlp-local-20261202-120000-2")
     for key, value in a.model.state_dict().items():
         assert torch.equal(b.model.state_dict()[key], value), key
     timing = ("samples_per_s", "time_to_first_step_s")
