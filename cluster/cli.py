@@ -24,6 +24,7 @@ def _launch_time() -> float:
 # Flags of `raydeep run` and the config keys they set (values are parsed as the key's type).
 RUN_FLAGS = {
     "--model": "model.name",
+    "--code-dir": "model.code_dir",
     "--strategy": "strategy.name",
     "--workers": "resources.workers",
     "--gpus-per-worker": "resources.gpus_per_worker",
@@ -106,6 +107,9 @@ def build_parser() -> Parser:
     submit.add_argument("--submission-id", help="the job's id (default: one Ray picks)")
     submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable of the job and its workers (repeatable)")
+    submit.add_argument("--code-dir", default=".", metavar="DIR",
+                        help="the directory whose top-level Python modules and packages go with the "
+                             "job, for --model my_module:MyNet (default: the current directory)")
     submit.add_argument("--pip", action="store_true",
                         help="install raydeep's Python requirements in the job's environment")
     submit.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
@@ -315,7 +319,7 @@ def _connect(run_config, sweep: bool = False) -> str | None:
     from cluster.connect import connect
     from cluster.ray_address import note_live_cluster
     from cluster.storage import shared_storage_problem
-    from pipelines import registry
+    from pipelines import imported_model, registry
     from pipelines.errors import first_line
     from pipelines.training.placement import shortfall
 
@@ -323,7 +327,8 @@ def _connect(run_config, sweep: bool = False) -> str | None:
     try:
         strategy = registry.get(run_config.strategy.name)
         resources = connect(run_config.resources.address, run_config.resources.num_cpus,
-                            dashboard=sweep or strategy.needs_dashboard)
+                            dashboard=sweep or strategy.needs_dashboard,
+                            runtime_env=imported_model.runtime_env(run_config))
     except (OSError, ValueError, RuntimeError) as e:  # OSError: also a Ray temp dir it cannot use
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"

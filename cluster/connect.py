@@ -92,13 +92,15 @@ def _without_internal_lines(handler):
     return forward
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True) -> dict:
+def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
+            runtime_env: dict | None = None) -> dict:
     """Start or join Ray once per process; returns the cluster's resources.
 
     An embedded Ray runs its dashboard where `dashboard` says: besides the web page it
     serves Ray's state API, which Ray Train's placement-group cleaner polls (without it, the
     cleaner warns on the terminal and cannot clean up); a run of raydeep's own actors does
-    without it. A cluster keeps whatever it was started with.
+    without it. A cluster keeps whatever it was started with. `runtime_env` is the job's
+    (a user's model code, `pipelines.user_code`): Tune's trials and Ray Train's controller get it.
     """
     import ray
 
@@ -115,13 +117,14 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     if not ray.is_initialized():
         level = logging.INFO if verbose() else logging.WARNING
         if address:
-            ray.init(address=address, logging_level=level)
+            ray.init(address=address, logging_level=level, runtime_env=runtime_env or None)
         else:
             for key, value in LOCAL_TRAIN_ENV.items():
                 os.environ.setdefault(key, value)
             # address="local": a Ray of our own whatever else runs or ran here (a cluster
             # started with `ray start` and killed leaves a file that plain ray.init would join).
             ray.init(address="local", num_cpus=num_cpus, logging_level=level,
-                     include_dashboard=dashboard, _system_config=LOCAL_SYSTEM_CONFIG)
+                     include_dashboard=dashboard, _system_config=LOCAL_SYSTEM_CONFIG,
+                     runtime_env=runtime_env or None)
     filter_worker_logs()
     return ray.cluster_resources()

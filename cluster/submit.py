@@ -26,17 +26,32 @@ image, say). Off by default: installing per job is slow and a cluster built from
 cluster/configs/ has them already."""
 
 
-def runtime_env(env_pairs: list[str], pip: bool) -> dict:
-    """The job's runtime_env: this repository, the forwarded settings, optionally pip."""
+def runtime_env(env_pairs: list[str], pip: bool, code_dir: str | None = None) -> dict:
+    """The job's runtime_env: this repository, the user's code (the top-level modules and
+    packages of `code_dir`, as `py_modules`), the forwarded settings, optionally pip."""
     try:
         env = job_env(env_pairs)
     except ValueError as e:
         raise JobsError(str(e)) from None
     env.setdefault("PYTHONUNBUFFERED", "1")  # progress lines reach the log as they are printed
     spec: dict = {"working_dir": str(REPO), "env_vars": env}
+    user = _user_code(code_dir)
+    if user:
+        spec["py_modules"] = user
     if pip:
         spec["pip"] = list(WORKER_PIP)
     return spec
+
+
+def _user_code(code_dir: str | None) -> list[str]:
+    if code_dir is None:
+        return []
+    from pipelines.user_code import shipped
+
+    root = Path(code_dir).resolve()
+    if not root.is_dir():
+        raise JobsError(f"--code-dir {code_dir!r} is not a directory")
+    return [] if root == REPO else shipped(root, "")  # the repository goes as working_dir
 
 
 def entrypoint(command: list[str]) -> str:
@@ -60,7 +75,7 @@ def cmd_submit(args) -> int:
 
     quiet_ray_logs()  # Ray's INFO lines on packaging the working_dir stay off the terminal
     command = entrypoint(args.job_command)
-    spec = runtime_env(args.env, args.pip)
+    spec = runtime_env(args.env, args.pip, args.code_dir)
     jobs = jobs_api.client(args.address)
     url = jobs.get_address()
     job_id = jobs_api.guarded(lambda: jobs.submit_job(

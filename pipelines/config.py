@@ -8,25 +8,26 @@ size raises `ConfigError` naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
-
-import yaml
+from typing import Any, Optional
 
 import models
-from pipelines import registry
+from pipelines import imported_model, registry
 from pipelines.errors import ConfigError
+from pipelines.imported_model import looks_like_path
+from pipelines.values import Text, coerce
 from pipelines.yaml_files import load_yaml
 
 
 @dataclass
 class ModelSection:
     name: str = "mlp"
-    """A registered model family (`raydeep models` lists them)."""
+    """A registered model family (`raydeep models` lists them), or the name of a user's
+    model given by import path (`model.class_path`, `pipelines.imported_model`)."""
     params: Any = None
-    """The family's own hyper-parameters (its config dataclass), given beside `name`."""
+    """The family's own hyper-parameters (its config dataclass), given beside `name`; for a
+    user's model, its `ImportedModel` (class_path, init_args, code_dir)."""
 
 
 @dataclass
@@ -140,10 +141,6 @@ class RunConfig:
         return flat_keys(self.to_dict())
 
 
-class Text(str):
-    """A value typed on a command line: parsed as YAML unless the field wants a string."""
-
-
 # --- building from dicts -------------------------------------------------------------
 
 def from_dict(raw: dict[str, Any] | None) -> RunConfig:
@@ -194,7 +191,9 @@ def _build_open(section, raw: dict, key: str, params_type) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config key {key!r} must be a mapping, got {raw!r}")
     raw = dict(raw)
-    name = _coerce(raw.pop("name", section.name), str, f"{key}.name")
+    if key == "model" and ("class_path" in raw or looks_like_path(str(raw.get("name", "")))):
+        return ModelSection(*imported_model.from_section(raw))
+    name = coerce(raw.pop("name", section.name), str, f"{key}.name")
     cls = params_type(name)
     built = _build(cls, raw, key)
     return ModelSection(name, built) if key == "model" else StrategySection(name, built)
@@ -217,63 +216,15 @@ def _build(cls: type, raw: dict, prefix: str, open_sections: set[str] = frozense
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value if value is not None else {}, dotted)
         else:
-            kwargs[key] = _coerce(value, hint, dotted)
+            kwargs[key] = coerce(value, hint, dotted)
     return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, Text) and value.lower() in ("none", "null", "")):
-            return None
-        return _coerce(value, args[0], key)
-    if isinstance(value, str) and hint in (int, float):
-        try:
-            number = hint(value)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {str(value)!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"config key {key!r} must be a finite number, got {str(value)!r}")
-        return number
-    if isinstance(value, Text) and hint is not str:
-        if origin is list and "[" not in value:
-            value = [Text(v.strip()) for v in value.split(",") if v.strip()]
-        else:
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"config key {key!r}: cannot parse {str(value)!r}") from None
-    want = getattr(hint, "__name__", str(hint))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {key!r} expects a list, got {value!r}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return str(value)
-    else:
-        return value
-    raise ConfigError(f"config key {key!r} expects {want}, got {value!r}")
 
 
 def to_dict(config: Any) -> Any:
     if isinstance(config, (ModelSection, StrategySection)):
         own = config.params if isinstance(config, ModelSection) else config.options
+        if isinstance(own, imported_model.ImportedModel):
+            return own.to_dict()
         params = dataclasses.asdict(own) if own is not None else {}
         return {"name": config.name, **params}
     if dataclasses.is_dataclass(config):

@@ -1,6 +1,7 @@
 """`train(config) -> Result`: the one entry point the CLI, Tune and users share."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,8 +11,8 @@ from torch import nn
 
 from models.standardize import Standardized
 from pipelines import data as datasets
-from pipelines import figures, registry, resume, startup
-from pipelines.config import ConfigError, RunConfig
+from pipelines import figures, imported_model, registry, resume, startup
+from pipelines.config import ConfigError, ModelSection, RunConfig
 from pipelines.context import RunContext
 from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
@@ -48,7 +49,9 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
             model.eval()
             model.evaluate((data.x_val[:2] if len(data.y_val) else data.x_train[:2],
                             data.y_val[:2] if len(data.y_val) else data.y_train[:2]))
-    except (ValueError, RuntimeError) as e:
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's module may raise anything: one line, no traceback
         raise ConfigError(
             f"model {config.model.name} (input shape {list(data.input_shape)}): "
             f"{first_line(e)}") from None
@@ -62,8 +65,12 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
 
 
 def train(config: RunConfig, data: datasets.Dataset | None = None, *,
-          context: RunContext | None = None) -> Result:
+          context: RunContext | None = None, model: object = None) -> Result:
     """Train as `config` says, record it in MLflow, and return the final metrics and model.
+
+    `model` is a user's own model to train instead of `config.model`: an `nn.Module` (its
+    weights are the starting point), a module class or a factory function (called with
+    `input_shape`/`num_classes` where it takes them); `models.contract` says what it offers.
 
     `data` is the result of `prepare(config)` when the caller has checked the run already.
     A caller that keeps the MLflow run and the run's directory itself (a Tune trial) passes
@@ -73,6 +80,8 @@ def train(config: RunConfig, data: datasets.Dataset | None = None, *,
     or else from this call.
     """
     startup.launch_time()
+    if model is not None:
+        config = dataclasses.replace(config, model=ModelSection(*imported_model.from_object(model)))
     try:
         return _train(config, data, context)
     finally:
@@ -100,11 +109,13 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         if config.tracking.figures:
             _log_figures(tracker, model, data, history)
         example = data.x_test[:4]
+        logged = model.unwrapped() if hasattr(model, "unwrapped") else model  # a user's own class
         if data.feature_mean is not None:  # the model users get takes raw features
             model = Standardized(model, data.feature_mean, data.feature_std)
+            logged = Standardized(logged, data.feature_mean, data.feature_std)
             example = example * data.feature_std + data.feature_mean
         if config.tracking.log_model:
-            tracker.log_model(model, example.numpy())
+            tracker.log_model(logged, example.numpy(), imported_model.code_paths(config))
         tracker.finish("FINISHED")
     except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
         raise
@@ -122,8 +133,11 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
 
 
 def run_tags(config: RunConfig, data: datasets.Dataset) -> dict[str, str]:
-    return {"raydeep.model": config.model.name, "raydeep.strategy": config.strategy.name,
+    tags = {"raydeep.model": config.model.name, "raydeep.strategy": config.strategy.name,
             "raydeep.data": data.name}
+    if isinstance(config.model.params, imported_model.ImportedModel):
+        tags["raydeep.model_class_path"] = config.model.params.class_path
+    return tags
 
 
 def open_run(config: RunConfig, data: datasets.Dataset) -> RunContext:

@@ -307,7 +307,16 @@ class Tracker:
     def log_figure(self, figure, name: str) -> None:
         self.backlog.call(lambda: _client(self.uri).log_figure(self.run_id, figure, name), f"log {name}")
 
-    def log_model(self, model, input_example) -> None:
+    def log_model(self, model, input_example, code_paths: list[str] = ()) -> None:
+        """Log `model` as the run's MLflow model.
+
+        MLflow 3 saves it as a `torch.export` program by default ("pt2"): it loads with torch
+        alone, anywhere. A module that cannot be exported (data-dependent control flow, say)
+        is pickled instead, with its code beside it: raydeep's models/ and `code_paths`, a
+        user's model code (`pipelines.imported_model.code_paths`), so it loads where neither
+        is installed. The export fails before anything is written, so the second try does
+        not log a second model.
+        """
         import mlflow
         import mlflow.pytorch
         import torch
@@ -316,13 +325,19 @@ class Tracker:
 
         def log():
             mlflow.set_tracking_uri(self.uri)
+            common = dict(name="model", input_example=input_example,
+                          code_paths=[os.path.dirname(models.__file__), *code_paths],
+                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                                            f"mlflow=={mlflow.__version__}"])
             with mlflow.start_run(run_id=self.run_id):
-                # The family's code travels with the model, so it loads where raydeep is not installed.
-                mlflow.pytorch.log_model(
-                    model, name="model", input_example=input_example,
-                    code_paths=[os.path.dirname(models.__file__)],
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                      f"mlflow=={mlflow.__version__}"])
+                try:
+                    mlflow.pytorch.log_model(model, **common)
+                except Exception as e:
+                    if not type(e).__module__.startswith("torch"):
+                        raise
+                    self.say(f"the model cannot be exported ({type(e).__name__}); it is logged "
+                             "pickled, with its code")
+                    mlflow.pytorch.log_model(model, serialization_format="pickle", **common)
 
         # Tried once: a retried log_model would record a second model.
         self.backlog.call(log, "log the model", retry=False)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import torch
 
+from pipelines import imported_model
 from pipelines.config import ConfigError, RunConfig
 from pipelines.context import RunContext, epoch_record, log_saved_metrics
 from pipelines.data import Dataset
@@ -79,7 +80,9 @@ class AllreduceStrategy(Strategy):
         trainer = trainer_class(cleaner=context.reporter is not None or not driver_owns_ray())(
             _train_worker,
             train_loop_config={
-                "run": run,
+                # A reference, so that only the workers (whose runtime_env carries a user's
+                # model code) unpickle the config, not Ray Train's controller.
+                "run": ray.put(run),
                 "data": ray.put(data),
                 "tracker": tracker,
                 "run_dir": run_dir,
@@ -95,6 +98,7 @@ class AllreduceStrategy(Strategy):
                 checkpoint_config=CheckpointConfig(num_to_keep=run.resources.keep_checkpoints),
                 logging_config=LoggingConfig(log_level="WARNING"),
                 callbacks=callbacks,
+                worker_runtime_env=imported_model.actor_runtime_env(run),
             ),
         )
         tracker.startup("trainer_submitted")
@@ -198,7 +202,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     _quiet_report_logs()
-    run: RunConfig = config["run"]
+    run: RunConfig = ray.get(config["run"])
     data: Dataset = ray.get(config["data"])
     timeline = {"worker_started": started, "data_on_worker": time.time()}
     tracker = config["tracker"]

@@ -15,13 +15,16 @@ from torch import nn
 
 import models
 from pipelines.config import OPTIMIZERS, OptimSection, RunConfig
+from pipelines.imported_model import ImportedModel
 
 
 def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The run's model with initial weights fixed by the run's seed."""
-    spec = models.get(run.model.name)
+    """The run's model with initial weights fixed by the run's seed: a family of `models/`,
+    or a user's module behind the same seams (`pipelines.imported_model`)."""
     torch.manual_seed(run.seed)
-    return spec.build(run.model.params, tuple(input_shape), num_classes)
+    if isinstance(run.model.params, ImportedModel):
+        return run.model.params.build(tuple(input_shape), num_classes)
+    return models.get(run.model.name).build(run.model.params, tuple(input_shape), num_classes)
 
 
 def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) -> int:

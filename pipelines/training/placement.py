@@ -14,6 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
+from pipelines import imported_model
 from pipelines.config import RunConfig
 
 
@@ -44,8 +45,10 @@ def shortfall(bundles: list[dict[str, float]], available: dict[str, float]) -> s
 class Placement:
     """The scheduling options of each actor slot; empty where no group of ours exists."""
 
-    def __init__(self, group=None, size: int = 0):
+    def __init__(self, group=None, size: int = 0, runtime_env: dict | None = None):
         self.group, self.size = group, size
+        self.runtime_env = runtime_env or {}
+        """What every actor of the run needs beyond the job's own (a user's model code)."""
 
     def at(self, index: int) -> dict:
         """Keyword arguments for `.options(...)` of the actor in bundle `index`.
@@ -56,8 +59,9 @@ class Placement:
         one let Ray put these zero-CPU actors on any node (seen on a 3-node cluster), and a
         node lost there then failed the run.
         """
+        options = {"runtime_env": self.runtime_env} if self.runtime_env else {}
         if self.group is None:
-            return {}
+            return options
         import ray
         from ray.util.scheduling_strategies import (
             NodeAffinitySchedulingStrategy,
@@ -65,9 +69,9 @@ class Placement:
         )
 
         if not 0 <= index < self.size:
-            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            return {**options, "scheduling_strategy": NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)}
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        return {**options, "scheduling_strategy": PlacementGroupSchedulingStrategy(
             self.group, placement_group_bundle_index=index)}
 
     def nodes(self) -> list[str]:
@@ -91,8 +95,9 @@ def reserve(strategy, run: RunConfig, say, labels: list[str] | None = None,
     from ray.util import get_current_placement_group, placement_group, remove_placement_group
 
     bundles = strategy.actor_bundles(run)
+    code = imported_model.actor_runtime_env(run)
     if not bundles or get_current_placement_group() is not None:
-        yield Placement()
+        yield Placement(runtime_env=code)
         return
     mode = "PACK" if run.resources.pack else "SPREAD"
     group = placement_group(bundles, strategy=mode, name=f"raydeep-{strategy.name}")
@@ -102,7 +107,7 @@ def reserve(strategy, run: RunConfig, say, labels: list[str] | None = None,
             raise RuntimeError(
                 f"the cluster cannot hold {len(bundles)} actors of {bundles[0]} ({mode}) within "
                 f"{timeout_s:.0f}s; cluster resources: {ray.cluster_resources()}")
-        place = Placement(group, len(bundles))
+        place = Placement(group, len(bundles), code)
         say(describe(place.nodes(), labels or [f"bundle-{i}" for i in range(len(bundles))], mode))
         yield place
     finally:

@@ -30,8 +30,9 @@ class Cut:
 
 def layers_of(model: nn.Module, name: str) -> list[nn.Module]:
     if not hasattr(model, "pipeline_layers") or not hasattr(model, "output_loss"):
-        raise CannotCut(f"model {name} cannot be cut into pipeline stages: its forward is not a "
-                        "sequence of layers (families that can: those with pipeline_layers())")
+        raise CannotCut(f"model {name} cannot be cut into pipeline stages: it has no "
+                        "pipeline_layers() (the layers whose composition is its forward; an "
+                        "nn.Sequential has them): add one, or train it with another strategy")
     return model.pipeline_layers()
 
 
