@@ -355,6 +355,8 @@ def cmd_models() -> int:
         spec = models.get(name)
         params = ", ".join(f"{k}={v}" for k, v in spec.hyper_parameters().items())
         print(f"{name:<12} {spec.description}\n{'':<12} {params}")
+    print("or your own nn.Module: --model my_module:MyNet [--set model.init_args.KEY=VALUE] "
+          "(models/contract.py says what it offers)")
     return 0
 
 

@@ -114,6 +114,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     address, origin = ray_address.chosen(address, "resources.address")
     if address is not None and not ray.is_initialized():
         ray_address.check_one(address, origin)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        runtime_env = None  # a submitted job's driver: the job's runtime_env has the code already
     if not ray.is_initialized():
         level = logging.INFO if verbose() else logging.WARNING
         if address:

@@ -2,7 +2,9 @@
 
 The repository goes up as the job's `working_dir` (`.rayignore` keeps data, MLflow stores,
 checkpoints and virtual environments out), so the cluster runs the code on this laptop, not
-whatever version its image holds. The job's driver runs the command on the head node; the
+whatever version its image holds. Submitted from a user's own project (`--code-dir`, default
+the current directory, holding their model's modules), that directory is the job's
+`working_dir` instead, and raydeep's packages go beside it as `py_modules`. The job's driver runs the command on the head node; the
 environment variables given here reach it and every worker it starts, which is how the MLflow
 tracking URI gets to all of them. No secret goes with a job (`cluster/job_env.py`): the job's
 record is readable through the Jobs API, so the cluster's own credentials serve.
@@ -16,6 +18,7 @@ from pathlib import Path
 from cluster import jobs as jobs_api
 from cluster.job_env import check_command, job_env, kept_here
 from cluster.jobs import JobsError
+from pipelines.user_code import RAYDEEP_PACKAGES, shipped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,23 +38,25 @@ def runtime_env(env_pairs: list[str], pip: bool, code_dir: str | None = None) ->
         raise JobsError(str(e)) from None
     env.setdefault("PYTHONUNBUFFERED", "1")  # progress lines reach the log as they are printed
     spec: dict = {"working_dir": str(REPO), "env_vars": env}
-    user = _user_code(code_dir)
-    if user:
-        spec["py_modules"] = user
+    if _has_user_code(code_dir):
+        # The user's directory is the job's working_dir, as `ray job submit --working-dir`
+        # makes it: their modules import as they do at home, their relative paths hold.
+        # raydeep's own packages go beside it (py_modules), this checkout's version.
+        spec["working_dir"] = str(Path(code_dir).resolve())
+        spec["py_modules"] = [str(REPO / package) for package in RAYDEEP_PACKAGES]
     if pip:
         spec["pip"] = list(WORKER_PIP)
     return spec
 
 
-def _user_code(code_dir: str | None) -> list[str]:
+def _has_user_code(code_dir: str | None) -> bool:
+    """Whether `code_dir` holds Python modules or packages of a user's (not this checkout)."""
     if code_dir is None:
-        return []
-    from pipelines.user_code import shipped
-
+        return False
     root = Path(code_dir).resolve()
     if not root.is_dir():
         raise JobsError(f"--code-dir {code_dir!r} is not a directory")
-    return [] if root == REPO else shipped(root, "")  # the repository goes as working_dir
+    return root != REPO and bool(shipped(root, ""))
 
 
 def entrypoint(command: list[str]) -> str:
@@ -82,7 +87,8 @@ def cmd_submit(args) -> int:
         entrypoint=command, runtime_env=spec, submission_id=args.submission_id,
         metadata={"raydeep": "submit"}), url)
     kept = kept_here()
-    print(f"raydeep: submitted job {job_id} to {url}" + (
+    code = "" if spec["working_dir"] == str(REPO) else f" with the code of {spec['working_dir']}"
+    print(f"raydeep: submitted job {job_id} to {url}{code}" + (
         f" ({', '.join(kept)} set here not sent: the cluster's own credentials serve)" if kept else ""),
         file=sys.stderr, flush=True)
     if args.no_wait:

@@ -69,9 +69,17 @@ def uploaded(paths: list[str]) -> dict:
         return {}
     import tempfile
 
-    # Ray's own upload step of ray.init (private: raydeep pins Ray's minor version range).
+    import ray
+
+    # Ray's own upload step of ray.init: a private API, so test_user_models.py exercises it.
     from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
 
+    if not ray.is_initialized():
+        ray.init()  # as the run's first actor would: the upload needs the cluster
     with tempfile.TemporaryDirectory(prefix="raydeep-code-") as scratch:
-        return upload_py_modules_if_needed({"py_modules": list(paths)}, include_gitignore=True,
-                                           scratch_dir=scratch)
+        ours = upload_py_modules_if_needed({"py_modules": list(paths)}, include_gitignore=True,
+                                           scratch_dir=scratch)["py_modules"]
+    # An actor's py_modules replace the job's, not add to them: a submitted job's (raydeep's
+    # own packages, say) must stay.
+    jobs = list(ray.get_runtime_context().runtime_env.get("py_modules") or [])
+    return {"py_modules": jobs + [uri for uri in ours if uri not in jobs]}

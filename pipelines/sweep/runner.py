@@ -61,6 +61,11 @@ class SweepResult:
 
 def run_sweep(sweep: SweepConfig, resume: str | None = None) -> SweepResult:
     """Run (or, with `resume`, finish) the sweep; trials that fail are recorded, not raised."""
+    import ray
+
+    problem = trial_shortfall(sweep, ray.cluster_resources())
+    if problem:  # before anything is recorded
+        raise ConfigError(problem)
     base = sweep.run_config({})
     uri = absolute_uri(base.tracking.uri)
     store = Store.sweeps(base.resources.storage_path)
@@ -151,6 +156,25 @@ def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
     strategy = registry.get(run.strategy.name)
     actors = strategy.actor_bundles(run) if strategy.bundles_in_trial else []
     return PlacementGroupFactory([head, *actors])
+
+
+def trial_shortfall(sweep: SweepConfig, cluster: dict[str, float]) -> str | None:
+    """Why no trial of the sweep could ever start on `cluster`, in one line (Tune would keep
+    it PENDING for ever); None when the widest trial fits."""
+    for run in _probe_runs(sweep):
+        strategy = registry.get(run.strategy.name)
+        actors = strategy.actor_bundles(run) if strategy.bundles_in_trial else []
+        demand = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
+        for bundle in actors:
+            for key, value in bundle.items():
+                demand[key] = demand.get(key, 0.0) + value
+        for key, value in sorted(demand.items()):
+            if value > cluster.get(key, 0.0) + 1e-9:
+                return (f"a trial of strategy {run.strategy.name} needs {value:g} {key} (the trial's "
+                        f"own and its {len(actors)} actors'), and the Ray cluster has "
+                        f"{cluster.get(key, 0.0):g}: lower trial.cpus (e.g. trial: {{cpus: 0.5}}), "
+                        "resources.workers or resources.cpus_per_worker, or add nodes")
+    return None
 
 
 def default_max_concurrent(sweep: SweepConfig, cluster: dict[str, float]) -> int:

@@ -114,3 +114,64 @@ def test_grad_norms_show_vanishing_gradients_of_a_deep_sigmoid_mlp(store):
     assert not [a.path for a in MlflowClient(store).list_artifacts(relu.run_id) if a.path.endswith(".png")]
     assert MlflowClient(store).get_run(sigmoid.run_id).data.metrics["num_params"] == sum(
         p.numel() for p in sigmoid.model.parameters())
+
+
+BRANCHY = '''
+import math
+
+from torch import nn
+
+
+class Branchy(nn.Module):
+    """A forward that branches on its data: torch.export cannot trace it."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.a = nn.Linear(math.prod(input_shape), 16)
+        self.b = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.b(h.relu() if h.mean() > 0 else h.tanh())
+'''
+
+
+@pytest.mark.slow  # a fresh process imports torch and MLflow
+def test_a_users_module_that_cannot_be_exported_is_logged_pickled_with_its_code(tmp_path):
+    """The Python API's model= takes the class; MLflow cannot export this one, so it is
+    pickled with the user's file beside it and loads in a fresh process elsewhere."""
+    import json
+    import subprocess
+    import sys
+
+    code = tmp_path / "project"
+    code.mkdir()
+    (code / "branchy_user.py").write_text(BRANCHY)
+    sys.path.append(str(code))
+    try:
+        import branchy_user
+
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        result = pipelines.train(small_run(**{"tracking.uri": store, "tracking.log_model": True,
+                                              "resources.storage_path": str(tmp_path / "runs")}),
+                                 model=branchy_user.Branchy)
+    finally:
+        sys.path.remove(str(code))
+        sys.modules.pop("branchy_user", None)
+    run = MlflowClient(store).get_run(result.run_id)
+    assert run.data.tags["raydeep.model_class_path"] == "branchy_user:Branchy"
+    assert run.data.params["model.class_path"] == "branchy_user:Branchy"
+    assert result.metrics["test_accuracy"] > 0.5
+    x = torch.linspace(-1, 1, 3 * 64).reshape(3, 1, 8, 8)
+    script = ("import json, mlflow, mlflow.pytorch, torch\n"
+              f"mlflow.set_tracking_uri({store!r})\n"
+              f"model = mlflow.pytorch.load_model('runs:/{result.run_id}/model')\n"
+              "x = torch.linspace(-1, 1, 3 * 64).reshape(3, 1, 8, 8)\n"
+              "print(json.dumps([type(model).__module__, model(x).tolist()]))\n")
+    elsewhere = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=120, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+    module, outputs = json.loads(elsewhere.stdout.strip().splitlines()[-1])
+    assert module == "branchy_user"  # the user's class itself, from the code logged beside it
+    with torch.no_grad():  # the same weights; only thread counts may reorder a sum (64 terms)
+        torch.testing.assert_close(torch.tensor(outputs), result.model(x), rtol=1e-5, atol=1e-5)

@@ -148,6 +148,10 @@ def files(tmp_path_factory):
                          "saved": _marker(), "savedps": _marker("ps")}.items():
         (store / name).mkdir(parents=True)
         (store / name / "raydeep_run.json").write_text(marker)
+    code = root / "code"  # a user's model modules (USER_MODELS)
+    code.mkdir()
+    for name, text in USER_CODE.items():
+        (code / name).write_text(text)
     # Root may write anywhere a permission says no: sysfs refuses it a new directory too.
     unwritable = Path("/sys") if os.geteuid() == 0 else root / "readonly"
     if unwritable != Path("/sys"):
@@ -448,6 +452,49 @@ STORES_AND_NAMES = [
      "(pass the --tracking-uri it was recorded in)"),
 ]
 
+USER_CODE = {
+    "badnets.py": (
+        "import math\nfrom torch import nn\nWIDTH = 3\n\n"
+        "class NotAModule:\n    pass\n\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self, input_shape, num_classes, width: int = 8):\n"
+        "        super().__init__()\n        self.f = nn.Linear(math.prod(input_shape), num_classes)\n"
+        "    def forward(self, x):\n        return self.f(x.flatten(1))\n\n"
+        "class Wrong(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.f = nn.Linear(10, 2)\n    def forward(self, x):\n        return self.f(x)\n\n"
+        "def needs_hidden(input_shape, num_classes, hidden):\n    return Net(input_shape, num_classes)\n\n"
+        "def not_a_module(input_shape, num_classes):\n    return 42\n"),
+    "raisesnets.py": "raise RuntimeError('no GPU driver here')\n",
+    "twomodels.yaml": "model: {name: mlp, class_path: 'badnets:Net'}\n",
+    "initlist.yaml": "model: {class_path: 'badnets:Net', init_args: [1]}\n",
+}
+CODE = ["--code-dir", "{root}/code"]
+USER_MODELS = [  # a user's model by import path: refused before Ray, as the families are
+    (["--model", "nosuchnets:Net", *CODE], "model.class_path 'nosuchnets:Net': cannot import 'nosuchnets'"),
+    (["--model", "badnets:Missing", *CODE], "module 'badnets' has no attribute 'Missing'"),
+    (["--model", "badnets:WIDTH", *CODE], "'badnets:WIDTH' is a int, not an nn.Module class"),
+    (["--model", "badnets:NotAModule", *CODE], "'badnets:NotAModule' is a class that is not an nn.Module"),
+    (["--model", "raisesnets:Net", *CODE],
+     "importing 'raisesnets' failed: RuntimeError: no GPU driver here"),
+    (["--model", "badnets:Net", *CODE, "--set", "model.init_args.depth=2"],
+     "unknown config key 'model.init_args.depth': badnets:Net takes no argument 'depth' "
+     "(it takes: input_shape, num_classes, width)"),
+    (["--model", "badnets:Net", *CODE, "--set", "model.init_args.width=wide"],
+     "config key 'model.init_args.width' expects int, got 'wide'"),
+    (["--model", "badnets:needs_hidden", *CODE], "badnets:needs_hidden needs model.init_args.hidden"),
+    (["--model", "badnets:not_a_module", *CODE],
+     "model not_a_module (input shape [1, 8, 8]): badnets:not_a_module returned a int, not an nn.Module"),
+    (["--model", "badnets:Wrong", *CODE], "model Wrong (input shape [1, 8, 8]): mat1 and mat2 shapes cannot"),
+    (["--model", "badnets:Net", *CODE, "--strategy", "pipeline"],
+     "model Net cannot be cut into pipeline stages: it has no pipeline_layers()"),
+    (["--model", "badnets:Net", *CODE, "--set", "model.width=3"],
+     "unknown config key 'model.width' for a model given by import path"),
+    (["--model", "models.mine:Net"], "'models' is the name of one of raydeep's own packages"),
+    (["--model", "badnets:Net", "--code-dir", "{root}/nosuchdir"], "model.code_dir '{root}/nosuchdir' is not a directory"),
+    (["{root}/code/twomodels.yaml", *CODE], "model.name 'mlp' and model.class_path 'badnets:Net' are both set"),
+    (["{root}/code/initlist.yaml", *CODE], "config key 'model.init_args' must be a mapping, got [1]"),
+]
+
 TUNE = [
     ([], "the following arguments are required: config"),
     (["{root}/missing.yaml"], "config file '{root}/missing.yaml' does not exist"),
@@ -542,7 +589,8 @@ OTHER = [
     (["strategies", "--x"], "unrecognized arguments: --x"),
 ]
 
-CASES = ([(["run", *a], m) for a, m in RUN_FLAGS + SET_KEYS + RUN_FILES_CASES + DATA + STORES_AND_NAMES]
+CASES = ([(["run", *a], m) for a, m in RUN_FLAGS + SET_KEYS + RUN_FILES_CASES + DATA + STORES_AND_NAMES
+          + USER_MODELS]
          + [(["tune", *a], m) for a, m in TUNE] + [(["ui", *a], m) for a, m in UI] + OTHER)
 
 

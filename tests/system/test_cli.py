@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 def test_models_and_strategies_are_listed(tmp_path):
     models = run_cli("models", cwd=tmp_path)
     assert models.returncode == 0
-    for line in ("mlp ", "cnn ", "rnn ", "depth=2", "channels=[32, 64]", "layers=1"):
+    for line in ("mlp ", "cnn ", "rnn ", "depth=2", "channels=[32, 64]", "layers=1", "--model my_module:MyNet"):
         assert line in models.stdout
     strategies = run_cli("strategies", cwd=tmp_path)
     assert strategies.returncode == 0

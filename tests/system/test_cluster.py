@@ -28,6 +28,27 @@ from mlflow.tracking import MlflowClient
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = ["--set", "model.width=32", "--set", "model.depth=1", "--set", "optim.steps_per_epoch=5",
         "--set", "tracking.log_model=false", "--epochs", "1"]
+USER_NET = """
+import math
+
+from torch import nn
+
+
+class Net(nn.Sequential):
+    def __init__(self, input_shape, num_classes, width: int = 64):
+        super().__init__(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
+                         nn.Linear(width, num_classes))
+"""
+TINY_USER = ["--model", "clusternet:Net", "--set", "model.init_args.width=32", *TINY[4:]]
+"""The same tiny run of a user's module (USER_NET, written to a directory of its own)."""
+
+
+def user_project(tmp_path: Path) -> Path:
+    """A user's directory outside the repository holding their module."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "clusternet.py").write_text(USER_NET)
+    return project
 
 
 def free_port() -> int:
@@ -157,9 +178,9 @@ def submitted_id(stderr: str) -> str:
     return line.split()[3]
 
 
-def run_args(strategy: str, tmp_path: Path, *extra: str) -> list[str]:
+def run_args(strategy: str, tmp_path: Path, *extra: str, tiny: list[str] = TINY) -> list[str]:
     """`-- raydeep run ...` of a tiny 2-worker run tracked in tmp_path's own store."""
-    return ["--", "raydeep", "run", "--strategy", strategy, "--workers", "2", *TINY, *extra,
+    return ["--", "raydeep", "run", "--strategy", strategy, "--workers", "2", *tiny, *extra,
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--storage-path", str(tmp_path / "runs"),
             # one machine: every node sees tmp_path
@@ -183,9 +204,15 @@ def check_job(cluster, tmp_path: Path, strategy: str, code: int, stdout: str, st
 
 
 @pytest.mark.slow
-def test_submitted_allreduce_run_succeeds_across_two_nodes(cluster, tmp_path):
-    result = cluster.submit(*run_args("allreduce", tmp_path))
+def test_submitted_allreduce_run_of_a_users_module_succeeds_across_two_nodes(cluster, tmp_path):
+    """The user's module goes with the job (--code-dir: its py_modules), from a directory
+    outside the repository that the job's driver, on the head node, never sees."""
+    project = user_project(tmp_path)
+    result = cluster.submit("--code-dir", str(project), *run_args("allreduce", tmp_path, tiny=TINY_USER))
     logs = check_job(cluster, tmp_path, "allreduce", result.returncode, result.stdout, result.stderr)
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = store.search_runs([store.get_experiment_by_name("raydeep").experiment_id])
+    assert run.data.tags["raydeep.model_class_path"] == "clusternet:Net"
     job_id = submitted_id(result.stderr)
     # SPREAD puts the two ranks on the two nodes, and rank 0's log line names their node ids
     # (`ps` spreads its workers in the --address test below and in test_multinode.py).
@@ -253,16 +280,18 @@ def test_run_with_address_joins_the_cluster_from_one_of_its_nodes(cluster, tmp_p
     Losing a node mid-run is tested on a `ray.cluster_utils.Cluster` (test_multinode.py):
     stopping the second node of this cluster while a job ran failed the run with an
     ActorDiedError in one of two fresh-clone runs (see issue 7)."""
+    project = user_project(tmp_path)  # a user's module, from the directory the run starts in
     result = run_cli_process("run", "--address", f"127.0.0.1:{cluster.gcs}", "--strategy", "ps",
-                     "--workers", "2", *TINY, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                     "--workers", "2", *TINY_USER, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
                      "--storage-path", str(tmp_path / "runs"), "--set", "resources.shared_storage=true",
-                     cwd=tmp_path, timeout=300,
+                     cwd=project, timeout=300,
                      env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token, "RAY_ADDRESS": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "placement (SPREAD) over 2 node(s)" in result.stdout, result.stdout[-2000:]
     store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = store.search_runs([store.get_experiment_by_name("raydeep").experiment_id])
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert run.data.tags["raydeep.model_class_path"] == "clusternet:Net"
 
 
 def test_unreachable_address_is_one_line(tmp_path):

@@ -193,3 +193,45 @@ def test_a_family_sweep_file_runs_as_a_tune_sweep(ray_session, workdir, store):
     assert run.info.status == "FINISHED", run.data.tags.get("error")
     assert sweep.metric in run.data.metrics
     assert result.best_config is not None and result.best_config.is_file()
+
+
+def test_a_sweep_over_a_users_module_init_args_leaves_a_child_per_trial(ray_session, workdir, store):
+    """The trials import the module from the directory it was found in (recorded as
+    model.code_dir): the session's Ray was started without it."""
+    code = workdir / "project"
+    code.mkdir()
+    (code / "sweepnet.py").write_text(
+        "import math\nfrom torch import nn\n\n"
+        "def make(input_shape, num_classes, width: int = 8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),\n"
+        "                         nn.Linear(width, num_classes))\n")
+    path = sweep_file(workdir, store, "  model.init_args.width: {grid: [4, 12]}", epochs=1,
+                      base=f"model: {{class_path: 'sweepnet:make', code_dir: '{code}'}}\n"
+                           "  strategy: {name: local}")
+    done = run_cli("tune", str(path), "--set", "optim.steps_per_epoch=3", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (parent,) = sweeps(store)
+    runs = children(store, parent.info.run_id)
+    assert sorted(r.data.params["model.init_args.width"] for r in runs) == ["12", "4"]
+    for run in runs:
+        assert run.info.status == "FINISHED", run.data.tags.get("error")
+        assert run.data.tags["raydeep.model_class_path"] == "sweepnet:make"
+        assert run.data.metrics["num_params"] == {"4": 4 * 65 + 5 * 10, "12": 12 * 65 + 13 * 10}[
+            run.data.params["model.init_args.width"]]
+    sys.modules.pop("sweepnet", None)
+
+
+def test_a_sweep_whose_trials_cannot_fit_the_cluster_is_refused_in_one_line(ray_session, workdir, store):
+    """Tune would keep such a trial PENDING for ever (a ps sweep with the defaults on a
+    2-core machine did): the widest trial is checked against the cluster before anything
+    is recorded."""
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.1]}",
+                      base="model: {name: mlp}\n  strategy: {name: ps}\n  resources: {workers: 4}")
+    cpus = ray_session.cluster_resources()["CPU"]
+    done = run_cli("tune", str(path), cwd=workdir)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"raydeep: error: a trial of strategy ps needs 5 CPU (the trial's own and its 4 actors'), "
+                     f"and the Ray cluster has {cpus:g}: lower trial.cpus (e.g. trial: {{cpus: 0.5}}), "
+                     "resources.workers or resources.cpus_per_worker, or add nodes"]
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "raydeep_runs").exists()

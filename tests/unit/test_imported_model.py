@@ -4,7 +4,6 @@ module under every strategy is tests/strategies/test_user_models.py."""
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -220,3 +219,20 @@ def test_a_module_that_cannot_be_imported_is_named_with_the_reason(code):
             load(**{"model.name": path, "model.code_dir": str(root)})
         assert message in str(refused.value), path
     sys.modules.pop("raising_on_import", None)
+
+
+@pytest.mark.parametrize("path, metrics", [("examples.plain_mlp:PlainMLP", {"loss", "accuracy", "count"}),
+                                           ("examples.smoothed_cnn:make_cnn",
+                                            {"loss", "accuracy", "top2_accuracy", "count"})])
+def test_the_readmes_example_modules_build_and_keep_the_contract(path, metrics, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # as the README runs them
+    run = load("model.init_args.channels=4" if "cnn" in path else "model.init_args.width=16",
+               **{"model.name": path})
+    model = build_model(run, (1, 8, 8), 10)
+    batch = (torch.rand(6, 1, 8, 8), torch.arange(6))
+    loss = model.loss(batch)
+    assert loss.ndim == 0 and loss.requires_grad
+    assert set(model.evaluate(batch)) == metrics
+    assert hasattr(model, "pipeline_layers") == ("plain" in path)  # an nn.Sequential can be cut
