@@ -23,6 +23,15 @@ def activation(name: str) -> nn.Module:
         ) from None
 
 
+def classification_sums(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Cross-entropy and accuracy summed over the examples, with their count."""
+    return {
+        "loss": F.cross_entropy(logits, y, reduction="sum"),
+        "accuracy": (logits.argmax(dim=1) == y).sum().to(logits.dtype),
+        "count": torch.tensor(float(len(y)), device=logits.device),
+    }
+
+
 class Classifier(nn.Module):
     """A module whose ``forward(x)`` gives class logits; trained with cross-entropy."""
 
@@ -35,12 +44,7 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = self(x)
-        return {
-            "loss": F.cross_entropy(logits, y, reduction="sum"),
-            "accuracy": (logits.argmax(dim=1) == y).sum().to(logits.dtype),
-            "count": torch.tensor(float(len(y)), device=logits.device),
-        }
+        return classification_sums(self(x), y)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -126,16 +126,20 @@ def from_section(raw: dict[str, Any]) -> tuple[str, ImportedModel]:
 
 
 def from_object(model: Any) -> tuple[str, ImportedModel]:
-    """The section of a module instance, class or factory handed to `pipelines.train`."""
+    """The section of a module instance, class or factory handed to `pipelines.train`; its
+    import path and directory are recorded, so that `--resume` from the command line finds it."""
     if isinstance(model, nn.Module):
         cls = type(model)
-        return cls.__name__, ImportedModel(f"{cls.__module__}:{cls.__qualname__}", target=model)
-    if not callable(model):
+        path, init_args = f"{cls.__module__}:{cls.__qualname__}", {}
+    elif callable(model):
+        path = f"{model.__module__}:{getattr(model, '__qualname__', type(model).__name__)}"
+        _check_target(model, path)
+        init_args = check_init_args(model, path, {})
+    else:
         raise ConfigError(f"model= takes an nn.Module, a module class or a factory function, "
                           f"got a {type(model).__name__}")
-    path = f"{model.__module__}:{getattr(model, '__qualname__', type(model).__name__)}"
-    _check_target(model, path)
-    return short_name(path), ImportedModel(path, check_init_args(model, path, {}), target=model)
+    root = code_root(split_path(path)[0])
+    return short_name(path), ImportedModel(path, init_args, str(root) if root else None, target=model)
 
 
 def resolve(class_path: str, code_dir: str | None = None) -> Callable[..., nn.Module]:
