@@ -1,5 +1,6 @@
 """A user's own module, in a directory outside the repository, trained from the command line
-under every strategy on the session's Ray, which was started without the user's code: each
+under every strategy on the session's Ray (`ps` with a user's module: its `--address`
+test in tests/system/test_cluster.py), which was started without the user's code: each
 actor and Ray Train worker gets it through its own runtime_env. The module imports a sibling
 file of its directory, which must travel too. Its MLflow model then loads in a fresh process
 started in another directory.
@@ -62,10 +63,9 @@ def stack(input_shape, num_classes, width: int = 32) -> nn.Sequential:
 COMMON = ["--epochs", "1", "--set", "optim.steps_per_epoch=3", "--set", "model.init_args.width=16",
           "--set", "tracking.figures=false", "--set", "optim.lr=0.1", "--set", "tracking.log_model=false"]
 RUNS = {
-    "local": ["--model", "usernet:Net", "--strategy", "local"],
+    "local": ["--model", "usernet:Net", "--strategy", "local",
+              "--set", "tracking.log_model=true"],  # the one whose model is loaded elsewhere
     "allreduce": ["--model", "usernet:Net", "--strategy", "allreduce", "--workers", "2"],
-    "ps": ["--model", "usernet:Net", "--strategy", "ps", "--workers", "2", "--shards", "2",
-           "--set", "tracking.log_model=true"],  # the one whose model is loaded elsewhere
     "lbfgs": ["--model", "usernet:Net", "--strategy", "lbfgs", "--workers", "2", "--shards", "2"],
     "local-stack": ["--model", "usernet:stack", "--strategy", "local"],
     "pipeline": ["--model", "usernet.stack", "--strategy", "pipeline", "--stages", "2", "--microbatches", "2"],
@@ -115,7 +115,7 @@ def test_a_users_module_trains_under_every_strategy_and_its_model_loads_elsewher
     x = torch.linspace(0, 1, 2 * 64).reshape(2, 1, 8, 8)
     script = ("import json, sys, mlflow, mlflow.pytorch, torch\n"
               f"mlflow.set_tracking_uri({store!r})\n"
-              f"model = mlflow.pytorch.load_model('runs:/{runs['ps'].info.run_id}/model')\n"
+              f"model = mlflow.pytorch.load_model('runs:/{runs['local'].info.run_id}/model')\n"
               "x = torch.linspace(0, 1, 2 * 64).reshape(2, 1, 8, 8)\n"
               "print(json.dumps(model(x).tolist()))\n")
     elsewhere = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
@@ -126,5 +126,5 @@ def test_a_users_module_trains_under_every_strategy_and_its_model_loads_elsewher
         # The same weights: only the two processes' thread counts may order a product's sums
         # differently, within gamma_64 ~ 4e-6 of the sum of magnitudes (64 inputs per unit).
         mlflow.set_tracking_uri(store)
-        here = mlflow.pytorch.load_model(f"runs:/{runs['ps'].info.run_id}/model")
+        here = mlflow.pytorch.load_model(f"runs:/{runs['local'].info.run_id}/model")
         torch.testing.assert_close(torch.tensor(outputs), here(x), rtol=1e-5, atol=1e-5)

@@ -19,10 +19,12 @@ def test_cells_stack_and_read_out_deeply(cell):
 
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_deep_gru_reaches_095_on_digits(store):
+    # 15 epochs met the bar by a hair: with numpy 2.4.6 and scikit-learn 1.9.1 (a fresh
+    # install, 2026-12-02) seed 0 gave 0.928. At 25 epochs seeds 0-3 gave 0.964-0.989.
     result = pipelines.train(small_run(**{
         "tracking.uri": store, "model.name": "rnn", "model.cell": "gru", "model.layers": 2,
         "model.head_layers": 1, "optim.name": "adam", "optim.lr": 0.005, "optim.grad_clip": 1.0,
-        "optim.epochs": 15}))
+        "optim.epochs": 25}))
     assert result.metrics["test_accuracy"] >= 0.95
 
 
