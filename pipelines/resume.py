@@ -33,8 +33,13 @@ def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[
     keys = configs.flat_keys(given)
     for section in ("model", "strategy"):  # another family or strategy: its keys differ too
         key = f"{section}.name"
-        if key in keys and str(keys[key]).strip() != str(saved[section]["name"]):
-            raise ConfigError(_refusal(name, key, saved[section]["name"], keys[key]))
+        # a user's model is saved by its import path (`--model my_nets:Net` gives it again)
+        trained = saved[section].get("name", saved[section].get("class_path"))
+        if key in keys and str(keys[key]).strip() != str(trained):
+            raise ConfigError(_refusal(name, key, trained, keys[key]))
+        if key in keys and "name" not in saved[section]:
+            given[section].pop("name")  # said again: not a second way of naming the model
+            keys.pop(key)
     base = {k: v for k, v in saved.items() if k not in ("resources", "tracking", "resume")}
     merged = _merge(base, given)
     config = configs.from_dict(merged)

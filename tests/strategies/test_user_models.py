@@ -128,3 +128,13 @@ def test_a_users_module_trains_under_every_strategy_and_its_model_loads_elsewher
         mlflow.set_tracking_uri(store)
         here = mlflow.pytorch.load_model(f"runs:/{runs['local'].info.run_id}/model")
         torch.testing.assert_close(torch.tensor(outputs), here(x), rtol=1e-5, atol=1e-5)
+
+    # --resume from another directory: the run's marker recorded where the module was found.
+    common = ["--storage-path", str(user_dir / "raydeep_runs"), "--tracking-uri", store]
+    resumed = run_cli("run", "--resume", "local", "--epochs", "2", "--set", "tracking.log_model=false",
+                      *common, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
+    other = run_cli("run", "--resume", "local", "--model", "usernet:stack", *common, cwd=tmp_path)
+    assert other.returncode == 2 and ("the run was trained with model.name=usernet:Net, this command "
+                                      "asks for model.name=usernet:stack") in other.stderr
