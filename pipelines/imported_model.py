@@ -78,7 +78,7 @@ class ImportedModel:
                 kwargs[name] = value
         module = target(**kwargs)
         if not isinstance(module, nn.Module):
-            raise ValueError(f"{self.class_path} returned a {type(module).__name__}, not an nn.Module")
+            raise ValueError(f"{self.class_path} returned {_a(type(module).__name__)}, not an nn.Module")
         return adapt(module)
 
 
@@ -118,6 +118,8 @@ def from_section(raw: dict[str, Any]) -> tuple[str, ImportedModel]:
     code_dir = None if code_dir is None else coerce(code_dir, str, "model.code_dir")
     if code_dir is not None and not os.path.isdir(code_dir):
         raise ConfigError(f"model.code_dir {code_dir!r} is not a directory")
+    if code_dir is not None:  # kept absolute: a trial or a resume looks from elsewhere
+        code_dir = os.path.abspath(code_dir)
     target = resolve(path, code_dir)
     if code_dir is None:  # where it was found: a Tune trial or a resume elsewhere looks there too
         root = code_root(getattr(target, "__module__", None) or split_path(path)[0])
@@ -137,7 +139,7 @@ def from_object(model: Any) -> tuple[str, ImportedModel]:
         init_args = check_init_args(model, path, {})
     else:
         raise ConfigError(f"model= takes an nn.Module, a module class or a factory function, "
-                          f"got a {type(model).__name__}")
+                          f"got {_a(type(model).__name__)}")
     root = code_root(split_path(path)[0])
     return short_name(path), ImportedModel(path, init_args, str(root) if root else None, target=model)
 
@@ -194,12 +196,16 @@ def _refuse_raydeeps_own(class_path: str, module_name: str) -> None:
                           "own packages (a family of models/ is --model NAME); rename your package")
 
 
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _check_target(target: Any, class_path: str) -> None:
     if inspect.isclass(target):
         if not issubclass(target, nn.Module):
             raise ConfigError(f"model.class_path {class_path!r} is a class that is not an nn.Module")
     elif not callable(target):
-        raise ConfigError(f"model.class_path {class_path!r} is a {type(target).__name__}, not an "
+        raise ConfigError(f"model.class_path {class_path!r} is {_a(type(target).__name__)}, not an "
                           "nn.Module class or a function that returns one")
 
 

@@ -27,6 +27,7 @@ from pipelines.sweep.config import SweepConfig
 from pipelines.sweep.record import PARAMS_TAG, SweepRecord
 from pipelines.sweep.trial import TrialContext, run_trial
 from pipelines.tracking import Tracker, absolute_uri
+from pipelines.training.placement import total
 
 
 @dataclass
@@ -158,20 +159,22 @@ def trial_resources(sweep: SweepConfig, params: dict[str, Any]):
     return PlacementGroupFactory([head, *actors])
 
 
+def trial_demand(sweep: SweepConfig, run: RunConfig) -> dict[str, float]:
+    """What one trial of `run` takes of the cluster: its own process and every actor it starts
+    (Ray Train's workers too, which are not in the trial's placement group)."""
+    head = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
+    return total([head, *registry.get(run.strategy.name).actor_bundles(run)])
+
+
 def trial_shortfall(sweep: SweepConfig, cluster: dict[str, float]) -> str | None:
     """Why no trial of the sweep could ever start on `cluster`, in one line (Tune would keep
     it PENDING for ever); None when the widest trial fits."""
     for run in _probe_runs(sweep):
-        strategy = registry.get(run.strategy.name)
-        actors = strategy.actor_bundles(run) if strategy.bundles_in_trial else []
-        demand = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
-        for bundle in actors:
-            for key, value in bundle.items():
-                demand[key] = demand.get(key, 0.0) + value
-        for key, value in sorted(demand.items()):
+        actors = len(registry.get(run.strategy.name).actor_bundles(run))
+        for key, value in sorted(trial_demand(sweep, run).items()):
             if value > cluster.get(key, 0.0) + 1e-9:
                 return (f"a trial of strategy {run.strategy.name} needs {value:g} {key} (the trial's "
-                        f"own and its {len(actors)} actors'), and the Ray cluster has "
+                        f"own and its {actors} actors'), and the Ray cluster has "
                         f"{cluster.get(key, 0.0):g}: lower trial.cpus (e.g. trial: {{cpus: 0.5}}), "
                         "resources.workers or resources.cpus_per_worker, or add nodes")
     return None
@@ -181,12 +184,7 @@ def default_max_concurrent(sweep: SweepConfig, cluster: dict[str, float]) -> int
     """As many trials as the cluster holds at once, counting every actor of the widest trial."""
     need: dict[str, float] = {}
     for run in _probe_runs(sweep):
-        strategy = registry.get(run.strategy.name)
-        demand = {"CPU": sweep.trial_cpus, "GPU": sweep.trial_gpus}
-        for bundle in strategy.actor_bundles(run):
-            for key, value in bundle.items():
-                demand[key] = demand.get(key, 0.0) + value
-        for key, value in demand.items():
+        for key, value in trial_demand(sweep, run).items():
             need[key] = max(need.get(key, 0.0), value)
     fits = [math.floor(cluster.get(key, 0.0) / value + 1e-9) for key, value in need.items() if value > 0]
     return max(1, min(fits, default=1))

@@ -26,13 +26,19 @@ def worker_bundle(run: RunConfig) -> dict[str, float]:
     return bundle
 
 
-def shortfall(bundles: list[dict[str, float]], available: dict[str, float]) -> str | None:
-    """What a run's actors need that the cluster does not have, in one line (Ray would wait
-    for it forever); None when it fits."""
+def total(bundles: list[dict[str, float]]) -> dict[str, float]:
+    """The resources of `bundles` added up, per kind."""
     need: dict[str, float] = {}
     for bundle in bundles:
         for key, amount in bundle.items():
             need[key] = need.get(key, 0.0) + amount
+    return need
+
+
+def shortfall(bundles: list[dict[str, float]], available: dict[str, float]) -> str | None:
+    """What a run's actors need that the cluster does not have, in one line (Ray would wait
+    for it forever); None when it fits."""
+    need = total(bundles)
     for key, amount in sorted(need.items()):
         have = available.get(key, 0.0)
         if amount > have:

@@ -472,7 +472,7 @@ CODE = ["--code-dir", "{root}/code"]
 USER_MODELS = [  # a user's model by import path: refused before Ray, as the families are
     (["--model", "nosuchnets:Net", *CODE], "model.class_path 'nosuchnets:Net': cannot import 'nosuchnets'"),
     (["--model", "badnets:Missing", *CODE], "module 'badnets' has no attribute 'Missing'"),
-    (["--model", "badnets:WIDTH", *CODE], "'badnets:WIDTH' is a int, not an nn.Module class"),
+    (["--model", "badnets:WIDTH", *CODE], "'badnets:WIDTH' is an int, not an nn.Module class"),
     (["--model", "badnets:NotAModule", *CODE], "'badnets:NotAModule' is a class that is not an nn.Module"),
     (["--model", "raisesnets:Net", *CODE],
      "importing 'raisesnets' failed: RuntimeError: no GPU driver here"),
@@ -483,7 +483,7 @@ USER_MODELS = [  # a user's model by import path: refused before Ray, as the fam
      "config key 'model.init_args.width' expects int, got 'wide'"),
     (["--model", "badnets:needs_hidden", *CODE], "badnets:needs_hidden needs model.init_args.hidden"),
     (["--model", "badnets:not_a_module", *CODE],
-     "model not_a_module (input shape [1, 8, 8]): badnets:not_a_module returned a int, not an nn.Module"),
+     "model not_a_module (input shape [1, 8, 8]): badnets:not_a_module returned an int, not an nn.Module"),
     (["--model", "badnets:Wrong", *CODE], "model Wrong (input shape [1, 8, 8]): mat1 and mat2 shapes cannot"),
     (["--model", "badnets:Net", *CODE, "--strategy", "pipeline"],
      "model Net cannot be cut into pipeline stages: it has no pipeline_layers()"),

@@ -97,6 +97,13 @@ def test_the_code_directory_is_recorded_where_the_module_was_found(code, monkeyp
     assert installed.model.params.code_dir is None and imported_model.code_paths(installed) == []
 
 
+def test_a_relative_code_dir_is_kept_absolute(code, monkeypatch):
+    root, nets = code
+    monkeypatch.chdir(root.parent)
+    run = load(**{"model.name": f"{nets}:Net", "model.code_dir": root.name})
+    assert run.model.params.code_dir == str(root)
+
+
 def test_the_data_gives_input_shape_and_num_classes_and_the_seed_gives_the_weights(code):
     root, nets = code
     run = load(**{"model.name": f"{nets}:sequential", "model.code_dir": str(root)})
