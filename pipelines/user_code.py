@@ -22,6 +22,7 @@ RAYDEEP_PACKAGES = ("cluster", "pipelines", "models")
 """raydeep's own top-level packages: never shipped, and a user's package of the same name
 would never be found (raydeep's come first)."""
 
+
 def code_root(module_name: str) -> Path | None:
     """The directory on `sys.path` that the user's top-level module was imported from, or
     None where it needs no shipping (installed, raydeep's own, or `__main__`)."""
