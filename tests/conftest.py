@@ -33,7 +33,10 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray started once for the whole session."""
+    """A local Ray started once per pytest process. The suite runs on two processes
+    (`-n 2 --dist loadfile`: a file's module fixtures stay in one), so two such Rays share
+    the machine: nothing here may take a fixed port or a machine-wide file (clusters get
+    free ports and a RAY_TMPDIR of their own)."""
     ray = start_session_ray()
     yield ray
     ray.shutdown()

@@ -22,7 +22,12 @@ def start_session_ray():
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         # The dashboard serves the state API the tests find actors with (`live_actor_pids`).
-        ray.init(address="local", num_cpus=4, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
+        # No idle workers started ahead of need: each burns about 0.01 core while it waits, and
+        # the suite runs on two processes (pytest-xdist), each with a Ray of its own, for
+        # minutes; every test's actors start their own processes anyway.
+        ray.init(address="local", num_cpus=4, include_dashboard=True,
+                 _system_config={**LOCAL_SYSTEM_CONFIG, "prestart_worker_first_driver": False,
+                                 "enable_worker_prestart": False})
     return ray
 
 

@@ -118,15 +118,17 @@ def test_async_mlp_reaches_097_through_a_killed_worker_and_a_killed_shard(ray_se
 
 
 def test_a_run_goes_on_without_a_killed_worker(ray_session, store, workdir):
+    # Eight of MLP_TO_097's twenty epochs: the bar here is 0.9 (one run here: validation
+    # accuracy 0.92 by the third epoch, test accuracy 0.97 at the end, on half of the data).
     cfg = ps_run(store, **{"tracking.run_name": "kill-worker-continue", **MLP_TO_097,
-                           "strategy.on_worker_failure": "continue"})
+                           "optim.epochs": 8, "strategy.on_worker_failure": "continue"})
     result = train_and_kill(cfg, ray_session, workdir, "worker-1")
     assert result.metrics["worker_restarts"] == 0
     # Going on without the dead worker trains the rest of the run on half of the data.
     assert result.metrics["test_accuracy"] >= 0.9
     client = MlflowClient(store)
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    assert {m.step for m in client.get_metric_history(result.run_id, "train_loss")} == set(range(20))
+    assert {m.step for m in client.get_metric_history(result.run_id, "train_loss")} == set(range(8))
 
 
 def test_resume_continues_a_ps_run(ray_session, store):

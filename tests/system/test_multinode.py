@@ -22,6 +22,14 @@ import pipelines
 pytestmark = pytest.mark.slow
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Nodes:
     """A head of 1 CPU and two worker nodes of 2; a removed node is replaced by a fresh one.
 
@@ -33,7 +41,10 @@ class Nodes:
     def __init__(self):
         from ray.cluster_utils import Cluster
 
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        # A dashboard port of its own: Ray's default (8265) may be another Ray's on this
+        # machine (the session Ray of a second pytest worker), and the head would not start.
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1,
+                                                                     "dashboard_port": free_port()})
         self.added = 0
         self.restore()
 
