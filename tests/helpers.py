@@ -94,17 +94,22 @@ class TrainingInBackground:
         self.thread = threading.Thread(target=lambda: self.outcome.update(result=pipelines.train(cfg)))
         self.thread.start()
 
-    def wait_for_checkpoint(self, workdir: Path, epoch: int, timeout: float = 300) -> None:
-        """Until the run has saved epoch `epoch` (0-based); it must still be running then."""
+    def wait_for_checkpoint(self, workdir: Path, epoch: int, timeout: float = 300, bucket=None) -> None:
+        """Until the run has saved epoch `epoch` (0-based) under `workdir`'s raydeep_runs/
+        (or, given `bucket`'s (uri, filesystem), on the bucket); it must still be running then."""
         import time
 
         from pipelines.storage import checkpoint_name
 
-        saved = workdir / "raydeep_runs" / self.cfg.tracking.run_name / checkpoint_name(epoch)
+        name = checkpoint_name(epoch)
+        if bucket is None:
+            saved = (workdir / "raydeep_runs" / self.cfg.tracking.run_name / name).exists
+        else:
+            saved = lambda: name in bucket_listing(bucket[1], f"runs/raydeep/{self.cfg.tracking.run_name}")  # noqa: E731
         deadline = time.time() + timeout
-        while not saved.exists() and self.thread.is_alive() and time.time() < deadline:
+        while not saved() and self.thread.is_alive() and time.time() < deadline:
             time.sleep(0.05)
-        assert saved.exists() and self.thread.is_alive(), "the run ended before the test could act"
+        assert saved() and self.thread.is_alive(), "the run ended before the test could act"
 
     def result(self):
         self.thread.join(timeout=600)
@@ -123,3 +128,48 @@ def train_and_kill(cfg, ray, workdir: Path, name_part: str):
     assert pids, f"no live actor named *{name_part}*"
     os.kill(pids[0], signal.SIGKILL)
     return training.result()
+
+
+@contextlib.contextmanager
+def moto_bucket(log_dir: Path):
+    """`s3://...` of a fresh bucket `runs` on a moto S3 server (a real HTTP server speaking
+    the S3 API, in its own process on a free port); yields (uri, pyarrow filesystem).
+
+    The credentials travel in the URI (`s3://KEY:SECRET@bucket/...`): the session's Ray
+    workers were started before the server and do not see variables set for it."""
+    import socket
+    import time
+
+    import pyarrow.fs
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_dir / "moto_server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                requests.get(f"http://127.0.0.1:{port}", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        fs = pyarrow.fs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1",
+                                     endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                                     allow_bucket_creation=True)
+        fs.create_dir("runs")
+        yield f"s3://test:test@runs/raydeep?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", fs
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+
+
+def bucket_listing(fs, path: str) -> list[str]:
+    """The names directly under `path` on a pyarrow filesystem (none if it is not there)."""
+    import pyarrow.fs
+
+    return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))

@@ -1,9 +1,10 @@
 """Tier 2/3: allreduce on a real local Ray (Ray Train, DDP over gloo) against the reference.
 
 A Ray Train worker group takes about 14 s to start here, so one run checks several things:
-the allreduce run that must equal the reference loses a worker on the way (Ray Train
-restarts the group from the newest checkpoint, so the weights must still equal `local`'s),
-and is then resumed. The course's CNN bar holds for allreduce because it computes
+the allreduce run that must equal the reference keeps its checkpoints on an S3 bucket (a
+moto server, as in tests/system/test_object_store.py), loses a worker on the way (Ray Train
+restarts the group from the newest checkpoint on the bucket, so the weights must still
+equal `local`'s), and is then resumed from the bucket. The course's CNN bar holds for allreduce because it computes
 `local`'s steps; the bar itself is checked under `local` (tests/unit/test_quality.py).
 """
 import os
@@ -11,11 +12,12 @@ import signal
 
 import pytest
 import torch
-from helpers import TrainingInBackground, live_actor_pids, small_run
+from helpers import TrainingInBackground, bucket_listing, live_actor_pids, moto_bucket, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
 import pipelines.training.loop
+from pipelines.storage import checkpoint_name
 
 pytestmark = pytest.mark.slow
 
@@ -24,19 +26,27 @@ EQUIVALENCE = {"optim.epochs": 8, "optim.steps_per_epoch": 2, "data.batch_size":
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory):
+def bucket(tmp_path_factory):
+    pytest.importorskip("moto")
+    with moto_bucket(tmp_path_factory.mktemp("moto")) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory, bucket):
     """`local` and the same run under `allreduce` (2 workers) in one store, the allreduce
-    one losing a worker (SIGKILL) once its second checkpoint is saved. (The same allreduce
-    training twice giving the same bits is in test_families_allreduce.py, inside one worker
-    group: a second group would cost 15 s for the same check.)"""
+    one keeping its checkpoints on the bucket and losing a worker (SIGKILL) once its second
+    checkpoint is there. (The same allreduce training twice giving the same bits is in
+    test_families_allreduce.py, inside one worker group: a second group would cost 15 s
+    for the same check.)"""
     root = tmp_path_factory.mktemp("allreduce")
     common = {**EQUIVALENCE, "tracking.uri": f"sqlite:///{root / 'mlflow.db'}",
-              "resources.storage_path": str(root / "raydeep_runs")}
-    local = pipelines.train(small_run(**common))
+              "resources.storage_path": bucket[0]}
+    local = pipelines.train(small_run(**{**common, "resources.storage_path": str(root / "raydeep_runs")}))
     training = TrainingInBackground(small_run(**common, **{
         "strategy.name": "allreduce", "resources.workers": 2, "tracking.run_name": "first"}))
     # The second checkpoint's directory proves the first one was committed: ranks report in step.
-    training.wait_for_checkpoint(root, 1)
+    training.wait_for_checkpoint(root, 1, bucket=bucket)
     pids = live_actor_pids(ray_session, class_name="RayTrainWorker")
     assert pids, "no live Ray Train worker to kill"
     # A Ray this process started ends with it: Ray Train's placement-group cleaner would
@@ -76,7 +86,19 @@ def test_allreduce_equals_local(runs):
     assert {m.step for m in client.get_metric_history(first.run_id, "train_loss")} == set(range(epochs))
 
 
-def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs):
+def test_allreduce_keeps_its_newest_checkpoints_on_the_bucket(runs, bucket):
+    """Ray Train's workers wrote the checkpoints to the bucket, the newest two
+    (`resources.keep_checkpoints`) beside the run's marker, and the ones in between are gone."""
+    common, _, first = runs
+    names = bucket_listing(bucket[1], "runs/raydeep/first")
+    last = EQUIVALENCE["optim.epochs"] - 1
+    assert {checkpoint_name(last - 1), checkpoint_name(last), "raydeep_run.json"} <= set(names), names
+    assert checkpoint_name(last - 2) not in names, names
+    # Not asserted: the checkpoints written before the worker was killed (epochs 0 and 1
+    # here) stay on the bucket after the restarted group has written newer ones.
+
+
+def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs, bucket):
     common, _, first = runs
     store = common["tracking.uri"]
     more = {**common, "optim.epochs": EQUIVALENCE["optim.epochs"] + 1}
@@ -87,6 +109,9 @@ def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs):
     assert steps == set(range(EQUIVALENCE["optim.epochs"] + 1))
     starts = [m.value for m in client.get_metric_history(first.run_id, "worker_group_start_epoch")]
     assert max(starts) == EQUIVALENCE["optim.epochs"]  # the resumed group started after the last epoch
-    reference = pipelines.train(small_run(**more))
+    names = bucket_listing(bucket[1], "runs/raydeep/first")
+    assert checkpoint_name(EQUIVALENCE["optim.epochs"]) in names, names  # written on the bucket too
+    reference = pipelines.train(small_run(**{**more, "resources.storage_path": common["resources.storage_path"]
+                                             .replace("runs/raydeep?", "runs/reference?")}))
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)

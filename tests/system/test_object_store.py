@@ -3,7 +3,9 @@ run in its own process on a free port and reached through pyarrow's S3 filesyste
 MinIO or AWS bucket would be.
 
 The credentials travel in the URI (`s3://KEY:SECRET@bucket/...`): the session's Ray workers
-were started before this module and do not see variables it sets.
+were started before this module and do not see variables it sets. `allreduce` on a bucket
+(Ray Train's workers writing, restarting from and resuming from its checkpoints there) is in
+tests/strategies/test_allreduce.py, whose one worker group checks that too.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli, small_run
+from helpers import REPO, bucket_listing, moto_bucket, run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -27,37 +29,11 @@ pytest.importorskip("moto")
 @pytest.fixture(scope="module")
 def bucket(tmp_path_factory):
     """`s3://...` of a fresh bucket on a moto S3 server; yields (uri, pyarrow filesystem)."""
-    import socket
-
-    import pyarrow.fs
-    import requests
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            requests.get(f"http://127.0.0.1:{port}", timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.2)
-    fs = pyarrow.fs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1",
-                                 endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                                 allow_bucket_creation=True)
-    fs.create_dir("runs")
-    yield f"s3://test:test@runs/raydeep?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1", fs
-    server.kill()
-    server.wait()
+    with moto_bucket(tmp_path_factory.mktemp("moto")) as made:
+        yield made
 
 
-def listing(fs, path: str) -> list[str]:
-    import pyarrow.fs
-
-    return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+listing = bucket_listing
 
 
 def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, store):
@@ -88,17 +64,6 @@ def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, stor
 
     taken = run_cli("run", "--run-name", "on-s3", "--epochs", "1", *common, cwd=workdir)
     assert taken.returncode == 2 and "already has a run under" in taken.stderr
-
-
-def test_allreduce_workers_write_their_checkpoints_to_the_bucket(bucket, ray_session, store):
-    uri, fs = bucket
-    result = pipelines.train(small_run(**{
-        "strategy.name": "allreduce", "resources.storage_path": uri, "tracking.uri": store,
-        "tracking.run_name": "allreduce-on-s3", "optim.steps_per_epoch": 4}))
-    assert result.metrics["test_accuracy"] > 0.2
-    names = listing(fs, "runs/raydeep/allreduce-on-s3")
-    assert {"checkpoint_epoch_00000", "checkpoint_epoch_00001", "raydeep_run.json"} <= set(names)
-    assert MlflowClient(store).get_run(result.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.parametrize("storage_uri, says", [
