@@ -56,8 +56,29 @@ def store(workdir):
 
 
 
+HEAVIEST_FIRST = ("system/test_sweep.py", "strategies/test_param_server.py", "strategies/test_pipeline.py",
+                  "system/test_cluster.py", "system/test_multinode.py", "system/test_object_store.py",
+                  "strategies/test_lbfgs.py", "strategies/test_allreduce.py", "system/test_tracking_outage.py",
+                  "system/test_cli.py", "system/test_bad_addresses.py", "strategies/test_user_models.py")
+"""The files that took longest (1-5 minutes each on two pytest processes, 2026-12-03), longest
+first. The suite runs them first, then `system/`, `strategies/` and `unit/` in that order:
+the two processes (`--dist loadfile --no-loadscope-reorder`) take files in this order as they
+free up, so the last files are short ones and neither process idles while the other ends a
+long one. (xdist's own order, most tests first, left a one-test 50 s file for the end.)"""
+
+
+def _cost_rank(item) -> tuple[int, int]:
+    path = item.nodeid.split("::")[0].removeprefix("tests/")
+    if path in HEAVIEST_FIRST:
+        return (0, HEAVIEST_FIRST.index(path))
+    tier = path.split("/")[0]
+    return (1, ("system", "strategies", "unit").index(tier) if tier in ("system", "strategies", "unit") else 3)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`unit/` starts no processes: a unit test that asks for the session's Ray is misfiled."""
+    """`unit/` starts no processes: a unit test that asks for the session's Ray is misfiled.
+    Files run heaviest first (`HEAVIEST_FIRST`); a file's own tests keep their order."""
+    items.sort(key=_cost_rank)
     misfiled = [item.nodeid for item in items
                 if "/unit/" in f"/{item.nodeid}" and "ray_session" in getattr(item, "fixturenames", ())]
     if misfiled:
