@@ -11,6 +11,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it): two Rays, clusters or servers on
+    one machine must not share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_session_ray():
     """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
     import ray
@@ -96,7 +106,7 @@ class TrainingInBackground:
 
     def wait_for_checkpoint(self, workdir: Path, epoch: int, timeout: float = 300, bucket=None) -> None:
         """Until the run has saved epoch `epoch` (0-based) under `workdir`'s raydeep_runs/
-        (or, given `bucket`'s (uri, filesystem), on the bucket); it must still be running then."""
+        (or, given `moto_bucket`'s (uri, filesystem), on that bucket); it must still be running then."""
         import time
 
         from pipelines.storage import checkpoint_name
@@ -137,15 +147,12 @@ def moto_bucket(log_dir: Path):
 
     The credentials travel in the URI (`s3://KEY:SECRET@bucket/...`): the session's Ray
     workers were started before the server and do not see variables set for it."""
-    import socket
     import time
 
     import pyarrow.fs
     import requests
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(log_dir / "moto_server.log", "w")
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
                                "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)

@@ -4,8 +4,9 @@ A Ray Train worker group takes about 14 s to start here, so one run checks sever
 the allreduce run that must equal the reference keeps its checkpoints on an S3 bucket (a
 moto server, as in tests/system/test_object_store.py), loses a worker on the way (Ray Train
 restarts the group from the newest checkpoint on the bucket, so the weights must still
-equal `local`'s), and is then resumed from the bucket. The course's CNN bar holds for allreduce because it computes
-`local`'s steps; the bar itself is checked under `local` (tests/unit/test_quality.py).
+equal `local`'s), and is then resumed from the bucket. The course's CNN bar holds for
+allreduce because it computes `local`'s steps; the bar itself is checked under `local`
+(tests/unit/test_quality.py).
 """
 import os
 import signal
@@ -98,7 +99,7 @@ def test_allreduce_keeps_its_newest_checkpoints_on_the_bucket(runs, bucket):
     # here) stay on the bucket after the restarted group has written newer ones.
 
 
-def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs, bucket):
+def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs, bucket, tmp_path):
     common, _, first = runs
     store = common["tracking.uri"]
     more = {**common, "optim.epochs": EQUIVALENCE["optim.epochs"] + 1}
@@ -111,7 +112,6 @@ def test_resume_continues_an_allreduce_run_from_its_checkpoint(runs, bucket):
     assert max(starts) == EQUIVALENCE["optim.epochs"]  # the resumed group started after the last epoch
     names = bucket_listing(bucket[1], "runs/raydeep/first")
     assert checkpoint_name(EQUIVALENCE["optim.epochs"]) in names, names  # written on the bucket too
-    reference = pipelines.train(small_run(**{**more, "resources.storage_path": common["resources.storage_path"]
-                                             .replace("runs/raydeep?", "runs/reference?")}))
+    reference = pipelines.train(small_run(**{**more, "resources.storage_path": str(tmp_path / "raydeep_runs")}))
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)

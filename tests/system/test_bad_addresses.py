@@ -21,16 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli, run_cli_process
+from helpers import REPO, free_port, run_cli, run_cli_process
 
 BOUND_S = 8.0
 """Each refusal's bound: the slowest waits 2-3 s for a port that says nothing."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Web(http.server.ThreadingHTTPServer):

@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli_process
+from helpers import REPO, free_port, run_cli_process
 from mlflow.tracking import MlflowClient
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -51,10 +50,6 @@ def user_project(tmp_path: Path) -> Path:
     return project
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_ports() -> list[str]:

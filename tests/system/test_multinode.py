@@ -14,20 +14,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import TrainingInBackground, small_run, start_session_ray
+from helpers import TrainingInBackground, free_port, small_run, start_session_ray
 from mlflow.tracking import MlflowClient
 
 import pipelines
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Nodes:

@@ -13,10 +13,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from helpers import REPO, bucket_listing, moto_bucket, run_cli, small_run
+from helpers import REPO, moto_bucket, run_cli, small_run
+from helpers import bucket_listing as listing
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -32,8 +32,6 @@ def bucket(tmp_path_factory):
     with moto_bucket(tmp_path_factory.mktemp("moto")) as made:
         yield made
 
-
-listing = bucket_listing
 
 
 def test_run_checkpoints_to_the_bucket_and_resumes_from_it(bucket, workdir, store):

@@ -4,7 +4,6 @@ checkpoints kept and `--resume` logs the rest."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, free_port, run_cli
 
 from cluster.ui import server_command
 from pipelines.backlog import HTTP_DEFAULTS, WAIT_ENV
@@ -29,9 +28,7 @@ class Server:
     """`mlflow server` over a SQLite file in `workdir`, on a port of its own."""
 
     def __init__(self, workdir: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.backend = f"sqlite:///{workdir / 'server.db'}"
         self.log = workdir / "server.log"

@@ -2,24 +2,19 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from helpers import REPO, small_run
+from helpers import REPO, free_port, small_run
 
 import pipelines
 
 pytestmark = pytest.mark.slow  # a real `mlflow server` process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -30,7 +25,7 @@ def _get(url: str):
 def test_ui_serves_the_runs_over_the_rest_api(workdir, store):
     result = pipelines.train(small_run(**{"tracking.uri": store, "optim.epochs": 1,
                                           "tracking.run_name": "shown"}))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "ui", "--tracking-uri", "sqlite:///mlflow.db",
          "--port", str(port)], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
