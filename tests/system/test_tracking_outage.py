@@ -194,11 +194,19 @@ class ProcessRun:
 
     def __init__(self, workdir: Path, server: Server, name: str, epochs: int, env: dict):
         self.location = workdir / "raydeep_runs" / name
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "run", "--strategy", "local", "--epochs", str(epochs),
-             "--tracking-uri", server.uri, "--run-name", name, "--set", "tracking.log_model=false"],
-            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), **env})
+        # As a terminal's foreground job, whatever this suite was started as: a job started
+        # in the background of a script (`bash .ci/run &`) ignores SIGINT, and an ignored
+        # signal stays ignored across exec, so the run would never see the Ctrl-C (it
+        # trained all its epochs, once). A signal with a handler is reset to the default.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "cluster.cli", "run", "--strategy", "local", "--epochs", str(epochs),
+                 "--tracking-uri", server.uri, "--run-name", name, "--set", "tracking.log_model=false"],
+                cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), **env})
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def running(self) -> bool:
         return self.process.poll() is None
