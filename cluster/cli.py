@@ -39,6 +39,8 @@ RUN_FLAGS = {
     "--batch-size": "data.batch_size",
     "--data": "data.source",
     "--label": "data.label",
+    "--val-data": "data.val_source",
+    "--test-data": "data.test_source",
     "--input-shape": "data.input_shape",
     "--tracking-uri": "tracking.uri",
     "--experiment": "tracking.experiment",

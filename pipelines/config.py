@@ -37,6 +37,11 @@ class DataSection:
     of files, on this machine or an object store (`s3://bucket/data/`)."""
     label: str = "label"
     """Label column of a Parquet/CSV file."""
+    val_source: Optional[str] = None
+    """The validation split, a table as `source` names one (same feature columns, only
+    labels the training table has); default: drawn from `source` by `val_fraction`."""
+    test_source: Optional[str] = None
+    """The test split, likewise; default: drawn from `source` by `test_fraction`."""
     standardize: Optional[bool] = None
     """Standardise each feature by the training split's mean and standard deviation (the
     logged model applies it to raw inputs); default: on for tables, off for digits and
@@ -326,6 +331,11 @@ def validate(config: RunConfig) -> None:
     need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
          f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
     need(d.source.strip() != "", "data.source must not be empty (digits, synthetic, or a Parquet or CSV file)")
+    for key in ("val_source", "test_source"):
+        given = getattr(d, key)
+        need(given is None or given.strip() != "", f"data.{key} must not be empty (a Parquet or CSV table)")
+        need(given is None or d.source not in ("digits", "synthetic"),
+             f"data.{key} needs data.source to be a table too: {d.source} is split by its own seed")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
     # The split's RandomState takes 32 bits: its own message would name numpy's limit.
     need(0 <= config.seed <= MAX_SEED, f"seed must be an integer in 0..{MAX_SEED}, got {config.seed}")

@@ -1,7 +1,8 @@
 """Data sets: the bundled digits, Parquet/CSV tables read with pyarrow (`pipelines.tables`:
 a file, a directory or glob of files, on this machine or an object store), synthetic blobs.
 
-Everything is loaded on the driver into tensors and split once (stratified, by seed);
+Everything is loaded on the driver into tensors and split once (stratified, by seed; a
+table's validation and test splits may be tables of their own, `data.val_source`/`test_source`);
 strategies then hand each worker a disjoint shard of every global batch (`pipelines.training.loop`).
 """
 from __future__ import annotations
@@ -44,7 +45,10 @@ class Dataset:
 
 
 def load(section: DataSection, seed: int = 0) -> Dataset:
-    """Load, shape and split the data the section names."""
+    """Load, shape and split the data the section names: a table's validation and test
+    splits come from `data.val_source`/`data.test_source` where given, from the training
+    table (stratified, by seed) where not."""
+    held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if section.source == "digits":
         x, y, names = _digits()
     elif section.source == "synthetic":
@@ -52,10 +56,16 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
         x, y, names = synthetic(section.synthetic_samples, section.synthetic_shape,
                                 section.synthetic_classes, seed)
     else:
-        x, y, names = read_table(section.source, section.label)
+        train = _read_labelled(section.source, section.label)
+        x, y, names = train.x, *_encode_classes(train, section.source, section.label)
+        for which in ("val", "test"):
+            source = getattr(section, f"{which}_source")
+            if source:
+                held[which] = _read_held_out(source, f"data.{which}_source", section, train)
     if section.input_shape:
         x = _reshape(x, section.input_shape, section.source)
-    data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed)
+        held = {k: (_reshape(hx, section.input_shape, section.source), hy) for k, (hx, hy) in held.items()}
+    data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed, held)
     is_table = section.source not in ("digits", "synthetic")
     if is_table if section.standardize is None else section.standardize:
         standardize(data)
@@ -131,11 +141,25 @@ def machine_memory() -> int:
     return min(total, int(limit)) if limit.isdigit() else total
 
 
+@dataclass
+class _Table:
+    """A table's features (float32), its raw label values and its feature columns' names."""
+    x: np.ndarray
+    labels: list
+    features: list[str]
+
+
 def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Parquet or CSV table: a label column and numeric feature columns (or one list column)."""
+    """A Parquet or CSV table: a label column and numeric feature columns (or one list column);
+    its features, its labels as class indices, and the class names (the label values, sorted)."""
+    table = _read_labelled(path, label)
+    return (table.x, *_encode_classes(table, path, label))
+
+
+def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
     from pipelines import tables
 
-    table = tables.read(path)
+    table = tables.read(path, named)
     if table.num_rows == 0:
         raise DataError(f"data file {path!r} has no rows" + (
             f" (only a header: {', '.join(table.column_names)})" if table.column_names else ""))
@@ -160,13 +184,40 @@ def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]
     labels = table.column(label).to_pylist()
     if any(v is None or v != v for v in labels):  # v != v: a float NaN
         raise DataError(f"data file {path!r} has missing values in label column {label!r}")
-    classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[v] for v in labels], dtype=np.int64)
+    return _Table(x, labels, feature_columns)
+
+
+def _encode_classes(table: _Table, path: str, label: str) -> tuple[np.ndarray, list[str]]:
+    """The labels as indices into the sorted distinct label values, and those values' names."""
+    classes = sorted(set(table.labels))
     if len(classes) < 2:
         raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes "
                         f"(only {classes[0]!r})")
-    return x, y, [str(c) for c in classes]
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[v] for v in table.labels], dtype=np.int64), [str(c) for c in classes]
+
+
+def _read_held_out(path: str, named: str, section: DataSection, train: _Table) -> tuple[np.ndarray, np.ndarray]:
+    """A validation or test table, checked against the training one: the same feature
+    columns (names, order, values per example), and only labels the training data has (the
+    classes, like the standardisation, are the training split's)."""
+    table = _read_labelled(path, section.label, named)
+    if table.features != train.features or table.x.shape[1:] != train.x.shape[1:]:
+        def described(t: _Table) -> str:  # a list column: its length too
+            return ", ".join(t.features) + (f" ({t.x.shape[1]} values)" if len(t.features) == 1 else "")
+
+        theirs, ours = described(table), described(train)
+        raise DataError(f"{named} {path!r} has feature columns {theirs}, but data.source "
+                        f"{section.source!r} has {ours}: both must hold the same features")
+    classes = sorted(set(train.labels))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({v for v in table.labels if v not in index}, key=repr)
+    if unknown:
+        shown = ", ".join(repr(v) for v in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise DataError(f"{named} {path!r}: label column {section.label!r} holds {shown}, which the "
+                        f"training data (data.source {section.source!r}) does not: a model learns its "
+                        "classes from the training data")
+    return table.x, np.array([index[v] for v in table.labels], dtype=np.int64)
 
 
 def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
@@ -216,18 +267,27 @@ def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
     return x.reshape(len(x), *shape)
 
 
-def _split(name, x, y, names, test_fraction, val_fraction, seed) -> Dataset:
+def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None) -> Dataset:
+    """Train, validation and test splits: each of `held` ("val", "test": features and
+    labels) as given, the others drawn from `x`, `y` (stratified, fixed by `seed`)."""
+    held = held or {}
+    drawn = ("test" not in held) + ("val" not in held and val_fraction > 0)
     present, counts = np.unique(y, return_counts=True)
     single = [names[c] for c in present[counts < 2]]
-    if single:  # said here: the split's own message lists every such class
+    if single and drawn:  # said here: the split's own message lists every such class
         more = "; draw more data.synthetic_samples or fewer data.synthetic_classes" if name == "synthetic" else ""
         raise DataError(f"cannot split {name} into train/val/test: {len(single)} of its {len(present)} "
                         f"classes have a single example (first: {single[0]!r}); a stratified split "
                         f"needs at least 2 of each{more}")
     try:
-        rest, test = split.stratified_split(y, test_fraction, seed)
-        x_rest, x_test, y_rest, y_test = x[rest], x[test], y[rest], y[test]
-        if val_fraction > 0:
+        if "test" in held:
+            x_rest, y_rest, (x_test, y_test) = x, y, held["test"]
+        else:
+            rest, test = split.stratified_split(y, test_fraction, seed)
+            x_rest, x_test, y_rest, y_test = x[rest], x[test], y[rest], y[test]
+        if "val" in held:
+            x_train, y_train, (x_val, y_val) = x_rest, y_rest, held["val"]
+        elif val_fraction > 0:
             train, val = split.stratified_split(y_rest, val_fraction, seed)
             x_train, x_val, y_train, y_val = x_rest[train], x_rest[val], y_rest[train], y_rest[val]
         else:

@@ -29,25 +29,26 @@ class TableFiles:
     """Parquet or CSV."""
 
 
-def find(source: str) -> TableFiles:
-    """The files `source` names, or a one-line error saying why there are none to read."""
+def find(source: str, named: str = "data.source") -> TableFiles:
+    """The files `source` names, or a one-line error saying why there are none to read
+    (naming `named`, the config key that gave it)."""
     import pyarrow.fs
 
     shown = redact(source)
     if is_uri(source):
-        check_reachable(source, "data.source", "s3://BUCKET/data/", DataError)
-    fs, path = open_filesystem(source, "data.source", DataError)
+        check_reachable(source, named, "s3://BUCKET/data/", DataError)
+    fs, path = open_filesystem(source, named, DataError)
     pattern = any(c in path for c in "*?[")
     if pattern:
-        paths = _glob(fs, path, shown)
+        paths = _glob(fs, path, shown, named)
         if not paths:
-            raise DataError(f"data.source {shown!r} matches no Parquet or CSV file")
+            raise DataError(f"{named} {shown!r} matches no Parquet or CSV file")
     else:
         kind = fs.get_file_info(path).type if path else pyarrow.fs.FileType.Directory
         if kind == pyarrow.fs.FileType.NotFound:
             raise DataError(f"data file {shown!r} does not exist")
         if kind == pyarrow.fs.FileType.Directory:
-            paths = _listing(fs, path, shown)
+            paths = _listing(fs, path, shown, named)
             if not paths:
                 raise DataError(f"data directory {shown!r} holds no Parquet (.parquet) or CSV (.csv) files")
         else:
@@ -57,15 +58,15 @@ def find(source: str) -> TableFiles:
         odd = next(p for p in paths if _suffix(p) not in FORMATS)
         raise DataError(f"data file {_shown(source, odd)!r} is not Parquet (.parquet) or CSV (.csv)")
     if len(formats) > 1:
-        raise DataError(f"data.source {shown!r} mixes Parquet and CSV files; give one format")
+        raise DataError(f"{named} {shown!r} mixes Parquet and CSV files; give one format")
     return TableFiles(source, fs, paths, formats.pop())
 
 
-def read(source: str):
+def read(source: str, named: str = "data.source"):
     """The whole table `source` names (a pyarrow Table), its files checked to agree."""
     import pyarrow as pa
 
-    files = find(source)
+    files = find(source, named)
     tables = [_read_one(files, path) for path in files.paths]
     first = tables[0].schema
     for path, table in zip(files.paths[1:], tables[1:]):
@@ -85,13 +86,13 @@ def read(source: str):
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _listing(fs, directory: str, shown: str) -> list[str]:
+def _listing(fs, directory: str, shown: str, named: str) -> list[str]:
     import pyarrow.fs
 
     try:
         found = fs.get_file_info(pyarrow.fs.FileSelector(directory, recursive=True, allow_not_found=True))
     except OSError as e:
-        raise DataError(f"data.source {shown!r} cannot be listed: {short_reason(e)}") from None
+        raise DataError(f"{named} {shown!r} cannot be listed: {short_reason(e)}") from None
     return sorted(f.path for f in found if f.type == pyarrow.fs.FileType.File
                   and not any(part[:1] in ("_", ".") for part in f.path[len(directory):].split("/") if part))
 
@@ -111,7 +112,7 @@ def _read_one(files: TableFiles, path: str):
                         f"file: {first_line(e)}") from None
 
 
-def _glob(fs, pattern: str, shown: str) -> list[str]:
+def _glob(fs, pattern: str, shown: str, named: str) -> list[str]:
     """The data files a shell glob names: `*`, `?` and `[...]` match within one directory
     level, listed level by level (a pattern under /tmp must not list all of /tmp); `**`
     matches across levels, below the fixed part of the pattern."""
@@ -120,7 +121,7 @@ def _glob(fs, pattern: str, shown: str) -> list[str]:
     if "**" in pattern:
         head = pattern[:pattern.index("**")].rsplit("/", 1)[0]
         flat = pattern.replace("/**/", "/")  # `**/` also matches no directory at all
-        return [p for p in _listing(fs, head, shown)
+        return [p for p in _listing(fs, head, shown, named)
                 if fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, flat)]
     parts = pattern.split("/")
     fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))

@@ -1,4 +1,6 @@
 """Tier 1: data sets, real Parquet and CSV files, and the batch plan shared by strategies."""
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -6,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import data
-from pipelines.config import DataSection
+from pipelines import config, data
+from pipelines.config import ConfigError, DataSection
 from pipelines.data import DataError
 from pipelines.training.loop import batch_indices
 
@@ -109,3 +111,56 @@ def test_worker_shards_are_disjoint_and_form_the_global_batch():
     other_epoch = list(batch_indices(103, 12, seed=3, epoch=3))
     assert not torch.equal(other_epoch[0], single[0])
     assert len(list(batch_indices(103, 12, seed=3, epoch=2, cap=2))) == 2
+
+
+def _labelled(rows: int, seed: int, classes=(0, 1, 2), columns=("f0", "f1", "f2")):
+    rng = np.random.default_rng(seed)
+    table = {name: rng.normal(loc=10 * i, scale=i + 1, size=rows) for i, name in enumerate(columns)}
+    return pa.table({**table, "label": rng.choice(list(classes), size=rows)})
+
+
+def test_explicit_validation_and_test_tables_are_the_splits_and_train_sets_the_scale(tmp_path):
+    """`data.val_source`/`data.test_source` (`--val-data`/`--test-data`): each split is its
+    own table's rows, in its order; the classes and the standardisation are the training table's."""
+    paths = {name: tmp_path / f"{name}.parquet" for name in ("train", "val", "test")}
+    pq.write_table(_labelled(90, 0), paths["train"])
+    pq.write_table(_labelled(30, 1), paths["val"])
+    pq.write_table(_labelled(25, 2, classes=(2, 0)), paths["test"])  # a test table may lack a class
+    section = DataSection(source=str(paths["train"]), val_source=str(paths["val"]),
+                          test_source=str(paths["test"]), batch_size=8)
+    raw = data.load(dataclasses.replace(section, standardize=False))
+    for split, name in ((raw.x_train, "train"), (raw.x_val, "val"), (raw.x_test, "test")):
+        expected = pq.read_table(paths[name]).drop(["label"]).to_pandas().to_numpy(np.float32).copy()
+        assert torch.equal(split, torch.from_numpy(expected)), name
+    expected_labels = pq.read_table(paths["test"]).column("label").to_pylist()
+    assert raw.class_names == ["0", "1", "2"] and raw.y_test.tolist() == expected_labels
+    scaled = data.load(section)
+    train = raw.x_train.double()
+    torch.testing.assert_close(scaled.feature_mean, train.mean(dim=0).float())
+    torch.testing.assert_close(scaled.feature_std, train.std(dim=0, unbiased=False).float())
+    # only the test table given: validation is drawn from the training table, as without one
+    alone = data.load(dataclasses.replace(section, val_source=None, standardize=False))
+    assert torch.equal(alone.x_test, raw.x_test) and len(alone.y_train) + len(alone.y_val) == 90
+    assert len(alone.y_val) == 9
+
+
+def test_held_out_tables_that_do_not_fit_the_training_table_say_why(tmp_path):
+    train = tmp_path / "train.parquet"
+    pq.write_table(_labelled(60, 0), train)
+    unseen = tmp_path / "unseen.parquet"
+    pq.write_table(_labelled(20, 1, classes=(1, 7)), unseen)
+    with pytest.raises(DataError, match=r"data.test_source .*unseen.parquet': label column 'label' holds 7, "
+                                        r"which the training data .* does not"):
+        data.load(DataSection(source=str(train), test_source=str(unseen), batch_size=8))
+    renamed = tmp_path / "renamed.parquet"
+    pq.write_table(_labelled(20, 1, columns=("f0", "f1", "g2")), renamed)
+    with pytest.raises(DataError, match=r"data.val_source .* has feature columns f0, f1, g2, but data.source "
+                                        r".* has f0, f1, f2: both must hold the same features"):
+        data.load(DataSection(source=str(train), val_source=str(renamed), batch_size=8))
+    with pytest.raises(ConfigError, match=r"^data.test_source must not be empty"):
+        config.load(overrides={"data.source": str(train), "data.test_source": " "})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"^data directory .*empty' holds no Parquet"):
+        data.load(DataSection(source=str(train), val_source=str(tmp_path / "empty"), batch_size=8))
+    with pytest.raises(DataError, match=r"^data.test_source '.*nothing-\*.csv' matches no Parquet or CSV file"):
+        data.load(DataSection(source=str(train), test_source=str(tmp_path / "nothing-*.csv"), batch_size=8))

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import small_run
+from helpers import run_cli, small_run
 from sklearn.linear_model import LogisticRegression
 
 import pipelines
@@ -61,3 +61,33 @@ def test_an_unscaled_table_trains_to_a_scaled_linear_models_accuracy(unscaled, s
     predicted = logged(raw.x_test).argmax(dim=1)
     assert float((predicted == raw.y_test).float().mean()) == pytest.approx(result.metrics["test_accuracy"])
     torch.testing.assert_close(logged(raw.x_test), result.model(raw.x_test))
+
+
+@pytest.mark.slow  # trains, logs the model and loads it back: seconds
+def test_a_run_given_its_own_validation_and_test_tables_tests_on_them(tmp_path, store):
+    """`raydeep run --data T --val-data V --test-data S`: the logged test accuracy is the
+    model's on S's raw rows, and the run records where each split came from."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=len(SCALES))
+    paths = {}
+    for name, rows in (("train", 900), ("val", 200), ("test", 300)):
+        z = rng.normal(size=(rows, len(SCALES)))
+        label = (z @ w + 0.3 * rng.normal(size=rows) > 0).astype(np.int64)
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({**{f"c{i}": z[:, i] * s + 3 * s for i, s in enumerate(SCALES)},
+                                 "label": label}), paths[name])
+    result = run_cli("run", "--strategy", "local", "--epochs", "5", "--data", str(paths["train"]),
+                     "--val-data", str(paths["val"]), "--test-data", str(paths["test"]),
+                     "--tracking-uri", store, "--run-name", "own-splits", "--set", "tracking.figures=false",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    mlflow.set_tracking_uri(store)
+    run = mlflow.search_runs(experiment_names=["raydeep"], output_format="list")[0]
+    assert run.data.params["data.test_source"] == str(paths["test"])
+    assert run.data.params["data.val_source"] == str(paths["val"])
+    table = pq.read_table(paths["test"])
+    x = torch.from_numpy(table.drop(["label"]).to_pandas().to_numpy(np.float32).copy())
+    y = torch.tensor(table.column("label").to_pylist())
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")  # takes raw columns
+    accuracy = float((logged(x).argmax(dim=1) == y).float().mean())
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"]) and accuracy > 0.85
