@@ -57,11 +57,12 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
                                 section.synthetic_classes, seed)
     else:
         train = _read_labelled(section.source, section.label)
-        x, y, names = train.x, *_encode_classes(train, section.source, section.label)
+        classes = _classes(train, section.source, section.label)
+        x, y, names = train.x, _encode(train.labels, classes), [str(c) for c in classes]
         for which in ("val", "test"):
             source = getattr(section, f"{which}_source")
             if source:
-                held[which] = _read_held_out(source, f"data.{which}_source", section, train)
+                held[which] = _read_held_out(source, f"data.{which}_source", section, train, classes)
     if section.input_shape:
         x = _reshape(x, section.input_shape, section.source)
         held = {k: (_reshape(hx, section.input_shape, section.source), hy) for k, (hx, hy) in held.items()}
@@ -153,7 +154,8 @@ def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]
     """A Parquet or CSV table: a label column and numeric feature columns (or one list column);
     its features, its labels as class indices, and the class names (the label values, sorted)."""
     table = _read_labelled(path, label)
-    return (table.x, *_encode_classes(table, path, label))
+    classes = _classes(table, path, label)
+    return table.x, _encode(table.labels, classes), [str(c) for c in classes]
 
 
 def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
@@ -187,17 +189,22 @@ def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
     return _Table(x, labels, feature_columns)
 
 
-def _encode_classes(table: _Table, path: str, label: str) -> tuple[np.ndarray, list[str]]:
-    """The labels as indices into the sorted distinct label values, and those values' names."""
+def _classes(table: _Table, path: str, label: str) -> list:
+    """The table's classes: its distinct label values, sorted (a class's index is its place)."""
     classes = sorted(set(table.labels))
     if len(classes) < 2:
         raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes "
                         f"(only {classes[0]!r})")
+    return classes
+
+
+def _encode(labels: list, classes: list) -> np.ndarray:
     index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[v] for v in table.labels], dtype=np.int64), [str(c) for c in classes]
+    return np.array([index[v] for v in labels], dtype=np.int64)
 
 
-def _read_held_out(path: str, named: str, section: DataSection, train: _Table) -> tuple[np.ndarray, np.ndarray]:
+def _read_held_out(path: str, named: str, section: DataSection, train: _Table,
+                   classes: list) -> tuple[np.ndarray, np.ndarray]:
     """A validation or test table, checked against the training one: the same feature
     columns (names, order, values per example), and only labels the training data has (the
     classes, like the standardisation, are the training split's)."""
@@ -209,15 +216,14 @@ def _read_held_out(path: str, named: str, section: DataSection, train: _Table) -
         theirs, ours = described(table), described(train)
         raise DataError(f"{named} {path!r} has feature columns {theirs}, but data.source "
                         f"{section.source!r} has {ours}: both must hold the same features")
-    classes = sorted(set(train.labels))
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({v for v in table.labels if v not in index}, key=repr)
+    known = set(classes)
+    unknown = sorted({v for v in table.labels if v not in known}, key=repr)
     if unknown:
         shown = ", ".join(repr(v) for v in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
         raise DataError(f"{named} {path!r}: label column {section.label!r} holds {shown}, which the "
                         f"training data (data.source {section.source!r}) does not: a model learns its "
                         "classes from the training data")
-    return table.x, np.array([index[v] for v in table.labels], dtype=np.int64)
+    return table.x, _encode(table.labels, classes)
 
 
 def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
@@ -271,7 +277,7 @@ def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None) -> D
     """Train, validation and test splits: each of `held` ("val", "test": features and
     labels) as given, the others drawn from `x`, `y` (stratified, fixed by `seed`)."""
     held = held or {}
-    drawn = ("test" not in held) + ("val" not in held and val_fraction > 0)
+    drawn = "test" not in held or ("val" not in held and val_fraction > 0)  # a stratified split is made
     present, counts = np.unique(y, return_counts=True)
     single = [names[c] for c in present[counts < 2]]
     if single and drawn:  # said here: the split's own message lists every such class

@@ -141,7 +141,7 @@ def test_explicit_validation_and_test_tables_are_the_splits_and_train_sets_the_s
     # only the test table given: validation is drawn from the training table, as without one
     alone = data.load(dataclasses.replace(section, val_source=None, standardize=False))
     assert torch.equal(alone.x_test, raw.x_test) and len(alone.y_train) + len(alone.y_val) == 90
-    assert len(alone.y_val) == 9
+    assert len(alone.y_val) == 9  # val_fraction 0.1 of the 90 training rows
 
 
 def test_held_out_tables_that_do_not_fit_the_training_table_say_why(tmp_path):
