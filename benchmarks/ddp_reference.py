@@ -78,7 +78,7 @@ def _first_step_marker(batches, on_first_step):
 def train(run, data, rank: int, world: int, loop: str = "plain", label: str = "torchrun",
           launched_at: float | None = None) -> dict | None:
     """Train as the reference does in an initialised gloo group; rank 0 returns the figures."""
-    model = build_model(run, data.input_shape, data.num_classes)
+    model = build_model(run, data)
     ddp = DistributedDataParallel(Objective(model))
     optimizer = make_optimizer(run.optim, model.parameters())
     torch.manual_seed(run.seed * 1009 + rank)  # as pipelines.strategies.allreduce seeds each worker

@@ -63,7 +63,7 @@ def torch_side(run, data, iterations: int, threads: int) -> dict:
     from pipelines.training.loop import build_model
 
     torch.set_num_threads(threads)
-    model = build_model(run, data.input_shape, data.num_classes).train()
+    model = build_model(run, data).train()
     optimizer = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=iterations, max_eval=iterations * 25,
                                   history_size=10, line_search_fn="strong_wolfe")
     batch = (data.x_train, data.y_train)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     data = datasets.load(run.data, run.seed)
     from pipelines.training.loop import build_model
 
-    params = sum(p.numel() for p in build_model(run, data.input_shape, data.num_classes).parameters())
+    params = sum(p.numel() for p in build_model(run, data).parameters())
     print(f"data: {len(data.y_train)} training examples of shape {list(data.input_shape)}; "
           f"mlp width {args.width} depth {args.depth} ({params:,} parameters)", flush=True)
 

@@ -118,10 +118,10 @@ class ParameterServer:
     def __init__(self, cfg, input_shape, num_classes):
         import torch
 
-        from pipelines.training.loop import build_model, make_optimizer
+        from pipelines.training.loop import ModelShape, build_model, make_optimizer
 
         torch.set_num_threads(1)
-        self.model = build_model(cfg, input_shape, num_classes)
+        self.model = build_model(cfg, ModelShape(tuple(input_shape), num_classes))
         self.optimizer = make_optimizer(cfg.optim, self.model.parameters())
 
     def apply_gradients(self, *gradients):
@@ -142,7 +142,7 @@ class DataWorker:
     def __init__(self, cfg, data, rank: int, world: int):
         from pipelines.training.loop import batch_indices, build_model
 
-        self.model = build_model(cfg, data.input_shape, data.num_classes)
+        self.model = build_model(cfg, data)
         self.data, self.rank, self.world = data, rank, world
         self.batches = (idx for epoch in itertools.count()
                         for idx in batch_indices(len(data.y_train), cfg.data.batch_size, seed=cfg.seed,
@@ -176,7 +176,7 @@ def run_documented(args, workdir: Path) -> dict:
     ray.get([w.__ray_ready__.remote() for w in workers] + [current])
     first_step_at = time.time()
     per_epoch = steps_per_epoch(len(data.y_train), args.batch_size) * args.workers
-    evaluate = build_model(cfg, data.input_shape, data.num_classes)
+    evaluate = build_model(cfg, data)
     gradients = {w.compute_gradients.remote(current): w for w in workers}
     updates, epoch_marks, reached, eval_s, accuracy = 0, [first_step_at], None, 0.0, 0.0
     for _ in range(args.epochs * per_epoch):  # the example's `iterations * num_workers`

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             cfg = config.from_dict(raw)
             data = datasets.load(cfg.data, cfg.seed)
             micro = args.batch_size // args.microbatches
-            the_cut = cut(build_model(cfg, data.input_shape, data.num_classes), "mlp", args.stages,
+            the_cut = cut(build_model(cfg, data), "mlp", args.stages,
                           data.x_train[:micro])
             result = pipelines.train(cfg)
             steady = result.history[1:] or result.history

@@ -32,7 +32,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     run = config.from_dict(spec["config"])
     data = datasets.load(run.data, run.seed)
-    model = build_model(run, data.input_shape, data.num_classes)
+    model = build_model(run, data)
     layers = model.pipeline_layers()
     a, b = spec["bounds"][rank]
     block = nn.Sequential(*layers[a:b])

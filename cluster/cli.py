@@ -38,7 +38,7 @@ RUN_FLAGS = {
     "--optimizer": "optim.name",
     "--batch-size": "data.batch_size",
     "--data": "data.source",
-    "--label": "data.label",
+    "--label": "data.label", "--task": "data.task",
     "--val-data": "data.val_source",
     "--test-data": "data.test_source",
     "--input-shape": "data.input_shape",
@@ -59,7 +59,7 @@ FLAG_ALIASES = {"--shards": ["--ps-shards"]}
 
 
 class UsageError(Exception):
-    pass
+    """Bad usage of the command line: one line, exit 2."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -1,9 +1,11 @@
-"""Pieces shared by the families: the classifier objective and activation lookup."""
+"""Pieces shared by the families: the supervised objective and activation lookup."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.targets import RegressionTarget
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -33,22 +35,43 @@ def classification_sums(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torc
 
 
 class Classifier(nn.Module):
-    """A module whose ``forward(x)`` gives class logits; trained with cross-entropy."""
+    """A supervised model: ``forward(x)`` gives class logits, trained with cross-entropy;
+    or, once `regress` has set a target scale, one value per example, trained with squared
+    error on the standardised target (`models.targets`)."""
 
     task = "classification"
 
+    def regress(self, mean: float, std: float) -> None:
+        """Train and predict a real-valued target of the training split's mean and scale."""
+        self.targets = RegressionTarget(mean, std)
+        self.task = "regression"
+
+    def objective(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of the model's output for labels `y`."""
+        return self.targets.loss(output, y) if self.task == "regression" else F.cross_entropy(output, y)
+
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self(x), y)
+        return self.objective(self(x), y)
 
     @torch.no_grad()
     def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         x, y = batch
-        return classification_sums(self(x), y)
+        output = self(x)
+        return self.targets.sums(output, y) if self.task == "regression" else classification_sums(output, y)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self(x).argmax(dim=1)
+        """The class of each example, or its predicted target in the target's units."""
+        output = self(x)
+        return self.targets.predict(output) if self.task == "regression" else output.argmax(dim=1)
+
+
+def regressing_families() -> list[str]:
+    """The registered families whose models can regress (those built as a `Classifier`)."""
+    from models.registry import get, names
+
+    return [n for n in names() if isinstance(get(n).build, type) and issubclass(get(n).build, Classifier)]
 
 
 class SequentialClassifier(Classifier):
@@ -66,7 +89,7 @@ class SequentialClassifier(Classifier):
 
     def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The training loss from the last layer's output (what `loss` computes end to end)."""
-        return F.cross_entropy(output, batch[1])
+        return self.objective(output, batch[1])
 
 
 def flat_size(shape: tuple[int, ...]) -> int:

@@ -2,7 +2,8 @@
 
 - Nothing but ``forward(x) -> logits``: `x` is a batch of examples of the data's input
   shape, the logits have one column per class. raydeep trains it with cross-entropy and
-  reports loss and accuracy.
+  reports loss and accuracy. On a regression task (`data.task`), one output column: it
+  is trained on the standardised target and reports MSE, RMSE, MAE and R² (`models.targets`).
 - ``loss(batch) -> Tensor`` (optional): its own training objective for a batch
   ``(x, y)``, a scalar mean over the batch.
 - ``evaluate(batch) -> dict[str, Tensor]`` (optional): its own metrics as per-example
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import classification_sums
+from models.targets import RegressionTarget
 
 
 class UserModel(nn.Module):
@@ -36,12 +38,19 @@ class UserModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    def regress(self, mean: float, std: float) -> None:
+        self.targets = RegressionTarget(mean, std)
+        self.task = "regression"
+
+    def objective(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.targets.loss(output, y) if self.task == "regression" else F.cross_entropy(output, y)
+
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         own = getattr(self.module, "loss", None)
         if callable(own):
             return own(batch)
         x, y = batch
-        return F.cross_entropy(self.module(x), y)
+        return self.objective(self.module(x), y)
 
     @torch.no_grad()
     def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
@@ -53,11 +62,13 @@ class UserModel(nn.Module):
                                  "per-example metric sums with 'count' (the number of examples)")
             return sums
         x, y = batch
-        return classification_sums(self.module(x), y)
+        output = self.module(x)
+        return self.targets.sums(output, y) if self.task == "regression" else classification_sums(output, y)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x).argmax(dim=1)
+        output = self.module(x)
+        return self.targets.predict(output) if self.task == "regression" else output.argmax(dim=1)
 
     def unwrapped(self) -> nn.Module:
         """The user's own module, as logged to MLflow: loading it needs only the user's code."""
@@ -73,7 +84,7 @@ class CuttableUserModel(UserModel):
 
     def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         own = getattr(self.module, "output_loss", None)
-        return own(output, batch) if callable(own) else F.cross_entropy(output, batch[1])
+        return own(output, batch) if callable(own) else self.objective(output, batch[1])
 
 
 def adapt(module: nn.Module) -> UserModel:

@@ -6,7 +6,8 @@ A built module offers the seams every strategy relies on:
 - ``loss(batch) -> Tensor``: the training objective for one batch (a tuple of tensors);
 - ``evaluate(batch) -> dict[str, Tensor]``: per-example metric *sums* plus ``count``,
   so a strategy can add them up across batches and workers before dividing;
-- ``predict(x) -> Tensor`` (classifiers): the predicted class of each example.
+- ``predict(x) -> Tensor`` (supervised models): the predicted class of each example, or its
+  predicted target for a model that regresses (``regress(mean, std)``, `models.targets`).
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.base import Classifier, activation
@@ -77,7 +76,7 @@ class RNN(Classifier):
         return [LastStep(self.rnn), *self.head]
 
     def output_loss(self, output: torch.Tensor, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return F.cross_entropy(output, batch[1])
+        return self.objective(output, batch[1])
 
 
 class LastStep(nn.Module):

@@ -37,6 +37,10 @@ class DataSection:
     of files, on this machine or an object store (`s3://bucket/data/`)."""
     label: str = "label"
     """Label column of a Parquet/CSV file."""
+    task: Optional[str] = None
+    """classification or regression (squared error on the standardised label; MSE, RMSE,
+    MAE and R² reported); default: regression for a float label column, classification
+    for integer, string and boolean labels, and for digits and synthetic data."""
     val_source: Optional[str] = None
     """The validation split, a table as `source` names one (same feature columns, only
     labels the training table has); default: drawn from `source` by `val_fraction`."""
@@ -336,6 +340,10 @@ def validate(config: RunConfig) -> None:
         need(given is None or given.strip() != "", f"data.{key} must not be empty (a Parquet or CSV table)")
         need(given is None or d.source not in ("digits", "synthetic"),
              f"data.{key} needs data.source to be a table too: {d.source} is split by its own seed")
+    need(d.task in (None, "classification", "regression"),
+         f"data.task must be classification or regression, got {d.task!r}")
+    need(d.task != "regression" or d.source not in ("digits", "synthetic"),
+         f"data.task regression needs a table with a numeric label column: {d.source} holds classes")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
     # The split's RandomState takes 32 bits: its own message would name numpy's limit.
     need(0 <= config.seed <= MAX_SEED, f"seed must be an integer in 0..{MAX_SEED}, got {config.seed}")

@@ -1,8 +1,9 @@
 """Data sets: the bundled digits, Parquet/CSV tables read with pyarrow (`pipelines.tables`:
 a file, a directory or glob of files, on this machine or an object store), synthetic blobs.
 
-Everything is loaded on the driver into tensors and split once (stratified, by seed; a
-table's validation and test splits may be tables of their own, `data.val_source`/`test_source`);
+Everything is loaded on the driver into tensors and split once (stratified by class, or
+shuffled for a regression target (`pipelines.labels`), by seed; a table's validation and
+test splits may be tables of their own, `data.val_source`/`test_source`);
 strategies then hand each worker a disjoint shard of every global batch (`pipelines.training.loop`).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines import split
+from pipelines import labels, split
 from pipelines.config import DataSection
 from pipelines.errors import DataError
 
@@ -34,6 +35,14 @@ class Dataset:
     """The training split's per-feature mean and standard deviation the features were
     standardised with (`data.standardize`); None when they are used as they are."""
     feature_std: torch.Tensor | None = None
+    task: str = "classification"
+    """classification (labels are class indices) or regression (labels are float targets)."""
+    target_mean: float = 0.0
+    """A regression target's training mean and standard deviation (`models.targets`)."""
+    target_std: float = 1.0
+    columns: list[tuple[str, str]] | None = None
+    """A table's feature columns and their arrow types (`pipelines.serving`: the logged model
+    takes a DataFrame of them); None for digits, synthetic data and a list column."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -43,12 +52,18 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def num_outputs(self) -> int:
+        """The model's outputs per example: one per class, or the one regressed value."""
+        return 1 if self.task == "regression" else self.num_classes
+
 
 def load(section: DataSection, seed: int = 0) -> Dataset:
     """Load, shape and split the data the section names: a table's validation and test
     splits come from `data.val_source`/`data.test_source` where given, from the training
     table (stratified, by seed) where not."""
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    task, columns = "classification", None
     if section.source == "digits":
         x, y, names = _digits()
     elif section.source == "synthetic":
@@ -57,8 +72,15 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
                                 section.synthetic_classes, seed)
     else:
         train = _read_labelled(section.source, section.label)
-        classes = _classes(train, section.source, section.label)
-        x, y, names = train.x, _encode(train.labels, classes), [str(c) for c in classes]
+        task = labels.task_of(train.label_type, section.task, section.source, section.label)
+        columns = train.columns
+        if task == "regression":
+            classes, names = None, []
+            y = labels.targets(train.labels, section.source, section.label)
+        else:
+            classes = labels.classes(train.labels, section.source, section.label)
+            y, names = labels.encode(train.labels, classes), [str(c) for c in classes]
+        x = train.x
         for which in ("val", "test"):
             source = getattr(section, f"{which}_source")
             if source:
@@ -66,7 +88,12 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     if section.input_shape:
         x = _reshape(x, section.input_shape, section.source)
         held = {k: (_reshape(hx, section.input_shape, section.source), hy) for k, (hx, hy) in held.items()}
-    data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed, held)
+    data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed, held,
+                  stratify=task == "classification")
+    data.columns = columns
+    if task == "regression":
+        data.task = task
+        data.target_mean, data.target_std = labels.scale(data.y_train.numpy())
     is_table = section.source not in ("digits", "synthetic")
     if is_table if section.standardize is None else section.standardize:
         standardize(data)
@@ -148,14 +175,18 @@ class _Table:
     x: np.ndarray
     labels: list
     features: list[str]
+    label_type: object = None
+    """The label column's arrow type."""
+    columns: list[tuple[str, str]] | None = None
+    """Scalar feature columns with their arrow types (None: one list column)."""
 
 
 def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A Parquet or CSV table: a label column and numeric feature columns (or one list column);
     its features, its labels as class indices, and the class names (the label values, sorted)."""
     table = _read_labelled(path, label)
-    classes = _classes(table, path, label)
-    return table.x, _encode(table.labels, classes), [str(c) for c in classes]
+    classes = labels.classes(table.labels, path, label)
+    return table.x, labels.encode(table.labels, classes), [str(c) for c in classes]
 
 
 def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
@@ -183,31 +214,20 @@ def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
         raise DataError(f"data file {path!r} has missing or NaN feature values")
     if np.isinf(x).any():
         raise DataError(f"data file {path!r} has infinite feature values (or values beyond float32's range)")
-    labels = table.column(label).to_pylist()
-    if any(v is None or v != v for v in labels):  # v != v: a float NaN
+    values = table.column(label).to_pylist()
+    if any(v is None or v != v for v in values):  # v != v: a float NaN
         raise DataError(f"data file {path!r} has missing values in label column {label!r}")
-    return _Table(x, labels, feature_columns)
-
-
-def _classes(table: _Table, path: str, label: str) -> list:
-    """The table's classes: its distinct label values, sorted (a class's index is its place)."""
-    classes = sorted(set(table.labels))
-    if len(classes) < 2:
-        raise DataError(f"data file {path!r}: label column {label!r} holds fewer than 2 classes "
-                        f"(only {classes[0]!r})")
-    return classes
-
-
-def _encode(labels: list, classes: list) -> np.ndarray:
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[v] for v in labels], dtype=np.int64)
+    scalar = not _is_list(table.schema.field(feature_columns[0]).type)
+    columns = [(c, str(table.schema.field(c).type)) for c in feature_columns] if scalar else None
+    return _Table(x, values, feature_columns, label_type, columns)
 
 
 def _read_held_out(path: str, named: str, section: DataSection, train: _Table,
-                   classes: list) -> tuple[np.ndarray, np.ndarray]:
+                   classes: list | None) -> tuple[np.ndarray, np.ndarray]:
     """A validation or test table, checked against the training one: the same feature
     columns (names, order, values per example), and only labels the training data has (the
-    classes, like the standardisation, are the training split's)."""
+    classes, like the standardisation, are the training split's); `classes` None: the
+    labels are regression targets."""
     table = _read_labelled(path, section.label, named)
     if table.features != train.features or table.x.shape[1:] != train.x.shape[1:]:
         def described(t: _Table) -> str:  # a list column: its length too
@@ -216,14 +236,10 @@ def _read_held_out(path: str, named: str, section: DataSection, train: _Table,
         theirs, ours = described(table), described(train)
         raise DataError(f"{named} {path!r} has feature columns {theirs}, but data.source "
                         f"{section.source!r} has {ours}: both must hold the same features")
-    known = set(classes)
-    unknown = sorted({v for v in table.labels if v not in known}, key=repr)
-    if unknown:
-        shown = ", ".join(repr(v) for v in unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise DataError(f"{named} {path!r}: label column {section.label!r} holds {shown}, which the "
-                        f"training data (data.source {section.source!r}) does not: a model learns its "
-                        "classes from the training data")
-    return table.x, _encode(table.labels, classes)
+    if classes is None:  # a regression target
+        return table.x, labels.targets(table.labels, path, section.label)
+    labels.check_known(table.labels, classes, named, path, section.label, section.source)
+    return table.x, labels.encode(table.labels, classes)
 
 
 def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
@@ -273,12 +289,14 @@ def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
     return x.reshape(len(x), *shape)
 
 
-def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None) -> Dataset:
+def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None, stratify=True) -> Dataset:
     """Train, validation and test splits: each of `held` ("val", "test": features and
-    labels) as given, the others drawn from `x`, `y` (stratified, fixed by `seed`)."""
+    labels) as given, the others drawn from `x`, `y` (stratified unless `stratify` is
+    False, fixed by `seed`)."""
     held = held or {}
-    drawn = "test" not in held or ("val" not in held and val_fraction > 0)  # a stratified split is made
-    present, counts = np.unique(y, return_counts=True)
+    drawn = "test" not in held or ("val" not in held and val_fraction > 0)  # a split is made
+    draw = split.stratified_split if stratify else (lambda labels, f, s: split.shuffle_split(len(labels), f, s))
+    present, counts = np.unique(y, return_counts=True) if stratify else (np.array([]), np.array([]))
     single = [names[c] for c in present[counts < 2]]
     if single and drawn:  # said here: the split's own message lists every such class
         more = "; draw more data.synthetic_samples or fewer data.synthetic_classes" if name == "synthetic" else ""
@@ -289,12 +307,12 @@ def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None) -> D
         if "test" in held:
             x_rest, y_rest, (x_test, y_test) = x, y, held["test"]
         else:
-            rest, test = split.stratified_split(y, test_fraction, seed)
+            rest, test = draw(y, test_fraction, seed)
             x_rest, x_test, y_rest, y_test = x[rest], x[test], y[rest], y[test]
         if "val" in held:
             x_train, y_train, (x_val, y_val) = x_rest, y_rest, held["val"]
         elif val_fraction > 0:
-            train, val = split.stratified_split(y_rest, val_fraction, seed)
+            train, val = draw(y_rest, val_fraction, seed)
             x_train, x_val, y_train, y_val = x_rest[train], x_rest[val], y_rest[train], y_rest[val]
         else:
             x_train, y_train, x_val, y_val = x_rest, y_rest, x_rest[:0], y_rest[:0]

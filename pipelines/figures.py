@@ -53,6 +53,19 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequen
     return fig
 
 
+def predicted_vs_true(y_true: np.ndarray, y_pred: np.ndarray):
+    """A regressor's test predictions against the targets, with the line they would lie on."""
+    fig, ax = _plt().subplots(figsize=(4.2, 4.0))
+    ax.scatter(y_true, y_pred, s=6, alpha=0.5)
+    low, high = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
+    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title("test predictions")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     _plt().close(fig)
 

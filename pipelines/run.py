@@ -11,7 +11,7 @@ from torch import nn
 
 from models.standardize import Standardized
 from pipelines import data as datasets
-from pipelines import figures, imported_model, registry, resume, startup
+from pipelines import figures, imported_model, registry, resume, serving, startup
 from pipelines.config import ConfigError, ModelSection, RunConfig
 from pipelines.context import RunContext
 from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
@@ -44,7 +44,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
     storage and the run `--resume` names."""
     data = datasets.load(config.data, config.seed)
     try:
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data)
         with torch.no_grad():
             model.eval()
             model.evaluate((data.x_val[:2] if len(data.y_val) else data.x_train[:2],
@@ -99,7 +99,7 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
     tracker = context.tracker
     try:
         fit = strategy.fit(config, data, context)
-        model = build_model(config, data.input_shape, data.num_classes)
+        model = build_model(config, data)
         model.load_state_dict(fit.state_dict)
         final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"),
                  "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary}
@@ -108,14 +108,9 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         history = fit.history or context.history or tracker.epoch_history()
         if config.tracking.figures:
             _log_figures(tracker, model, data, history)
-        example = data.x_test[:4]
-        logged = model.unwrapped() if hasattr(model, "unwrapped") else model  # a user's own class
-        if data.feature_mean is not None:  # the model users get takes raw features
-            model = Standardized(model, data.feature_mean, data.feature_std)
-            logged = Standardized(logged, data.feature_mean, data.feature_std)
-            example = example * data.feature_std + data.feature_mean
+        model, logged, example, signature = _served(model, data)
         if config.tracking.log_model:
-            tracker.log_model(logged, example.numpy(), imported_model.code_paths(config))
+            tracker.log_model(logged, example, imported_model.code_paths(config), signature=signature)
         tracker.finish("FINISHED")
     except TrackingUnreachable:  # the run cannot be marked: it stays RUNNING until --resume
         raise
@@ -130,6 +125,26 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         tracker.finish("FAILED", message)
         raise RunFailed(message, tracker.run_id) from e
     return Result(tracker.run_id, context.run_dir.name, final, history, model, context.run_dir.local)
+
+
+def _served(model: nn.Module, data: datasets.Dataset):
+    """(the model `Result` holds, the model to log, its input example, its signature):
+    on a table, both take raw columns (`Standardized`); a table of scalar columns is logged
+    with their names and types (`pipelines.serving`); a regressor predicts in the target's
+    units. A user's module is logged as its own class where nothing wraps it."""
+    # a user's own class, unless its regression scale (raydeep's wrapper) must come along
+    logged = model.unwrapped() if hasattr(model, "unwrapped") and data.task != "regression" else model
+    example = data.x_test[:4]
+    if data.feature_mean is None and data.task != "regression":
+        return model, logged, example.numpy(), None
+    mean, std = data.feature_mean, data.feature_std
+    if mean is None:  # a regressor of unstandardised features: only its target is scaled
+        mean, std = torch.zeros(data.input_shape), torch.ones(data.input_shape)
+    model, logged = (Standardized(m, mean, std, data.input_shape) for m in (model, logged))
+    raw = (example * std + mean).numpy()
+    if data.columns is None:
+        return model, logged, raw, None
+    return model, logged, serving.example_frame(raw, data.columns), serving.signature(data.columns)
 
 
 def run_tags(config: RunConfig, data: datasets.Dataset) -> dict[str, str]:
@@ -178,6 +193,10 @@ def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
             model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
         drawn.append(("confusion_matrix.png",
                       figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names)))
+    elif getattr(model, "task", None) == "regression":
+        predicted = np.concatenate([
+            model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
+        drawn.append(("predicted_vs_true.png", figures.predicted_vs_true(data.y_test.numpy(), predicted)))
     first = _first_layer_filters(model, data.input_shape)
     if first is not None:
         drawn.append(("first_layer_filters.png", first))

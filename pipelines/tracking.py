@@ -307,40 +307,13 @@ class Tracker:
     def log_figure(self, figure, name: str) -> None:
         self.backlog.call(lambda: _client(self.uri).log_figure(self.run_id, figure, name), f"log {name}")
 
-    def log_model(self, model, input_example, code_paths: list[str] = ()) -> None:
-        """Log `model` as the run's MLflow model.
-
-        MLflow 3 saves it as a `torch.export` program by default ("pt2"): it loads with torch
-        alone, anywhere. A module that cannot be exported (data-dependent control flow, say)
-        is pickled instead, with its code beside it: raydeep's models/ and `code_paths`, a
-        user's model code (`pipelines.imported_model.code_paths`), so it loads where neither
-        is installed. The export fails before anything is written, so the second try does
-        not log a second model.
-        """
-        import mlflow
-        import mlflow.pytorch
-        import torch
-
-        import models
-
-        def log():
-            mlflow.set_tracking_uri(self.uri)
-            common = dict(name="model", input_example=input_example,
-                          code_paths=[os.path.dirname(models.__file__), *code_paths],
-                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                                            f"mlflow=={mlflow.__version__}"])
-            with mlflow.start_run(run_id=self.run_id):
-                try:
-                    mlflow.pytorch.log_model(model, **common)
-                except Exception as e:
-                    if not type(e).__module__.startswith("torch"):
-                        raise
-                    self.say(f"the model cannot be exported ({type(e).__name__}); it is logged "
-                             "pickled, with its code")
-                    mlflow.pytorch.log_model(model, serialization_format="pickle", **common)
+    def log_model(self, model, input_example, code_paths: list[str] = (), signature=None) -> None:
+        """Log `model` as the run's MLflow model (`pipelines.serving.log_model` says how)."""
+        from pipelines import serving
 
         # Tried once: a retried log_model would record a second model.
-        self.backlog.call(log, "log the model", retry=False)
+        self.backlog.call(lambda: serving.log_model(self.uri, self.run_id, model, input_example, code_paths,
+                                                    signature, self.say), "log the model", retry=False)
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End the run after every kept write; `TrackingUnreachable` if the store stays away."""

@@ -49,7 +49,7 @@ EpochHook = Callable[[int, dict, nn.Module, torch.optim.Optimizer], None]
 def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state: dict | None,
                  after_epoch: EpochHook, on_first_step: Callable[[], None] | None = None) -> nn.Module:
     """Train from `state` (or from scratch, pre-training first) to the last epoch."""
-    model = build_model(run, data.input_shape, data.num_classes).to(comm.device)
+    model = build_model(run, data).to(comm.device)
     x_train, y_train = data.x_train.to(comm.device), data.y_train.to(comm.device)
     start = 0
     if state:
@@ -89,7 +89,7 @@ def driver_model(run: RunConfig, data: Dataset, context) -> tuple[nn.Module, dic
     """A driver's starting model and the state it resumes from: the run's last checkpoint
     under `--resume`, else fresh weights, greedily pre-trained on the driver if the model
     has pre-training phases (strategies whose workers only fine-tune)."""
-    model = build_model(run, data.input_shape, data.num_classes)
+    model = build_model(run, data)
     state = context.resume_state()
     if state:
         model.load_state_dict(state["model"])

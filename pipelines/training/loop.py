@@ -8,23 +8,48 @@ global batch a single process would take, so averaged gradients match.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
 import models
-from pipelines.config import OPTIMIZERS, OptimSection, RunConfig
+from models.base import regressing_families
+from models.targets import finish_means, supports_regression
+from pipelines.config import OPTIMIZERS, ConfigError, OptimSection, RunConfig
 from pipelines.imported_model import ImportedModel
 
 
-def build_model(run: RunConfig, input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """The run's model with initial weights fixed by the run's seed: a family of `models/`,
-    or a user's module behind the same seams (`pipelines.imported_model`)."""
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model is built for, as a `pipelines.data.Dataset` tells it: its input shape,
+    its outputs per example and its task (for a regression, the target's scale)."""
+    input_shape: tuple[int, ...]
+    num_outputs: int
+    task: str = "classification"
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+
+def build_model(run: RunConfig, data: ModelShape) -> nn.Module:
+    """The run's model for `data` (a `pipelines.data.Dataset`: its input shape, outputs and
+    task) with initial weights fixed by the run's seed: a family of `models/`, or a user's
+    module behind the same seams (`pipelines.imported_model`). On a regression task it
+    regresses the target at the training split's scale."""
     torch.manual_seed(run.seed)
+    shape, outputs = tuple(data.input_shape), data.num_outputs
     if isinstance(run.model.params, ImportedModel):
-        return run.model.params.build(tuple(input_shape), num_classes)
-    return models.get(run.model.name).build(run.model.params, tuple(input_shape), num_classes)
+        model = run.model.params.build(shape, outputs)
+    else:
+        model = models.get(run.model.name).build(run.model.params, shape, outputs)
+    if data.task == "regression":
+        if not supports_regression(model):
+            raise ConfigError(f"model {run.model.name} cannot regress a target (data.task regression): it is "
+                              f"not a supervised predictor; these are: {', '.join(regressing_families())} "
+                              "and modules of your own")
+        model.regress(data.target_mean, data.target_std)
+    return model
 
 
 def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) -> int:
@@ -125,8 +150,10 @@ def evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
 
 
 def mean_metrics(sums: dict[str, float], prefix: str) -> dict[str, float]:
-    """Metric sums divided by their count, named `prefix_metric`."""
+    """Metric sums divided by their count (and a regressor's RMSE and R² made of them),
+    named `prefix_metric`."""
     count = sums.get("count", 0.0)
     if not count:
         return {}
-    return {f"{prefix}_{k}": v / count for k, v in sums.items() if k != "count"}
+    means = finish_means({k: v / count for k, v in sums.items() if k != "count"})
+    return {f"{prefix}_{k}": v for k, v in means.items()}

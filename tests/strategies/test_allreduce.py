@@ -17,8 +17,8 @@ from helpers import TrainingInBackground, bucket_listing, live_actor_pids, moto_
 from mlflow.tracking import MlflowClient
 
 import pipelines
-import pipelines.training.loop
 from pipelines.storage import checkpoint_name
+from pipelines.training.loop import ModelShape, build_model
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_allreduce_equals_local(runs):
     common, local, first = runs
     reference, trained = local.model.state_dict(), first.model.state_dict()
     assert reference.keys() == trained.keys()
-    initial = pipelines.training.loop.build_model(small_run(**EQUIVALENCE), (1, 8, 8), 10).state_dict()
+    initial = build_model(small_run(**EQUIVALENCE), ModelShape((1, 8, 8), 10)).state_dict()
     moved = False
     for key in reference:
         # Each step's gradient is the mean over the same 32 examples, summed in another order

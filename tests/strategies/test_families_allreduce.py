@@ -101,6 +101,6 @@ def store_dir(store: str):
 
 
 def _built(run):
-    from pipelines.training.loop import build_model
+    from pipelines.training.loop import ModelShape, build_model
 
-    return build_model(run, (1, 8, 8), 10)
+    return build_model(run, ModelShape((1, 8, 8), 10))

@@ -18,7 +18,7 @@ from pipelines.strategies.lbfgs.strategy import stochastic_loss
 from pipelines.strategies.lbfgs.worker import portion_bounds
 from pipelines.tracking import Tracker
 from pipelines.training.flat import flat_parameters
-from pipelines.training.loop import build_model
+from pipelines.training.loop import ModelShape, build_model
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def torch_iterates(run, iterations, portions=1):
     objective the mean loss over the training split summed over `portions` portions in
     order (one portion: the plain full-batch mean)."""
     data = datasets.load(run.data, run.seed)
-    model = build_model(run, data.input_shape, data.num_classes).train()
+    model = build_model(run, data).train()
     o = run.strategy.options
     optimizer = torch.optim.LBFGS(model.parameters(), lr=o.lr, max_iter=1, max_eval=o.max_evals_per_epoch,
                                   tolerance_grad=o.tolerance_grad, tolerance_change=o.tolerance_change,
@@ -167,7 +167,7 @@ def test_mlp_reaches_097_and_a_killed_worker_changes_no_bit(ray_session, store, 
 def test_stochastic_losses_are_found_without_naming_the_model():
     digits = datasets.load(small_run().data)
     batch = (digits.x_train[:32], digits.y_train[:32])
-    build = lambda **params: build_model(small_run(**params), (1, 8, 8), 10)  # noqa: E731
+    build = lambda **params: build_model(small_run(**params), ModelShape((1, 8, 8), 10))  # noqa: E731
     assert stochastic_loss(build(), batch) is None
     assert "dropout" in stochastic_loss(build(**{"model.dropout": 0.2}), batch)
     vae = build(**{"model.name": "vae"})

@@ -9,8 +9,8 @@ from helpers import run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 
 import pipelines
-import pipelines.training.loop
 from pipelines.training.flat import ShardLayout, flat_parameters
+from pipelines.training.loop import ModelShape, build_model
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def ps_run(store, **overrides):
 
 
 def test_layout_splits_parameters_evenly_and_may_cut_a_tensor():
-    model = pipelines.training.loop.build_model(small_run(**{"model.width": 30}), (1, 8, 8), 10)
+    model = build_model(small_run(**{"model.width": 30}), ModelShape((1, 8, 8), 10))
     layout = ShardLayout.of(model, 3)
     sizes = [b - a for a, b in layout.bounds]
     assert sum(sizes) == layout.numel == sum(p.numel() for p in model.parameters())
@@ -57,7 +57,7 @@ def test_one_worker_without_staleness_equals_local(ray_session, store):
     local = pipelines.train(small_run(**common))
     ps = pipelines.train(ps_run(store, **common, **{
         "resources.workers": 1, "strategy.staleness": 0, "strategy.shards": 3}))
-    initial = pipelines.training.loop.build_model(small_run(**common), (1, 8, 8), 10).state_dict()
+    initial = build_model(small_run(**common), ModelShape((1, 8, 8), 10)).state_dict()
     moved = False
     for key, value in local.model.state_dict().items():
         torch.testing.assert_close(ps.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)

@@ -8,8 +8,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import pipelines
-import pipelines.training.loop
 from pipelines.strategies.pipeline_parallel.cut import balanced_partition, cut
+from pipelines.training.loop import ModelShape, build_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local
         for key, value in result.model.state_dict().items():
             assert torch.equal(again.model.state_dict()[key], value), key
         assert [h["train_loss"] for h in again.history] == [h["train_loss"] for h in result.history]
-    initial = pipelines.training.loop.build_model(small_run(**EQUIVALENCE), (1, 8, 8), 10).state_dict()
+    initial = build_model(small_run(**EQUIVALENCE), ModelShape((1, 8, 8), 10)).state_dict()
     moved = False
     for key, value in local_reference.items():
         # Each step's gradient is the same 32 examples' mean, accumulated over 4 micro-batches
@@ -72,7 +72,7 @@ def test_other_families_cut_into_stages_equal_local(ray_session, store, family):
 def test_a_vae_trains_in_stages_with_its_code_statistics_carried_along(ray_session, store):
     from pipelines.strategies.pipeline_parallel.cut import blocks
 
-    model = pipelines.training.loop.build_model(small_run(**{"model.name": "vae"}), (1, 8, 8), 10)
+    model = build_model(small_run(**{"model.name": "vae"}), ModelShape((1, 8, 8), 10))
     layers = model.pipeline_layers()
     x = torch.rand(16, 1, 8, 8)
     out = nn.Sequential(*layers)(model.training_input(x))

@@ -140,6 +140,10 @@ def files(tmp_path_factory):
         "nanlabel": {"a": [1.0, 2.0] * 20, "label": [0.0, float("nan")] * 20},
         "singletons": {"a": [float(i) for i in range(n)], "label": [0, 1] * 18 + [2, 3, 4, 5]},
         "good": {"a": [1.0, 2.0] * 20, "label": [0, 1] * 20},
+        "textlabel": {"a": [1.0, 2.0] * 20, "label": ["x", "y"] * 20},
+        "target": {"a": [1.0, 2.0] * 20, "label": [0.5, 3.25] * 20},
+        "onetarget": {"a": [1.0, 2.0] * 20, "label": [2.5] * 40},
+        "inftarget": {"a": [1.0, 2.0] * 20, "label": [0.5, float("inf")] * 20},
     }
     for name, columns in tables.items():
         pq.write_table(pa.table(columns), root / f"{name}.parquet")
@@ -404,6 +408,16 @@ DATA = [
     (["--data", "{root}/good.parquet", "--input-shape", "3"], "data.input_shape [3] holds 3 values"),
     (["--data", "{root}/good.parquet", "--model", "cnn"], "data.batch_size (64) exceeds the training split"),
     (["--model", "cnn", "--input-shape", "64"], "cnn needs image input (channels, height, width)"),
+    (["--task", "sideways"], "data.task must be classification or regression, got 'sideways'"),
+    (["--task", "regression"], "data.task regression needs a table with a numeric label column: digits holds"),
+    (["--data", "{root}/textlabel.parquet", "--task", "regression"],
+     "data.task regression needs a numeric label column, but 'label' holds string values"),
+    (["--data", "{root}/target.parquet", "--model", "vae", "--batch-size", "8"],
+     "model vae cannot regress a target (data.task regression): it is not a supervised predictor; these are: cnn,"),
+    (["--data", "{root}/onetarget.parquet"], "label column 'label' holds one value (2.5): there is nothing to regress"),
+    (["--data", "{root}/inftarget.parquet"], "label column 'label' holds infinite values"),
+    (["--data", "{root}/good.parquet", "--val-data", "{root}/textlabel.parquet"],
+     "label column 'label' holds 'x', 'y', which the training data"),
 ]
 
 STORES_AND_NAMES = [

@@ -13,7 +13,7 @@ from torch import nn
 from models.contract import CuttableUserModel, UserModel, adapt
 from pipelines import config, imported_model
 from pipelines.errors import ConfigError
-from pipelines.training.loop import build_model
+from pipelines.training.loop import ModelShape, build_model
 
 NETS = '''
 import math
@@ -107,17 +107,17 @@ def test_a_relative_code_dir_is_kept_absolute(code, monkeypatch):
 def test_the_data_gives_input_shape_and_num_classes_and_the_seed_gives_the_weights(code):
     root, nets = code
     run = load(**{"model.name": f"{nets}:sequential", "model.code_dir": str(root)})
-    model = build_model(run, (1, 8, 8), 10)
+    model = build_model(run, ModelShape((1, 8, 8), 10))
     assert isinstance(model, CuttableUserModel)
     assert [tuple(p.shape) for p in model.parameters()] == [(6, 64), (6,), (10, 6), (10,)]
-    again = build_model(run, (1, 8, 8), 10)
+    again = build_model(run, ModelShape((1, 8, 8), 10))
     for a, b in zip(model.parameters(), again.parameters()):
         assert torch.equal(a, b)
 
 
 def test_a_plain_module_gets_cross_entropy_and_accuracy(code):
     root, nets = code
-    model = build_model(load(**{"model.name": f"{nets}:Net", "model.code_dir": str(root)}), (1, 8, 8), 10)
+    model = build_model(load(**{"model.name": f"{nets}:Net", "model.code_dir": str(root)}), ModelShape((1, 8, 8), 10))
     assert type(model) is UserModel and not hasattr(model, "pipeline_layers")
     x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
     logits = model(x)
@@ -132,7 +132,7 @@ def test_a_plain_module_gets_cross_entropy_and_accuracy(code):
 
 def test_a_modules_own_loss_and_metrics_are_used(code):
     root, nets = code
-    model = build_model(load(**{"model.name": f"{nets}:OwnLoss", "model.code_dir": str(root)}), (1, 8, 8), 10)
+    model = build_model(load(**{"model.name": f"{nets}:OwnLoss", "model.code_dir": str(root)}), ModelShape((1, 8, 8), 10))
     batch = (torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2]))
     assert float(model.loss(batch).detach()) == 42.0
     assert model.evaluate(batch) == {"loss": torch.tensor(1.0), "count": torch.tensor(3.0)}
@@ -237,7 +237,7 @@ def test_the_readmes_example_modules_build_and_keep_the_contract(path, metrics, 
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # as the README runs them
     run = load("model.init_args.channels=4" if "cnn" in path else "model.init_args.width=16",
                **{"model.name": path})
-    model = build_model(run, (1, 8, 8), 10)
+    model = build_model(run, ModelShape((1, 8, 8), 10))
     batch = (torch.rand(6, 1, 8, 8), torch.arange(6))
     loss = model.loss(batch)
     assert loss.ndim == 0 and loss.requires_grad

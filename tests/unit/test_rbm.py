@@ -89,7 +89,7 @@ def test_pseudo_likelihood_matches_scikit_learn():
 
 def _untrained_val_metrics(cfg):
     data, _ = prepare(cfg)
-    model = build_model(cfg, data.input_shape, data.num_classes)
+    model = build_model(cfg, data)
     return mean_metrics(evaluate_sums(model, data.x_val, data.y_val), "val")
 
 

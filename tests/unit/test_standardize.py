@@ -1,6 +1,7 @@
 """Tables are standardised by their training split (`data.standardize`), and the logged model
 takes their raw columns."""
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,11 @@ def test_an_unscaled_table_trains_to_a_scaled_linear_models_accuracy(unscaled, s
     predicted = logged(raw.x_test).argmax(dim=1)
     assert float((predicted == raw.y_test).float().mean()) == pytest.approx(result.metrics["test_accuracy"])
     torch.testing.assert_close(logged(raw.x_test), result.model(raw.x_test))
+    # pyfunc takes a raw DataFrame of the table (float64 columns, by name in any order)
+    frame = pq.read_table(unscaled).to_pandas().drop(columns=["label"])
+    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model").predict(frame[frame.columns[::-1]])
+    torch.testing.assert_close(torch.as_tensor(served.to_numpy()),
+                               result.model(torch.from_numpy(frame.to_numpy(np.float32))))
 
 
 @pytest.mark.slow  # trains, logs the model and loads it back: seconds

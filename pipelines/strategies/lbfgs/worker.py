@@ -49,7 +49,7 @@ class LbfgsWorker:
                  layout: ShardLayout):
         torch.set_num_threads(max(1, int(run.resources.cpus_per_worker)))
         self.run_config, self.options = run, run.strategy.options
-        self.model = build_model(run, data.input_shape, data.num_classes)
+        self.model = build_model(run, data)
         self.model.load_state_dict(initial)
         self.x, self.y = data.x_train, data.y_train
         self.shards, self.layout = shards, layout

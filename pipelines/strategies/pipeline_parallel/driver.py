@@ -32,7 +32,7 @@ class PipelineRun:
         self.run_dir = context.run_dir.local
         self.place = place  # one bundle per actor, in `self.actors` order
         self.options: PipelineOptions = run.strategy.options
-        self.model = build_model(run, data.input_shape, data.num_classes)
+        self.model = build_model(run, data)
         micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
         example = data.x_train[:micro]
         self.cut = cut(self.model, run.model.name, self.options.stages, example, self.options.split)
@@ -157,7 +157,7 @@ class PipelineRun:
         if state:
             self.model.load_state_dict(state["model"])
         else:
-            self.model = build_model(self.run, self.data.input_shape, self.data.num_classes)
+            self.model = build_model(self.run, self.data)
         self.tracker.say(f"a pipeline stage died; restarting every stage from epoch {epoch + 1}")
         self.tracker.log_metrics({"stage_restarts": self.restarts}, step=self.restarts)
         self._start(state)

@@ -36,7 +36,7 @@ class PipelineStage:
         self.options = run.strategy.options
         self.stages, self.replicas = self.options.stages, self.options.replicas
         self.device = torch.device("cuda" if run.resources.gpus_per_worker > 0 else "cpu")
-        self.model = build_model(run, data.input_shape, data.num_classes)
+        self.model = build_model(run, data)
         self.layers = self.model.pipeline_layers()
         self.first, self.last = stage == 0, stage == self.stages - 1
         self.bounds = bounds

@@ -47,7 +47,7 @@ class PSWorker:
         self.rank, self.world, self.run_config = rank, world, run
         self.options = run.strategy.options
         self.device = torch.device(device)
-        self.model = build_model(run, data.input_shape, data.num_classes).to(self.device)
+        self.model = build_model(run, data).to(self.device)
         self.model.load_state_dict(initial)
         self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
         self.shards, self.coordinator, self.layout = shards, coordinator, layout
