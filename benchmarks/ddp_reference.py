@@ -98,7 +98,7 @@ def train(run, data, rank: int, world: int, loop: str = "plain", label: str = "t
         if loop == "raydeep":
             if epoch == 0:
                 batches = _first_step_marker(batches, mark)
-            loss, seen = train_epoch(ddp, optimizer, data.x_train, data.y_train, batches, "cpu",
+            loss, seen = train_epoch(ddp, optimizer, ((data.x_train[i], data.y_train[i]) for i in batches),
                                      run.optim.grad_clip)
         else:
             loss, seen = plain_epoch(ddp, optimizer, data.x_train, data.y_train, batches,

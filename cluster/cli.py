@@ -42,6 +42,7 @@ RUN_FLAGS = {
     "--val-data": "data.val_source",
     "--test-data": "data.test_source",
     "--input-shape": "data.input_shape",
+    "--stream": "data.stream",
     "--tracking-uri": "tracking.uri",
     "--experiment": "tracking.experiment",
     "--run-name": "tracking.run_name",
@@ -197,16 +198,14 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
             return cmd_print_schedule(run_config)
         from pipelines import registry
 
-        failed = registry.get(run_config.strategy.name).uses_ray and _check_address(args, run_config)
+        failed = registry.get(run_config.strategy.name).needs_ray(run_config) and _check_address(args, run_config)
         if failed:
             return _fail(failed)
         data, _ = prepare(run_config)
     except ConfigError as e:
         return _fail(str(e))
     startup.mark("prepared")
-    from pipelines import registry
-
-    if registry.get(run_config.strategy.name).uses_ray:
+    if registry.get(run_config.strategy.name).needs_ray(run_config):
         from pipelines.tracking import open_store_in_background
 
         store = open_store_in_background(run_config.tracking.uri)
@@ -323,24 +322,25 @@ def _connect(run_config, sweep: bool = False) -> str | None:
     from cluster.storage import shared_storage_problem
     from pipelines import imported_model, registry
     from pipelines.errors import first_line
+    from pipelines.streaming import data_shortfall, embedded_cpus
     from pipelines.training.placement import shortfall
 
     note_live_cluster(run_config.resources.address)
     try:
         strategy = registry.get(run_config.strategy.name)
-        resources = connect(run_config.resources.address, run_config.resources.num_cpus,
+        resources = connect(run_config.resources.address, embedded_cpus(run_config),
                             dashboard=sweep or strategy.needs_dashboard,
                             runtime_env=imported_model.runtime_env(run_config))
     except (OSError, ValueError, RuntimeError) as e:  # OSError: also a Ray temp dir it cannot use
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"
-    missing = shortfall(strategy.actor_bundles(run_config), resources)
-    return missing or shared_storage_problem(run_config)
+    bundles = strategy.actor_bundles(run_config)
+    return shortfall(bundles, resources) or data_shortfall(run_config, bundles, resources) or shared_storage_problem(run_config)
 
 
 def _switch(flag: str) -> dict:
-    """`--pack` alone means `--pack true`."""
-    return {"nargs": "?", "const": "true"} if flag == "--pack" else {}
+    """`--pack` alone means `--pack true` (and `--stream`, `--stream true`)."""
+    return {"nargs": "?", "const": "true"} if flag in ("--pack", "--stream") else {}
 
 
 def cmd_print_schedule(run_config) -> int:

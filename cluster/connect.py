@@ -54,6 +54,9 @@ def quiet_ray_logs() -> None:
         return
     for name in ("ray", "ray.train", "ray.tune", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data sets its loggers' level in every process that imports it (a streamed table's
+    # split coordinator logs each epoch's execution plan): the level it takes from here on.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     # "Token authentication is enabled for this Ray cluster": what an embedded Ray always
     # does, not something to act on; "Creating initial MLflow database tables": routine.
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)

@@ -52,6 +52,9 @@ class DataSection:
     synthetic data (pixels and blobs already share one scale)."""
     input_shape: Optional[list[int]] = None
     """View each example's features as this shape, e.g. [1, 28, 28] or [28, 28]."""
+    stream: bool = False
+    """Read a table's training rows through Ray Data in every epoch instead of holding them
+    in memory (`pipelines.streaming`): for tables larger than memory."""
     batch_size: int = 64
     """Global batch size: split evenly over the data-parallel workers."""
     test_fraction: float = 0.2
@@ -344,6 +347,11 @@ def validate(config: RunConfig) -> None:
          f"data.task must be classification or regression, got {d.task!r}")
     need(d.task != "regression" or d.source not in ("digits", "synthetic"),
          f"data.task regression needs a table with a numeric label column: {d.source} holds classes")
+    need(not d.stream or d.source not in ("digits", "synthetic"),
+         f"data.stream needs data.source to be a table (Parquet or CSV files): {d.source} is generated in memory")
+    need(not d.stream or registry.get(config.strategy.name).streams,
+         f"data.stream is built for the local and allreduce strategies so far; {config.strategy.name} "
+         "reads its training rows from memory (drop data.stream)")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
     # The split's RandomState takes 32 bits: its own message would name numpy's limit.
     need(0 <= config.seed <= MAX_SEED, f"seed must be an integer in 0..{MAX_SEED}, got {config.seed}")

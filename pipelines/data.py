@@ -43,6 +43,20 @@ class Dataset:
     columns: list[tuple[str, str]] | None = None
     """A table's feature columns and their arrow types (`pipelines.serving`: the logged model
     takes a DataFrame of them); None for digits, synthetic data and a list column."""
+    stream: object = None
+    """`pipelines.streaming.StreamedTable` where the training rows stay on disk
+    (`data.stream`; `x_train` is then empty); None where they are in memory."""
+
+    @property
+    def train_rows(self) -> int:
+        return self.stream.rows if self.stream is not None else len(self.y_train)
+
+    def sample(self, n: int) -> tuple:
+        """A few examples of the data: validation rows, else test, else training rows."""
+        for x, y in ((self.x_val, self.y_val), (self.x_test, self.y_test), (self.x_train, self.y_train)):
+            if len(y):
+                return x[:n], y[:n]
+        return self.x_train[:n], self.y_train[:n]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,6 +76,12 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     """Load, shape and split the data the section names: a table's validation and test
     splits come from `data.val_source`/`data.test_source` where given, from the training
     table (stratified, by seed) where not."""
+    if section.stream:
+        from pipelines import streaming
+
+        data = streaming.load(section, seed)
+        _check_batch(section, data)
+        return data
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     task, columns = "classification", None
     if section.source == "digits":
@@ -77,6 +97,7 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
         if task == "regression":
             classes, names = None, []
             y = labels.targets(train.labels, section.source, section.label)
+            labels.check_spread(y, section.source, section.label)
         else:
             classes = labels.classes(train.labels, section.source, section.label)
             y, names = labels.encode(train.labels, classes), [str(c) for c in classes]
@@ -97,12 +118,16 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
     is_table = section.source not in ("digits", "synthetic")
     if is_table if section.standardize is None else section.standardize:
         standardize(data)
-    if len(data.y_train) < section.batch_size:
+    _check_batch(section, data)
+    return data
+
+
+def _check_batch(section: DataSection, data: Dataset) -> None:
+    if data.train_rows < section.batch_size:
         raise DataError(
             f"data.batch_size ({section.batch_size}) exceeds the training split "
-            f"({len(data.y_train)} examples of {section.source})"
+            f"({data.train_rows} examples of {section.source})"
         )
-    return data
 
 
 def standardize(data: Dataset) -> None:
@@ -196,6 +221,12 @@ def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
     if table.num_rows == 0:
         raise DataError(f"data file {path!r} has no rows" + (
             f" (only a header: {', '.join(table.column_names)})" if table.column_names else ""))
+    return labelled(table, path, label)
+
+
+def labelled(table, path: str, label: str) -> _Table:
+    """A pyarrow table's (or one batch's) features, labels and columns, checked: a label
+    column of scalars without gaps, numeric features without NaN or infinity."""
     if label not in table.column_names:
         raise DataError(
             f"data file {path!r} has no label column {label!r} "

@@ -55,10 +55,14 @@ def targets(labels: list, path: str, label: str) -> np.ndarray:
     if not np.isfinite(y).all():
         raise DataError(f"data file {path!r}: label column {label!r} holds infinite values (or values "
                         "beyond float32's range)")
-    if len(y) and (y == y[0]).all():
-        raise DataError(f"data file {path!r}: label column {label!r} holds one value ({labels[0]!r}): "
-                        "there is nothing to regress")
     return y
+
+
+def check_spread(y: np.ndarray, path: str, label: str) -> None:
+    """A target to regress takes more than one value."""
+    if len(y) and (y == y[0]).all():
+        raise DataError(f"data file {path!r}: label column {label!r} holds one value ({float(y[0])!r}): "
+                        "there is nothing to regress")
 
 
 def scale(y_train: np.ndarray) -> tuple[float, float]:

@@ -47,8 +47,7 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
         model = build_model(config, data)
         with torch.no_grad():
             model.eval()
-            model.evaluate((data.x_val[:2] if len(data.y_val) else data.x_train[:2],
-                            data.y_val[:2] if len(data.y_val) else data.y_train[:2]))
+            model.evaluate(data.sample(2))
     except ConfigError:
         raise
     except Exception as e:  # a user's module may raise anything: one line, no traceback

@@ -56,7 +56,7 @@ def find(source: str, named: str = "data.source") -> TableFiles:
     formats = {FORMATS.get(_suffix(p)) for p in paths}
     if None in formats:
         odd = next(p for p in paths if _suffix(p) not in FORMATS)
-        raise DataError(f"data file {_shown(source, odd)!r} is not Parquet (.parquet) or CSV (.csv)")
+        raise DataError(f"data file {shown_path(source, odd)!r} is not Parquet (.parquet) or CSV (.csv)")
     if len(formats) > 1:
         raise DataError(f"{named} {shown!r} mixes Parquet and CSV files; give one format")
     return TableFiles(source, fs, paths, formats.pop())
@@ -68,22 +68,28 @@ def read(source: str, named: str = "data.source"):
 
     files = find(source, named)
     tables = [_read_one(files, path) for path in files.paths]
-    first = tables[0].schema
+    first = (files.paths[0], tables[0].schema)
     for path, table in zip(files.paths[1:], tables[1:]):
-        if table.schema.names != first.names:
-            missing = [c for c in first.names if c not in table.schema.names]
-            extra = [c for c in table.schema.names if c not in first.names]
-            what = (f"lacks column(s) {', '.join(missing)}" if missing else
-                    f"has column(s) {', '.join(extra)} the others lack" if extra else
-                    "orders its columns differently")
-            raise DataError(f"data file {_shown(source, path)!r} {what} (unlike "
-                            f"{_shown(source, files.paths[0])!r}): every file of a table holds the same columns")
-        if not table.schema.equals(first):
-            column = next(n for n in first.names if table.schema.field(n).type != first.field(n).type)
-            raise DataError(f"data file {_shown(source, path)!r}: column {column!r} holds "
-                            f"{table.schema.field(column).type}, but {first.field(column).type} in "
-                            f"{_shown(source, files.paths[0])!r}")
+        check_schema(source, first, path, table.schema)
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def check_schema(source: str, first: tuple[str, object], path: str, schema) -> None:
+    """A file of a table holds the columns and types of its first file, `first` (path, schema)."""
+    first_path, expected = first
+    if schema.names != expected.names:
+        missing = [c for c in expected.names if c not in schema.names]
+        extra = [c for c in schema.names if c not in expected.names]
+        what = (f"lacks column(s) {', '.join(missing)}" if missing else
+                f"has column(s) {', '.join(extra)} the others lack" if extra else
+                "orders its columns differently")
+        raise DataError(f"data file {shown_path(source, path)!r} {what} (unlike "
+                        f"{shown_path(source, first_path)!r}): every file of a table holds the same columns")
+    if not schema.equals(expected):
+        column = next(n for n in expected.names if schema.field(n).type != expected.field(n).type)
+        raise DataError(f"data file {shown_path(source, path)!r}: column {column!r} holds "
+                        f"{schema.field(column).type}, but {expected.field(column).type} in "
+                        f"{shown_path(source, first_path)!r}")
 
 
 def _listing(fs, directory: str, shown: str, named: str) -> list[str]:
@@ -108,7 +114,7 @@ def _read_one(files: TableFiles, path: str):
         with files.filesystem.open_input_file(path) as stream:
             return pacsv.read_csv(stream)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"data file {_shown(files.source, path)!r} is not a readable {files.format} "
+        raise DataError(f"data file {shown_path(files.source, path)!r} is not a readable {files.format} "
                         f"file: {first_line(e)}") from None
 
 
@@ -145,7 +151,7 @@ def _suffix(path: str) -> str:
     return name[name.rfind("."):].lower() if "." in name else ""
 
 
-def _shown(source: str, path: str) -> str:
+def shown_path(source: str, path: str) -> str:
     """A file of `source` as the user would name it: the path on this machine, or the URI."""
     if not is_uri(source):
         return path

@@ -180,3 +180,21 @@ def bucket_listing(fs, path: str) -> list[str]:
     import pyarrow.fs
 
     return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def digits_table(root: Path, parts: int = 4) -> Path:
+    """The bundled digits as a directory of Parquet files: 64 pixel columns and a label."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import split
+
+    pixels, labels = split.digits()
+    root = root / "digits"
+    root.mkdir()
+    bounds = np.linspace(0, len(labels), parts + 1).astype(int)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        columns = {f"p{j}": (pixels[a:b, j] / 16.0).astype(np.float32) for j in range(pixels.shape[1])}
+        pq.write_table(pa.table({**columns, "label": labels[a:b].astype(np.int64)}), root / f"part-{i}.parquet")
+    return root

@@ -45,6 +45,7 @@ class AllreduceStrategy(Strategy):
     options = AllreduceOptions
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
     bundles_in_trial = False  # Ray Train reserves its worker group itself
+    streams = True
 
     @property
     def needs_dashboard(self) -> bool:
@@ -67,7 +68,7 @@ class AllreduceStrategy(Strategy):
 
     def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, ScalingConfig
         from ray.train import RunConfig as TrainRunConfig
         from ray.train.torch import TorchConfig
 
@@ -88,6 +89,7 @@ class AllreduceStrategy(Strategy):
                 "run_dir": run_dir,
             },
             torch_config=TorchConfig(backend=options.backend or ("nccl" if gpus > 0 else "gloo")),
+            **_streamed(run, data, DataConfig),
             scaling_config=ScalingConfig(num_workers=run.resources.workers, use_gpu=gpus > 0,
                                          resources_per_worker=worker_bundle(run),
                                          # Ray Train makes the group; SPREAD unless --pack
@@ -121,6 +123,19 @@ class AllreduceStrategy(Strategy):
         if first and not run.resume:  # a resumed run's history holds its first start's
             summary["time_to_first_step_s"] = first[0]
         return FitResult(state["model"], tracker.epoch_history(), summary)
+
+
+def _streamed(run: RunConfig, data: Dataset, data_config) -> dict:
+    """A streamed table's training rows as Ray Train's dataset "train": each worker reads its
+    share (`get_dataset_shard`), equal row counts so every rank takes the same steps, in the
+    order the files are read in (`preserve_order`: the same shards in every run)."""
+    if data.stream is None:
+        return {}
+    from ray.data import ExecutionOptions
+
+    return {"datasets": {"train": data.stream.training_dataset(run.seed, on_driver=False)},
+            "dataset_config": data_config(datasets_to_split=["train"],
+                                          execution_options=ExecutionOptions(preserve_order=True))}
 
 
 def _start_autoscaling_coordinator() -> None:
@@ -245,7 +260,12 @@ def _train_worker(config: dict[str, Any]) -> None:
             pending.append(writes.submit(tracker.log_startup, {
                 name: tracker.since_launch(at) for name, at in timeline.items()}))
 
-    train_epochs(run, data, tracker, comm, state, after_epoch, first_step)
+    source = None
+    if data.stream is not None:
+        from pipelines.streaming import Streamed
+
+        source = Streamed(ray.train.get_dataset_shard("train"))
+    train_epochs(run, data, tracker, comm, state, after_epoch, first_step, source)
 
 
 def ddp_collective() -> Collective:

@@ -35,6 +35,9 @@ class Strategy:
     (`run.strategy.options`)."""
     description: str = ""
     uses_ray: bool = True
+    streams: bool = False
+    """Whether it trains on a streamed table (`data.stream`: `fit` takes its batches from
+    `pipelines.streaming.Streamed` rather than from `Dataset.x_train`)."""
     bundles_in_trial: bool = True
     """Whether a Tune trial reserves `actor_bundles` in its own placement group (False where
     the strategy's framework reserves its workers itself, as Ray Train does)."""
@@ -42,6 +45,10 @@ class Strategy:
     """Whether an embedded Ray must run its dashboard for this strategy: besides the web page
     it serves Ray's state API, which Ray Train's placement-group cleaner polls. Without it
     Ray starts 11 fewer processes (about 1.4 s of CPU before the first step on 2 cores)."""
+
+    def needs_ray(self, run: RunConfig) -> bool:
+        """Whether this run needs Ray: a streamed table is read by Ray Data."""
+        return self.uses_ray or run.data.stream
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         """Resources of the actors this strategy starts beside its driver, one bundle each."""

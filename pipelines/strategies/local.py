@@ -19,8 +19,9 @@ class LocalOptions:
 class LocalStrategy(Strategy):
     name = "local"
     options = LocalOptions
-    description = "single process, no Ray: the reference every strategy is tested against"
+    description = "single process, no Ray (but Ray Data for a streamed table): the reference every strategy is tested against"
     uses_ray = False
+    streams = True
 
     def fit(self, run: RunConfig, data: Dataset, context: RunContext) -> FitResult:
         summary: dict[str, float] = {}
@@ -36,8 +37,13 @@ class LocalStrategy(Strategy):
         state = context.resume_state()
         # Time to first step is a fresh run's figure, in every strategy (allreduce cannot
         # tell a resumed run from a worker group restarted from a checkpoint).
+        source = None
+        if data.stream is not None:  # read by Ray Data on this process
+            from pipelines.streaming import Streamed
+
+            source = Streamed(data.stream.training_dataset(run.seed, on_driver=True))
         model = train_epochs(run, data, context.tracker, Collective(), state, after_epoch,
-                             None if state else first_step)
+                             None if state else first_step, source)
         return FitResult({k: v.detach().cpu() for k, v in model.state_dict().items()},
                          context.history, summary)
 

@@ -316,7 +316,7 @@ def _reported_metrics(run: RunConfig) -> list[str]:
     data, model = prepare(run)
     with torch.no_grad():
         model.eval()
-        keys = model.evaluate((data.x_train[:2], data.y_train[:2]))
+        keys = model.evaluate(data.sample(2))
     return ["train_loss", *(f"val_{k}" for k in keys if k != "count")]
 
 

@@ -19,8 +19,8 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.training.diagnostics import GradNorms
 from pipelines.training.loop import (
+    InMemory,
     Objective,
-    batch_indices,
     build_model,
     evaluate_sums,
     make_optimizer,
@@ -47,16 +47,18 @@ EpochHook = Callable[[int, dict, nn.Module, torch.optim.Optimizer], None]
 
 
 def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state: dict | None,
-                 after_epoch: EpochHook, on_first_step: Callable[[], None] | None = None) -> nn.Module:
-    """Train from `state` (or from scratch, pre-training first) to the last epoch."""
+                 after_epoch: EpochHook, on_first_step: Callable[[], None] | None = None,
+                 source=None) -> nn.Module:
+    """Train from `state` (or from scratch, pre-training first) to the last epoch, on the
+    training rows of `source` (default: `data`'s, in memory)."""
     model = build_model(run, data).to(comm.device)
-    x_train, y_train = data.x_train.to(comm.device), data.y_train.to(comm.device)
+    source = source or InMemory(data.x_train.to(comm.device), data.y_train.to(comm.device))
     start = 0
     if state:
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
     else:
-        pretrain(model, run, x_train, y_train, tracker, comm)
+        pretrain(model, run, source, tracker, comm)
     objective = comm.wrap(Objective(model))
     optimizer = make_optimizer(run.optim, model.parameters())
     if state:
@@ -66,12 +68,11 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
     meter = GradNorms(model) if run.tracking.grad_norms else None
     for epoch in range(start, run.optim.epochs):
         began = time.perf_counter()
-        batches = batch_indices(len(y_train), run.data.batch_size, seed=run.seed, epoch=epoch,
-                                rank=comm.rank, world=comm.world, cap=run.optim.steps_per_epoch)
+        batches = source.epoch(run.data.batch_size, seed=run.seed, epoch=epoch, rank=comm.rank,
+                               world=comm.world, cap=run.optim.steps_per_epoch, device=comm.device)
         if on_first_step is not None and epoch == start:
             batches = _after_first(batches, on_first_step)
-        loss, seen = train_epoch(objective, optimizer, x_train, y_train, batches, comm.device,
-                                 run.optim.grad_clip, meter)
+        loss, seen = train_epoch(objective, optimizer, batches, run.optim.grad_clip, meter)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=comm.device)
         keys = sorted(sums)
@@ -95,22 +96,21 @@ def driver_model(run: RunConfig, data: Dataset, context) -> tuple[nn.Module, dic
         model.load_state_dict(state["model"])
         context.say(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
     else:
-        pretrain(model, run, data.x_train, data.y_train, context.tracker, Collective())
+        pretrain(model, run, InMemory(data.x_train, data.y_train), context.tracker, Collective())
     return model, state
 
 
-def pretrain(model: nn.Module, run: RunConfig, x: torch.Tensor, y: torch.Tensor, tracker,
-             comm: Collective) -> None:
+def pretrain(model: nn.Module, run: RunConfig, source, tracker, comm: Collective) -> None:
     """Greedy layer-wise phases, each trained like a model of its own, logged per phase."""
     phases = model.pretrain_phases() if hasattr(model, "pretrain_phases") else []
     for index, phase in enumerate(phases):
         objective = comm.wrap(Objective(phase.module))
         optimizer = make_optimizer(run.optim, phase.module.parameters())
         for epoch in range(phase.epochs):
-            batches = batch_indices(len(y), run.data.batch_size, seed=run.seed + 7919 * (index + 1),
-                                    epoch=epoch, rank=comm.rank, world=comm.world,
-                                    cap=run.optim.steps_per_epoch)
-            loss, _ = train_epoch(objective, optimizer, x, y, batches, comm.device, run.optim.grad_clip)
+            batches = source.epoch(run.data.batch_size, seed=run.seed + 7919 * (index + 1), epoch=epoch,
+                                   rank=comm.rank, world=comm.world, cap=run.optim.steps_per_epoch,
+                                   device=comm.device)
+            loss, _ = train_epoch(objective, optimizer, batches, run.optim.grad_clip)
             (total,) = comm.sum([loss])
             if comm.rank == 0:
                 tracker.log_metrics({f"pretrain_{phase.name}_loss": total / comm.world}, step=epoch)

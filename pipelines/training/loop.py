@@ -106,18 +106,31 @@ class Objective(nn.Module):
         return self.model.loss(batch)
 
 
-def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                y: torch.Tensor, batches, device: torch.device | str = "cpu",
+class InMemory:
+    """Training rows held as tensors: each epoch's batches follow the batch plan above.
+    A streamed table (`pipelines.streaming.Streamed`) offers the same `epoch`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def epoch(self, global_batch: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,
+              cap: int | None = None, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
+        """This worker's shard of each global batch of the epoch, on `device`."""
+        for idx in batch_indices(len(self.y), global_batch, seed=seed, epoch=epoch, rank=rank, world=world, cap=cap):
+            yield self.x[idx].to(device, non_blocking=True), self.y[idx].to(device, non_blocking=True)
+
+
+def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
                 grad_clip: float | None = None, grad_norms=None) -> tuple[float, int]:
-    """One pass over `batches`; returns (mean loss over steps, examples seen).
+    """One pass over `batches` ((x, y) on the model's device); returns (mean loss over
+    steps, examples seen).
 
     `grad_norms` (a `diagnostics.GradNorms`) records each layer's gradient after backward.
     """
     objective.train()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    total = None
     steps, seen = 0, 0
-    for idx in batches:
-        xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+    for xb, yb in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = objective(xb, yb)
         loss.backward()
@@ -126,10 +139,11 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, x: torch
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
         optimizer.step()
-        total += loss.detach()  # no host sync per step: read once per epoch
+        # no host sync per step: read once per epoch
+        total = loss.detach().double() if total is None else total + loss.detach()
         steps += 1
-        seen += len(idx)
-    mean = total.item() / max(steps, 1)
+        seen += len(yb)
+    mean = (total.item() if total is not None else 0.0) / max(steps, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(
             f"training loss became {mean} after {steps} steps; lower optim.lr or set optim.grad_clip")

@@ -416,6 +416,13 @@ DATA = [
      "model vae cannot regress a target (data.task regression): it is not a supervised predictor; these are: cnn,"),
     (["--data", "{root}/onetarget.parquet"], "label column 'label' holds one value (2.5): there is nothing to regress"),
     (["--data", "{root}/inftarget.parquet"], "label column 'label' holds infinite values"),
+    (["--stream"], "data.stream needs data.source to be a table (Parquet or CSV files): digits is generated"),
+    (["--stream", "maybe"], "config key 'data.stream' expects bool, got 'maybe'"),
+    (["--data", "{root}/good.parquet", "--stream", "--strategy", "pipeline"],
+     "data.stream is built for the local and allreduce strategies so far; pipeline reads its training rows"),
+    (["--data", "{root}/norows.parquet", "--stream"], "has no rows"),
+    (["--data", "{root}/twoschemas", "--stream"], "data file '{root}/twoschemas/b.parquet' lacks column(s) b (unlike"),
+    (["--data", "{root}/nanlabel.parquet", "--stream"], "has missing values in label column 'label'"),
     (["--data", "{root}/good.parquet", "--val-data", "{root}/textlabel.parquet"],
      "label column 'label' holds 'x', 'y', which the training data"),
 ]

@@ -1,0 +1,325 @@
+"""A table streamed through Ray Data instead of read whole (`data.stream`).
+
+The driver reads the files once, batch by batch (`scan`): it checks them as a whole-table
+read would, assigns each row to train, validation or test by a hash of its values, and
+keeps what a run needs before training: the training rows' count, classes and
+standardisation statistics (float64 sums, combined batch by batch), and the validation
+and test rows, which are held in memory (a table too big for that gives its own smaller
+`--val-data`/`--test-data`). No process ever holds the training rows.
+
+Training reads the files again in every epoch through Ray Data (`training_dataset`): the
+files in an order drawn from the seed and the epoch (`FileShuffleConfig`), each batch
+turned into standardised float32 features and encoded labels by the same functions the
+in-memory path uses, the rows of other splits dropped by the same hash. Ray Data keeps the
+order (`preserve_order`), so the same seed gives the same batches in every run, and
+`allreduce` hands each worker its share through Ray Train's `get_dataset_shard`.
+
+A row's split depends on its values only (features and label): not on file order, file
+count or machine; duplicated rows land in the same split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines.errors import DataError
+
+TASK_CPUS = 0.25
+"""Logical CPUs each Ray Data read/prepare task asks for: training actors may hold every
+CPU, and an embedded Ray reserves one more for data (`DATA_CPUS`)."""
+DATA_CPUS = 1
+"""Logical CPUs an embedded Ray adds for Ray Data when a run streams: with Ray Train's
+workers holding every CPU, Ray Data would otherwise wait forever for one."""
+BATCH_ROWS = 65_536
+"""Rows per batch the driver's scan reads at once."""
+
+_PRIME = np.uint64(0x100000001B3)
+
+
+def split_of(x: np.ndarray, labels: list, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """Each row's split (0 train, 1 validation, 2 test), by a hash of its float32 features'
+    bits and its label: integer arithmetic, the same on every machine."""
+    import pandas as pd
+
+    bits = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.uint32).astype(np.uint64)
+    h = np.full(len(x), 0xCBF29CE484222325, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for column in bits.T:  # FNV-1a over 32-bit words, then SplitMix64's finaliser
+            h = (h ^ column) * _PRIME
+        h ^= pd.util.hash_array(np.asarray(labels, dtype=object)).astype(np.uint64)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    u = (h >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    return np.where(u < test_fraction, 2, np.where(u < test_fraction + (1 - test_fraction) * val_fraction, 1, 0))
+
+
+@dataclass
+class Moments:
+    """Per-feature count, mean and sum of squared deviations, combined batch by batch
+    (Chan et al.'s pairwise update: no cancellation on columns far from zero)."""
+    count: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        x = x.reshape(len(x), -1).astype(np.float64)
+        n, mean = len(x), x.mean(axis=0)
+        m2 = ((x - mean) ** 2).sum(axis=0)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta ** 2 * (self.count * n / total)
+        self.count = total
+
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.count)
+
+
+@dataclass
+class StreamedTable:
+    """What the workers need to stream a table's training rows: picklable, small."""
+    source: str
+    files: object
+    """`pipelines.tables.TableFiles`."""
+    label: str
+    features: list[str]
+    task: str
+    classes: list | None
+    mean: np.ndarray | None
+    """Float32 standardisation (None: features used as they are)."""
+    std: np.ndarray | None
+    input_shape: list[int] | None
+    test_fraction: float
+    val_fraction: float
+    """The hash split's fractions: 0 for a split given as a table of its own."""
+    rows: int = 0
+    """Training rows."""
+
+    def training_dataset(self, seed: int, on_driver: bool):
+        """The training rows as a Ray Dataset of {"x", "y"}, files in an order drawn from
+        `seed` and the execution (epoch) number; read `on_driver` (`local`) or by Ray Train's
+        split coordinator, an actor."""
+        import ray.data
+        from ray.data import FileShuffleConfig
+
+        keep_order(on_driver)  # a dataset carries the context it was made in, to the split too
+        read = ray.data.read_parquet if self.files.format == "Parquet" else ray.data.read_csv
+        dataset = read(self.files.paths, filesystem=self.files.filesystem, num_cpus=TASK_CPUS,
+                       shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
+        return dataset.map_batches(_Prepare(self), batch_format="pyarrow", num_cpus=TASK_CPUS)
+
+
+class _Prepare:
+    """A batch of raw rows -> the training rows' standardised features and labels."""
+
+    def __init__(self, table: StreamedTable):
+        self.table = table
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        from pipelines import data, labels
+
+        t = self.table
+        x = data._features(t.source, batch, t.features)
+        values = batch.column(t.label).to_pylist()
+        keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
+        x, values = x[keep], [v for v, k in zip(values, keep) if k]
+        y = (labels.targets(values, t.source, t.label) if t.task == "regression"
+             else labels.encode(values, t.classes))
+        if t.mean is not None:
+            x = (x - t.mean) / t.std
+        if t.input_shape:
+            x = x.reshape(len(x), *t.input_shape)
+        return {"x": np.ascontiguousarray(x, dtype=np.float32), "y": y}
+
+
+@dataclass
+class Scan:
+    """What the driver's pass over the files found."""
+    moments: Moments = field(default_factory=Moments)
+    labels: set = field(default_factory=set)
+    held: dict = field(default_factory=lambda: {1: ([], []), 2: ([], [])})
+    """Validation (1) and test (2) rows: feature arrays and label values."""
+    held_bytes: int = 0
+
+
+def batches(files):
+    """The table's record batches, file by file, as one-batch pyarrow Tables."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pipelines.tables import check_schema, shown_path
+
+    first = None
+    for path in files.paths:
+        try:
+            if files.format == "Parquet":
+                reader = pq.ParquetFile(path, filesystem=files.filesystem)
+                schema, parts = reader.schema_arrow, reader.iter_batches(batch_size=BATCH_ROWS)
+            else:
+                reader = pacsv.open_csv(files.filesystem.open_input_stream(path),
+                                        read_options=pacsv.ReadOptions(block_size=1 << 24))
+                schema, parts = reader.schema, reader
+            first = first or (path, schema)
+            check_schema(files.source, first, path, schema)
+            for part in parts:
+                yield pa.Table.from_batches([part])
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"data file {shown_path(files.source, path)!r} is not a readable {files.format} "
+                            f"file: {str(e).splitlines()[0]}") from None
+
+
+def embedded_cpus(run) -> int | None:
+    """The CPUs an embedded Ray gets for `run`: the machine's (or `resources.num_cpus`),
+    and `DATA_CPUS` more for Ray Data when the run streams (a cluster keeps its own)."""
+    cpus = run.resources.num_cpus
+    if not run.data.stream or run.resources.address:
+        return cpus
+    return (cpus or os.cpu_count() or 1) + DATA_CPUS
+
+
+def data_shortfall(run, bundles: list[dict], available: dict) -> str | None:
+    """On a cluster, a streamed run needs `DATA_CPUS` beside its actors' CPUs (Ray Data
+    would wait forever for one); the one-line reason when the cluster lacks them."""
+    if not run.data.stream:
+        return None
+    need = sum(b.get("CPU", 0.0) for b in bundles) + DATA_CPUS
+    have = available.get("CPU", 0.0)
+    if need <= have:
+        return None
+    return (f"data.stream: Ray Data needs {DATA_CPUS} CPU beside the {need - DATA_CPUS:g} of the run's actors, "
+            f"and the Ray cluster has {have:g}: lower resources.workers or cpus_per_worker, or add a node")
+
+
+class Streamed:
+    """A worker's training rows from a streamed table: `InMemory`'s `epoch`, over a Ray
+    Dataset (`local`) or this worker's shard of one (`allreduce`: `get_dataset_shard`)."""
+
+    def __init__(self, rows, shuffle_rows: int = 4096):
+        self.rows, self.shuffle_rows = rows, shuffle_rows
+
+    def epoch(self, global_batch: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,
+              cap: int | None = None, device="cpu"):
+        batches = self.rows.iter_torch_batches(
+            batch_size=global_batch // world, drop_last=True, device=str(device),
+            local_shuffle_buffer_size=max(self.shuffle_rows, global_batch // world),
+            local_shuffle_seed=(seed * 100_003 + epoch) * 1_009 + rank)
+        for step, batch in enumerate(batches):
+            if cap is not None and step >= cap:
+                break
+            yield batch["x"], batch["y"]
+
+
+def keep_order(on_driver: bool) -> None:
+    """Ray Data hands out rows in the order the files are read in, and keeps its progress
+    and per-epoch execution lines to its log files (`--verbose` shows them): no bars on
+    this terminal, and an actor's progress logged (at INFO) rather than drawn with tqdm."""
+    import logging
+
+    import ray.data
+
+    from cluster.connect import verbose
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = not on_driver
+    context.use_ray_tqdm = False
+    if not verbose():  # Ray Data sets its loggers' levels when it is imported
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
+
+
+HELD_SHARE = 4
+"""The validation and test rows a scan keeps may take at most 1/HELD_SHARE of memory."""
+
+
+def load(section, seed: int = 0):
+    """A `pipelines.data.Dataset` whose training rows stay on disk (`Dataset.stream`),
+    from one pass over the table's files; its validation and test splits are in memory."""
+    import torch
+
+    from pipelines import data, labels, tables
+
+    files = tables.find(section.source)
+    test_fraction = 0.0 if section.test_source else section.test_fraction
+    val_fraction = 0.0 if section.val_source or not section.val_fraction else section.val_fraction
+    scan, first, task, targets = Scan(), None, None, Moments()
+    limit = data.machine_memory() // HELD_SHARE
+    for batch in batches(files):
+        table = data.labelled(batch, section.source, section.label)
+        if first is None:
+            first = table
+            task = labels.task_of(table.label_type, section.task, section.source, section.label)
+        which = split_of(table.x, table.labels, test_fraction, val_fraction)
+        train = which == 0
+        scan.moments.add(table.x[train])
+        values = [v for v, k in zip(table.labels, train) if k]
+        if task == "regression":
+            targets.add(labels.targets(values, section.source, section.label)[:, None])
+        else:
+            scan.labels.update(values)
+        for k in (1, 2):
+            rows = which == k
+            scan.held[k][0].append(table.x[rows])
+            scan.held[k][1].extend(v for v, r in zip(table.labels, rows) if r)
+            scan.held_bytes += table.x[rows].nbytes
+        if scan.held_bytes > limit:
+            raise DataError(f"the validation and test rows drawn from {section.source!r} exceed "
+                            f"{data._gib(limit)} GiB (a quarter of this machine's memory): give data.val_source "
+                            "and data.test_source tables that fit in memory, or lower data.val_fraction/test_fraction")
+    if first is None or scan.moments.count == 0:
+        raise DataError(f"data file {section.source!r} has no rows" if first is None else
+                        f"data.source {section.source!r}: no row falls in the training split")
+    classes = None
+    if task == "regression":
+        if targets.m2[0] == 0:
+            raise DataError(f"data file {section.source!r}: label column {section.label!r} holds one value "
+                            f"({float(targets.mean[0])!r}): there is nothing to regress")
+    else:
+        classes = labels.classes(list(scan.labels), section.source, section.label)
+    held = {}
+    for k, which in ((1, "val"), (2, "test")):
+        given = getattr(section, f"{which}_source")
+        if given:
+            held[which] = data._read_held_out(given, f"data.{which}_source", section, first, classes)
+            continue
+        xs, values = scan.held[k]
+        x = np.concatenate(xs) if xs else first.x[:0]
+        y = (labels.targets(values, section.source, section.label) if classes is None else
+             labels.check_known(values, classes, f"data.{which}_source", section.source, section.label,
+                                section.source) or labels.encode(values, classes))
+        held[which] = (x, y)
+    standardize = True if section.standardize is None else section.standardize
+    mean = scan.moments.mean.astype(np.float32) if standardize else None
+    std = np.where(scan.moments.std() > 0, scan.moments.std(), 1.0).astype(np.float32) if standardize else None
+    shape = list(section.input_shape) if section.input_shape else None
+    t = torch.from_numpy
+
+    def ready(x: np.ndarray) -> torch.Tensor:
+        x = (x - mean) / std if mean is not None else x
+        x = data._reshape(x, shape, section.source) if shape else x
+        return t(np.ascontiguousarray(x, dtype=np.float32))
+
+    (x_val, y_val), (x_test, y_test) = held["val"], held["test"]
+    empty = ready(first.x[:0])
+    result = data.Dataset(section.source, empty, t(np.zeros(0, np.float32 if classes is None else np.int64)),
+                          ready(x_val), t(np.asarray(y_val)), ready(x_test), t(np.asarray(y_test)),
+                          [str(c) for c in classes] if classes is not None else [],
+                          feature_mean=t(mean).reshape(empty.shape[1:]) if mean is not None else None,
+                          feature_std=t(std).reshape(empty.shape[1:]) if std is not None else None,
+                          columns=first.columns)
+    if task == "regression":
+        result.task, result.target_mean, result.target_std = task, float(targets.mean[0]), float(targets.std()[0])
+    result.stream = StreamedTable(section.source, files, section.label, first.features, task, classes, mean, std,
+                                  shape, test_fraction, val_fraction, scan.moments.count)
+    return result
