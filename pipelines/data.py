@@ -9,77 +9,23 @@ strategies then hand each worker a disjoint shard of every global batch (`pipeli
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines import labels, split
+from pipelines import labels, rows, split, streaming
 from pipelines.config import DataSection
+from pipelines.dataset import Dataset
 from pipelines.errors import DataError
+from pipelines.memory import gib, machine_memory
 
 
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    class_names: list[str]
-    feature_mean: torch.Tensor | None = None
-    """The training split's per-feature mean and standard deviation the features were
-    standardised with (`data.standardize`); None when they are used as they are."""
-    feature_std: torch.Tensor | None = None
-    task: str = "classification"
-    """classification (labels are class indices) or regression (labels are float targets)."""
-    target_mean: float = 0.0
-    """A regression target's training mean and standard deviation (`models.targets`)."""
-    target_std: float = 1.0
-    columns: list[tuple[str, str]] | None = None
-    """A table's feature columns and their arrow types (`pipelines.serving`: the logged model
-    takes a DataFrame of them); None for digits, synthetic data and a list column."""
-    stream: object = None
-    """`pipelines.streaming.StreamedTable` where the training rows stay on disk
-    (`data.stream`; `x_train` is then empty); None where they are in memory."""
-
-    @property
-    def train_rows(self) -> int:
-        return self.stream.rows if self.stream is not None else len(self.y_train)
-
-    def sample(self, n: int) -> tuple:
-        """A few examples of the data: validation rows, else test, else training rows."""
-        for x, y in ((self.x_val, self.y_val), (self.x_test, self.y_test), (self.x_train, self.y_train)):
-            if len(y):
-                return x[:n], y[:n]
-        return self.x_train[:n], self.y_train[:n]
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def num_outputs(self) -> int:
-        """The model's outputs per example: one per class, or the one regressed value."""
-        return 1 if self.task == "regression" else self.num_classes
-
-
-def load(section: DataSection, seed: int = 0) -> Dataset:
+def load(section: DataSection, seed: int = 0, dataset=None) -> Dataset:
     """Load, shape and split the data the section names: a table's validation and test
     splits come from `data.val_source`/`data.test_source` where given, from the training
     table (stratified, by seed) where not."""
-    if section.stream:
-        from pipelines import streaming
-
-        data = streaming.load(section, seed)
+    if section.stream or dataset is not None:  # a user's ray.data.Dataset always streams
+        data = streaming.load(section, seed, dataset)
         _check_batch(section, data)
         return data
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -91,7 +37,7 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
         x, y, names = synthetic(section.synthetic_samples, section.synthetic_shape,
                                 section.synthetic_classes, seed)
     else:
-        train = _read_labelled(section.source, section.label)
+        train = rows.read_labelled(section.source, section.label)
         task = labels.task_of(train.label_type, section.task, section.source, section.label)
         columns = train.columns
         if task == "regression":
@@ -105,10 +51,10 @@ def load(section: DataSection, seed: int = 0) -> Dataset:
         for which in ("val", "test"):
             source = getattr(section, f"{which}_source")
             if source:
-                held[which] = _read_held_out(source, f"data.{which}_source", section, train, classes)
+                held[which] = rows.read_held_out(source, f"data.{which}_source", section, train, classes)
     if section.input_shape:
-        x = _reshape(x, section.input_shape, section.source)
-        held = {k: (_reshape(hx, section.input_shape, section.source), hy) for k, (hx, hy) in held.items()}
+        x = rows.reshape(x, section.input_shape, section.source)
+        held = {k: (rows.reshape(hx, section.input_shape, section.source), hy) for k, (hx, hy) in held.items()}
     data = _split(section.source, x, y, names, section.test_fraction, section.val_fraction, seed, held,
                   stratify=task == "classification")
     data.columns = columns
@@ -175,149 +121,16 @@ def check_synthetic_size(section: DataSection) -> None:
     if need > memory:
         raise DataError(
             f"synthetic data of {samples:,} examples and {classes:,} class prototypes of shape {shape} "
-            f"is {values:,} values, about {_gib(need)} GiB while drawn, and this machine has "
-            f"{_gib(memory)} GiB: ask for fewer data.synthetic_samples or classes, or a smaller shape")
-
-
-def _gib(size: int) -> str:
-    gib = size / 2**30
-    return f"{gib:,.1f}" if gib < 1e5 else f"{gib:.1e}"
-
-
-def machine_memory() -> int:
-    """Bytes of memory this process may use: the machine's, or its container's limit."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-    except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
-
-
-@dataclass
-class _Table:
-    """A table's features (float32), its raw label values and its feature columns' names."""
-    x: np.ndarray
-    labels: list
-    features: list[str]
-    label_type: object = None
-    """The label column's arrow type."""
-    columns: list[tuple[str, str]] | None = None
-    """Scalar feature columns with their arrow types (None: one list column)."""
+            f"is {values:,} values, about {gib(need)} GiB while drawn, and this machine has "
+            f"{gib(memory)} GiB: ask for fewer data.synthetic_samples or classes, or a smaller shape")
 
 
 def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A Parquet or CSV table: a label column and numeric feature columns (or one list column);
     its features, its labels as class indices, and the class names (the label values, sorted)."""
-    table = _read_labelled(path, label)
+    table = rows.read_labelled(path, label)
     classes = labels.classes(table.labels, path, label)
     return table.x, labels.encode(table.labels, classes), [str(c) for c in classes]
-
-
-def _read_labelled(path: str, label: str, named: str = "data.source") -> _Table:
-    from pipelines import tables
-
-    table = tables.read(path, named)
-    if table.num_rows == 0:
-        raise DataError(f"data file {path!r} has no rows" + (
-            f" (only a header: {', '.join(table.column_names)})" if table.column_names else ""))
-    return labelled(table, path, label)
-
-
-def labelled(table, path: str, label: str) -> _Table:
-    """A pyarrow table's (or one batch's) features, labels and columns, checked: a label
-    column of scalars without gaps, numeric features without NaN or infinity."""
-    if label not in table.column_names:
-        raise DataError(
-            f"data file {path!r} has no label column {label!r} "
-            f"(columns: {', '.join(table.column_names)}); set --label"
-        )
-    label_type = table.schema.field(label).type
-    if _is_nested(label_type):
-        raise DataError(f"data file {path!r}: label column {label!r} holds {label_type} values; a label "
-                        "is one class per row (an integer, a string or a boolean)")
-    feature_columns = [c for c in table.column_names if c != label]
-    if not feature_columns:
-        raise DataError(f"data file {path!r} has no feature columns beside {label!r}")
-    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond float32 is refused below
-        x = _features(path, table, feature_columns)
-    if np.isnan(x).any():
-        raise DataError(f"data file {path!r} has missing or NaN feature values")
-    if np.isinf(x).any():
-        raise DataError(f"data file {path!r} has infinite feature values (or values beyond float32's range)")
-    values = table.column(label).to_pylist()
-    if any(v is None or v != v for v in values):  # v != v: a float NaN
-        raise DataError(f"data file {path!r} has missing values in label column {label!r}")
-    scalar = not _is_list(table.schema.field(feature_columns[0]).type)
-    columns = [(c, str(table.schema.field(c).type)) for c in feature_columns] if scalar else None
-    return _Table(x, values, feature_columns, label_type, columns)
-
-
-def _read_held_out(path: str, named: str, section: DataSection, train: _Table,
-                   classes: list | None) -> tuple[np.ndarray, np.ndarray]:
-    """A validation or test table, checked against the training one: the same feature
-    columns (names, order, values per example), and only labels the training data has (the
-    classes, like the standardisation, are the training split's); `classes` None: the
-    labels are regression targets."""
-    table = _read_labelled(path, section.label, named)
-    if table.features != train.features or table.x.shape[1:] != train.x.shape[1:]:
-        def described(t: _Table) -> str:  # a list column: its length too
-            return ", ".join(t.features) + (f" ({t.x.shape[1]} values)" if len(t.features) == 1 else "")
-
-        theirs, ours = described(table), described(train)
-        raise DataError(f"{named} {path!r} has feature columns {theirs}, but data.source "
-                        f"{section.source!r} has {ours}: both must hold the same features")
-    if classes is None:  # a regression target
-        return table.x, labels.targets(table.labels, path, section.label)
-    labels.check_known(table.labels, classes, named, path, section.label, section.source)
-    return table.x, labels.encode(table.labels, classes)
-
-
-def _features(path: str, table, feature_columns: list[str]) -> np.ndarray:
-    """The feature matrix (float32) of numeric columns, or of one column of numeric lists."""
-    if len(feature_columns) == 1 and _is_list(table.schema.field(feature_columns[0]).type):
-        column = table.column(feature_columns[0]).combine_chunks()
-        try:
-            return np.array(column.to_pylist(), dtype=np.float32)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"data file {path!r}: list column {feature_columns[0]!r} must hold numeric "
-                "lists of one length"
-            ) from None
-    bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
-    if bad:
-        raise DataError(f"data file {path!r} has non-numeric feature columns: {', '.join(bad)}")
-    return np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in feature_columns],
-                    axis=1).astype(np.float32)
-
-
-def _is_numeric(t) -> bool:
-    import pyarrow.types as pat
-
-    return pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t)
-
-
-def _is_list(t) -> bool:
-    import pyarrow.types as pat
-
-    return pat.is_list(t) or pat.is_large_list(t) or pat.is_fixed_size_list(t)
-
-
-def _is_nested(t) -> bool:
-    import pyarrow.types as pat
-
-    return pat.is_nested(t) or pat.is_map(t)
-
-
-def _reshape(x: np.ndarray, shape: list[int], source: str) -> np.ndarray:
-    features = math.prod(x.shape[1:])
-    wanted = math.prod(shape)  # Python ints: np.prod of huge sizes wraps around to 0
-    if features != wanted:
-        raise DataError(
-            f"data.input_shape {list(shape)} holds {wanted} values but each example of "
-            f"{source} has {features} features"
-        )
-    return x.reshape(len(x), *shape)
 
 
 def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None, stratify=True) -> Dataset:

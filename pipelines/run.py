@@ -12,7 +12,7 @@ from torch import nn
 from models.standardize import Standardized
 from pipelines import data as datasets
 from pipelines import figures, imported_model, registry, resume, serving, startup
-from pipelines.config import ConfigError, ModelSection, RunConfig
+from pipelines.config import ConfigError, ModelSection, RunConfig, validate
 from pipelines.context import RunContext
 from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
@@ -39,10 +39,11 @@ class Result:
     run_dir: Path | None = None
 
 
-def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
-    """Everything that can reject the run before any process starts: data, model shape,
-    storage and the run `--resume` names."""
-    data = datasets.load(config.data, config.seed)
+def prepare(config: RunConfig, table: object = None) -> tuple[datasets.Dataset, nn.Module]:
+    """Everything that can reject the run before any process starts: data (`table`: a
+    user's `ray.data.Dataset` in place of `data.source`), model shape, storage and the run
+    `--resume` names."""
+    data = datasets.load(config.data, config.seed, table)
     try:
         model = build_model(config, data)
         with torch.no_grad():
@@ -64,12 +65,15 @@ def prepare(config: RunConfig) -> tuple[datasets.Dataset, nn.Module]:
 
 
 def train(config: RunConfig, data: datasets.Dataset | None = None, *,
-          context: RunContext | None = None, model: object = None) -> Result:
+          context: RunContext | None = None, model: object = None, table: object = None) -> Result:
     """Train as `config` says, record it in MLflow, and return the final metrics and model.
 
     `model` is a user's own model to train instead of `config.model`: an `nn.Module` (its
     weights are the starting point), a module class or a factory function (called with
     `input_shape`/`num_classes` where it takes them); `models.contract` says what it offers.
+
+    `table` is a `ray.data.Dataset` of a table's columns to train on instead of
+    `data.source`: it is streamed (`data.stream`), as a streamed table's files are.
 
     `data` is the result of `prepare(config)` when the caller has checked the run already.
     A caller that keeps the MLflow run and the run's directory itself (a Tune trial) passes
@@ -81,6 +85,11 @@ def train(config: RunConfig, data: datasets.Dataset | None = None, *,
     startup.launch_time()
     if model is not None:
         config = dataclasses.replace(config, model=ModelSection(*imported_model.from_object(model)))
+    if table is not None:
+        source = config.data.source if config.data.source not in ("digits", "synthetic") else "ray.data.Dataset"
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=source, stream=True))
+        validate(config)
+        data, _ = prepare(config, table)
     try:
         return _train(config, data, context)
     finally:

@@ -90,7 +90,7 @@ class StreamedTable:
     """What the workers need to stream a table's training rows: picklable, small."""
     source: str
     files: object
-    """`pipelines.tables.TableFiles`."""
+    """`pipelines.tables.TableFiles`; None for a user's `dataset`."""
     label: str
     features: list[str]
     task: str
@@ -104,6 +104,8 @@ class StreamedTable:
     """The hash split's fractions: 0 for a split given as a table of its own."""
     rows: int = 0
     """Training rows."""
+    dataset: object = None
+    """A user's `ray.data.Dataset` of the table's columns, read in its own order."""
 
     def training_dataset(self, seed: int, on_driver: bool):
         """The training rows as a Ray Dataset of {"x", "y"}, files in an order drawn from
@@ -113,6 +115,10 @@ class StreamedTable:
         from ray.data import FileShuffleConfig
 
         keep_order(on_driver)  # a dataset carries the context it was made in, to the split too
+        if self.dataset is not None:
+            self.dataset.context.execution_options.preserve_order = True
+            self.dataset.context.enable_progress_bars = not on_driver
+            return self.dataset.map_batches(_Prepare(self), batch_format="pyarrow", num_cpus=TASK_CPUS)
         read = ray.data.read_parquet if self.files.format == "Parquet" else ray.data.read_csv
         dataset = read(self.files.paths, filesystem=self.files.filesystem, num_cpus=TASK_CPUS,
                        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
@@ -126,10 +132,10 @@ class _Prepare:
         self.table = table
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
-        from pipelines import data, labels
+        from pipelines import labels, rows
 
         t = self.table
-        x = data._features(t.source, batch, t.features)
+        x = rows.features(t.source, batch, t.features)
         values = batch.column(t.label).to_pylist()
         keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
         x, values = x[keep], [v for v, k in zip(values, keep) if k]
@@ -150,6 +156,14 @@ class Scan:
     held: dict = field(default_factory=lambda: {1: ([], []), 2: ([], [])})
     """Validation (1) and test (2) rows: feature arrays and label values."""
     held_bytes: int = 0
+
+
+def dataset_batches(dataset):
+    """A user's Ray Dataset's batches, as pyarrow Tables, read on this process."""
+    keep_order(on_driver=True)
+    dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False
+    yield from dataset.iter_batches(batch_size=BATCH_ROWS, batch_format="pyarrow")
 
 
 def batches(files):
@@ -228,14 +242,11 @@ def keep_order(on_driver: bool) -> None:
 
     import ray.data
 
-    from cluster.connect import verbose
-
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = not on_driver
     context.use_ray_tqdm = False
-    if not verbose():  # Ray Data sets its loggers' levels when it is imported
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if os.environ.get("RAY_DATA_LOG_LEVEL") == "WARNING":  # quiet, as `cluster.connect` sets it
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
 
 
@@ -243,20 +254,24 @@ HELD_SHARE = 4
 """The validation and test rows a scan keeps may take at most 1/HELD_SHARE of memory."""
 
 
-def load(section, seed: int = 0):
+def load(section, seed: int = 0, dataset=None):
     """A `pipelines.data.Dataset` whose training rows stay on disk (`Dataset.stream`),
-    from one pass over the table's files; its validation and test splits are in memory."""
+    from one pass over the table's files (or over a user's `ray.data.Dataset`); its
+    validation and test splits are in memory."""
     import torch
 
-    from pipelines import data, labels, tables
+    from pipelines import labels, rows, tables
+    from pipelines.dataset import Dataset
+    from pipelines.memory import gib, machine_memory
 
-    files = tables.find(section.source)
+    files = tables.find(section.source) if dataset is None else None
     test_fraction = 0.0 if section.test_source else section.test_fraction
     val_fraction = 0.0 if section.val_source or not section.val_fraction else section.val_fraction
     scan, first, task, targets = Scan(), None, None, Moments()
-    limit = data.machine_memory() // HELD_SHARE
-    for batch in batches(files):
-        table = data.labelled(batch, section.source, section.label)
+    limit = machine_memory() // HELD_SHARE
+    parts = batches(files) if dataset is None else dataset_batches(dataset)
+    for batch in parts:
+        table = rows.labelled(batch, section.source, section.label)
         if first is None:
             first = table
             task = labels.task_of(table.label_type, section.task, section.source, section.label)
@@ -269,13 +284,13 @@ def load(section, seed: int = 0):
         else:
             scan.labels.update(values)
         for k in (1, 2):
-            rows = which == k
-            scan.held[k][0].append(table.x[rows])
-            scan.held[k][1].extend(v for v, r in zip(table.labels, rows) if r)
-            scan.held_bytes += table.x[rows].nbytes
+            mask = which == k
+            scan.held[k][0].append(table.x[mask])
+            scan.held[k][1].extend(v for v, r in zip(table.labels, mask) if r)
+            scan.held_bytes += table.x[mask].nbytes
         if scan.held_bytes > limit:
             raise DataError(f"the validation and test rows drawn from {section.source!r} exceed "
-                            f"{data._gib(limit)} GiB (a quarter of this machine's memory): give data.val_source "
+                            f"{gib(limit)} GiB (a quarter of this machine's memory): give data.val_source "
                             "and data.test_source tables that fit in memory, or lower data.val_fraction/test_fraction")
     if first is None or scan.moments.count == 0:
         raise DataError(f"data file {section.source!r} has no rows" if first is None else
@@ -291,7 +306,7 @@ def load(section, seed: int = 0):
     for k, which in ((1, "val"), (2, "test")):
         given = getattr(section, f"{which}_source")
         if given:
-            held[which] = data._read_held_out(given, f"data.{which}_source", section, first, classes)
+            held[which] = rows.read_held_out(given, f"data.{which}_source", section, first, classes)
             continue
         xs, values = scan.held[k]
         x = np.concatenate(xs) if xs else first.x[:0]
@@ -307,12 +322,12 @@ def load(section, seed: int = 0):
 
     def ready(x: np.ndarray) -> torch.Tensor:
         x = (x - mean) / std if mean is not None else x
-        x = data._reshape(x, shape, section.source) if shape else x
+        x = rows.reshape(x, shape, section.source) if shape else x
         return t(np.ascontiguousarray(x, dtype=np.float32))
 
     (x_val, y_val), (x_test, y_test) = held["val"], held["test"]
     empty = ready(first.x[:0])
-    result = data.Dataset(section.source, empty, t(np.zeros(0, np.float32 if classes is None else np.int64)),
+    result = Dataset(section.source, empty, t(np.zeros(0, np.float32 if classes is None else np.int64)),
                           ready(x_val), t(np.asarray(y_val)), ready(x_test), t(np.asarray(y_test)),
                           [str(c) for c in classes] if classes is not None else [],
                           feature_mean=t(mean).reshape(empty.shape[1:]) if mean is not None else None,
@@ -321,5 +336,5 @@ def load(section, seed: int = 0):
     if task == "regression":
         result.task, result.target_mean, result.target_std = task, float(targets.mean[0]), float(targets.std()[0])
     result.stream = StreamedTable(section.source, files, section.label, first.features, task, classes, mean, std,
-                                  shape, test_fraction, val_fraction, scan.moments.count)
+                                  shape, test_fraction, val_fraction, scan.moments.count, dataset)
     return result

@@ -58,7 +58,8 @@ def store(workdir):
 
 HEAVIEST_FIRST = ("system/test_sweep.py", "strategies/test_param_server.py", "strategies/test_pipeline.py",
                   "system/test_cluster.py", "system/test_multinode.py", "system/test_object_store.py",
-                  "strategies/test_lbfgs.py", "strategies/test_allreduce.py", "system/test_tracking_outage.py",
+                  "strategies/test_lbfgs.py", "strategies/test_allreduce.py", "strategies/test_streaming.py",
+                  "system/test_tracking_outage.py",
                   "system/test_cli.py", "system/test_bad_addresses.py", "strategies/test_user_models.py")
 """The files that took longest (1-5 minutes each on two pytest processes, 2026-12-03), longest
 first. The suite runs them first, then `system/`, `strategies/` and `unit/` in that order:

@@ -45,6 +45,14 @@ def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_and_allre
     tests = len(data.load(DataSection(source=str(digits_parts), stream=True)).y_test)
     margin = 3 * math.sqrt(0.25 / tests)
     assert local.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, (local.metrics, whole.metrics)
+    # a user's own ray.data.Dataset, through the Python API: streamed the same way
+    import ray.data
+
+    theirs = pipelines.train(small_run(**{**common, "data.source": "digits"}),
+                             table=ray.data.read_parquet(str(digits_parts)))
+    assert theirs.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, theirs.metrics
+    run = MlflowClient(store).get_run(theirs.run_id)
+    assert run.data.tags["raydeep.data"] == "ray.data.Dataset" and run.data.params["data.stream"] == "True"
     # allreduce: two workers, each its share of every epoch through get_dataset_shard
     result = run_cli("run", "--strategy", "allreduce", "--data", str(digits_parts), "--stream", "--epochs", "4",
                      "--lr", "0.1", "--tracking-uri", store, "--run-name", "streamed", "--set",

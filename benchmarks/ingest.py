@@ -1,0 +1,218 @@
+"""Streaming a Parquet table larger than one process should hold, side by side (issue 17).
+
+For each table size, in one run, each a fresh process with its own embedded Ray:
+- `stream`:     raydeep allreduce (2 workers) with `--stream` (Ray Data, `get_dataset_shard`);
+- `memory`:     the same run reading the table whole (sizes up to `--memory-up-to` GB: the
+                in-memory path holds several copies, and a large one would not fit);
+- `documented`: the pattern Ray's documentation gives, `TorchTrainer(datasets={"train":
+                ray.data.read_parquet(dir)})` and `iter_torch_batches` in 2 workers, with
+                the same model, batch and epochs (features stacked from their columns).
+
+Printed per run: training samples/s, time to the first batch or step, and the peak RSS of
+every process of the run (the driver, Ray's own, each worker and each Ray Data task's),
+read from /proc every 0.2 s: the largest per kind and their sum at its highest.
+
+    python benchmarks/ingest.py --sizes 0.5 2 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COLUMNS = 64
+ROWS_PER_FILE = 500_000
+
+
+def write_table(root: Path, gigabytes: float) -> Path:
+    """Float32 feature columns and a 10-class label that a linear model separates well."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = int(gigabytes * 2**30 / (4 * COLUMNS))
+    directory = root / f"table-{gigabytes:g}gb"
+    if directory.exists():
+        return directory
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(COLUMNS, 10)).astype(np.float32)
+    for i, start in enumerate(range(0, rows, ROWS_PER_FILE)):
+        n = min(ROWS_PER_FILE, rows - start)
+        x = rng.normal(size=(n, COLUMNS)).astype(np.float32)
+        label = (x @ weights + rng.normal(size=(n, 10)).astype(np.float32)).argmax(axis=1)
+        pq.write_table(pa.table({**{f"f{j}": x[:, j] for j in range(COLUMNS)}, "label": label}),
+                       directory / f"part-{i:04d}.parquet")
+    return directory
+
+
+class PeakRss:
+    """The peak resident memory of a process tree, per process, sampled from /proc."""
+
+    def __init__(self, root_pid: int):
+        self.root, self.peaks, self.total = root_pid, {}, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        found, stack = [], [self.root]
+        while stack:
+            pid = stack.pop()
+            found.append(pid)
+            stack.extend(children.get(pid, []))
+        return found
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            total = 0
+            for pid in self._tree():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:60]
+                except OSError:
+                    continue
+                rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
+                            if line.startswith("VmRSS:")), 0)
+                total += rss
+                key = (pid, _kind(name))
+                self.peaks[key] = max(self.peaks.get(key, 0), rss)
+            self.total = max(self.total, total)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        by_kind: dict[str, int] = {}
+        for (_, kind), rss in self.peaks.items():
+            by_kind[kind] = max(by_kind.get(kind, 0), rss)
+        return {**{k: v / 2**20 for k, v in sorted(by_kind.items())}, "sum_at_peak": self.total / 2**20}
+
+
+def _kind(cmdline: str) -> str:
+    for marker, kind in (("RayTrainWorker", "train_worker"), ("SplitCoordinator", "split_coordinator"),
+                         ("ReadFiles", "data_task"), ("MapBatches", "data_task"), ("ray::IDLE", "idle_worker"),
+                         ("raylet", "ray_system"), ("gcs_server", "ray_system"), ("dashboard", "ray_system"),
+                         ("log_monitor", "ray_system"), ("ray::", "other_actor")):
+        if marker in cmdline:
+            return kind
+    return "driver" if "cluster.cli" in cmdline or "ingest.py" in cmdline else "other"
+
+
+DOCUMENTED = r'''
+import json, sys, time
+started = time.time()
+import ray, ray.data, ray.train, torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+def loop(config):
+    import ray.train.torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    shard = ray.train.get_dataset_shard("train")
+    seen, began, first = 0, time.time(), None
+    for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True):
+        x = torch.stack([batch[f"f{j}"] for j in range(64)], dim=1)
+        loss = torch.nn.functional.cross_entropy(model(x), batch["label"])
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        seen += len(x)
+        first = first or time.time()
+    ray.train.report({"seen": seen, "seconds": time.time() - began, "first": first})
+
+ray.init(num_cpus=3, include_dashboard=False)
+trainer = TorchTrainer(loop, train_loop_config={"batch": 32},
+                       scaling_config=ScalingConfig(num_workers=2),
+                       datasets={"train": ray.data.read_parquet(sys.argv[1])})
+metrics = trainer.fit().metrics
+print("RESULT " + json.dumps({"samples_per_s": 2 * metrics["seen"] / metrics["seconds"],
+                              "first_step_s": metrics["first"] - started}))
+'''
+
+
+def run_one(kind: str, table: Path, workdir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if kind == "documented":
+        command = [sys.executable, "-c", DOCUMENTED, str(table)]
+    else:
+        command = [sys.executable, "-m", "cluster.cli", "run", "--strategy", "allreduce", "--data", str(table),
+                   "--epochs", "1", "--set", "model.width=64", "--set", "data.val_fraction=0.01",
+                   "--set", "data.test_fraction=0.01", "--set", "tracking.log_model=false",
+                   "--set", "tracking.figures=false", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                   "--storage-path", str(workdir / "runs"), *(["--stream"] if kind == "stream" else [])]
+    began = time.time()
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    sampler = PeakRss(process.pid)
+    output, _ = process.communicate()
+    memory = sampler.stop()
+    if process.returncode != 0:
+        return {"failed": output.strip().splitlines()[-1] if output.strip() else f"exit {process.returncode}"}
+    result = {"wall_s": time.time() - began, "rss_mib": memory}
+    if kind == "documented":
+        result.update(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
+    else:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+        run = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id],
+                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
+        result.update(samples_per_s=run.data.metrics["samples_per_s"],
+                      first_step_s=run.data.metrics["time_to_first_step_s"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0], help="table sizes, GB of float32")
+    parser.add_argument("--memory-up-to", type=float, default=0.5, help="largest size read in memory")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", default=["stream", "memory", "documented"])
+    parser.add_argument("--dir", default=None, help="where the tables are written (default: a temp dir)")
+    args = parser.parse_args()
+    root = Path(args.dir or tempfile.mkdtemp(prefix="raydeep-ingest-"))
+    for size in args.sizes:
+        table = write_table(root, size)
+        for kind in args.kinds:
+            if kind == "memory" and size > args.memory_up_to:
+                continue
+            results = []
+            for repeat in range(args.repeats):
+                workdir = root / f"{kind}-{size:g}-{repeat}"
+                workdir.mkdir(exist_ok=True)
+                results.append(run_one(kind, table, workdir))
+            failed = [r["failed"] for r in results if "failed" in r]
+            if failed:
+                print(f"{size:g} GB {kind:<10} FAILED: {failed[0]}")
+                continue
+
+            def spread(key):
+                values = [r[key] for r in results]
+                return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
+
+            peak = {k: max(r["rss_mib"].get(k, 0) for r in results) for k in results[0]["rss_mib"]}
+            print(f"{size:g} GB {kind:<10} samples/s {spread('samples_per_s')}  first step "
+                  f"{statistics.median(r['first_step_s'] for r in results):.1f} s  peak RSS MiB: "
+                  + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
