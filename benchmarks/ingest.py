@@ -10,7 +10,9 @@ For each table size, in one run, each a fresh process with its own embedded Ray:
 
 Printed per run: training samples/s, time to the first batch or step, and the peak RSS of
 every process of the run (the driver, Ray's own, each worker and each Ray Data task's),
-read from /proc every 0.2 s: the largest per kind and their sum at its highest.
+read from /proc every 0.2 s: the largest per kind and their sum at its highest. Each run
+takes `--steps` steps of one epoch: streamed, the table is read as far as they need; read
+whole, it is loaded first (what the memory columns show).
 
     python benchmarks/ingest.py --sizes 0.5 2 --repeats 3
 """
@@ -85,7 +87,7 @@ class PeakRss:
             for pid in self._tree():
                 try:
                     status = Path(f"/proc/{pid}/status").read_text()
-                    name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:60]
+                    name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
                 rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
@@ -130,33 +132,35 @@ def loop(config):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     shard = ray.train.get_dataset_shard("train")
     seen, began, first = 0, time.time(), None
-    for batch in shard.iter_torch_batches(batch_size=config["batch"], drop_last=True):
+    for step, batch in enumerate(shard.iter_torch_batches(batch_size=config["batch"], drop_last=True)):
+        if step == config["steps"]:
+            break
         x = torch.stack([batch[f"f{j}"] for j in range(64)], dim=1)
         loss = torch.nn.functional.cross_entropy(model(x), batch["label"])
         optimizer.zero_grad(); loss.backward(); optimizer.step()
         seen += len(x)
         first = first or time.time()
-    ray.train.report({"seen": seen, "seconds": time.time() - began, "first": first})
+    if ray.train.get_context().get_world_rank() == 0:  # Ray Train V2 keeps metrics with checkpoints only
+        print("RESULT " + json.dumps({"samples_per_s": ray.train.get_context().get_world_size() * seen
+                                      / (time.time() - began), "first_step_s": first - config["started"]}))
 
 ray.init(num_cpus=3, include_dashboard=False)
-trainer = TorchTrainer(loop, train_loop_config={"batch": 32},
+trainer = TorchTrainer(loop, train_loop_config={"batch": 32, "started": started, "steps": int(sys.argv[2])},
                        scaling_config=ScalingConfig(num_workers=2),
                        datasets={"train": ray.data.read_parquet(sys.argv[1])})
-metrics = trainer.fit().metrics
-print("RESULT " + json.dumps({"samples_per_s": 2 * metrics["seen"] / metrics["seconds"],
-                              "first_step_s": metrics["first"] - started}))
+trainer.fit()
 '''
 
 
-def run_one(kind: str, table: Path, workdir: Path) -> dict:
+def run_one(kind: str, table: Path, workdir: Path, steps: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if kind == "documented":
-        command = [sys.executable, "-c", DOCUMENTED, str(table)]
+        command = [sys.executable, "-c", DOCUMENTED, str(table), str(steps)]
     else:
         command = [sys.executable, "-m", "cluster.cli", "run", "--strategy", "allreduce", "--data", str(table),
                    "--epochs", "1", "--set", "model.width=64", "--set", "data.val_fraction=0.01",
                    "--set", "data.test_fraction=0.01", "--set", "tracking.log_model=false",
-                   "--set", "tracking.figures=false", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                   "--set", "tracking.figures=false", "--set", f"optim.steps_per_epoch={steps}", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                    "--storage-path", str(workdir / "runs"), *(["--stream"] if kind == "stream" else [])]
     began = time.time()
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -168,7 +172,8 @@ def run_one(kind: str, table: Path, workdir: Path) -> dict:
         return {"failed": output.strip().splitlines()[-1] if output.strip() else f"exit {process.returncode}"}
     result = {"wall_s": time.time() - began, "rss_mib": memory}
     if kind == "documented":
-        result.update(json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:]))
+        line = next(line for line in output.splitlines() if "RESULT " in line)
+        result.update(json.loads(line[line.index("RESULT ") + 7:]))
     else:
         from mlflow.tracking import MlflowClient
 
@@ -186,6 +191,8 @@ def main() -> None:
     parser.add_argument("--memory-up-to", type=float, default=0.5, help="largest size read in memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", default=["stream", "memory", "documented"])
+    parser.add_argument("--steps", type=int, default=1500,
+                        help="optimizer steps per run (64 rows each): the table is read as far as they take")
     parser.add_argument("--dir", default=None, help="where the tables are written (default: a temp dir)")
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="raydeep-ingest-"))
@@ -198,7 +205,7 @@ def main() -> None:
             for repeat in range(args.repeats):
                 workdir = root / f"{kind}-{size:g}-{repeat}"
                 workdir.mkdir(exist_ok=True)
-                results.append(run_one(kind, table, workdir))
+                results.append(run_one(kind, table, workdir, args.steps))
             failed = [r["failed"] for r in results if "failed" in r]
             if failed:
                 print(f"{size:g} GB {kind:<10} FAILED: {failed[0]}")

@@ -37,6 +37,12 @@ def encode(labels: list, known: list) -> np.ndarray:
     return np.array([index[v] for v in labels], dtype=np.int64)
 
 
+def encode_array(values: np.ndarray, known: list) -> np.ndarray:
+    """`encode` of a numpy array of labels, vectorised (`known` sorted, holding them all)."""
+    ordered = np.asarray(known, dtype=values.dtype if values.dtype.kind != "O" else object)
+    return np.searchsorted(ordered, values).astype(np.int64)
+
+
 def check_known(labels: list, known: list, named: str, path: str, label: str, source: str) -> None:
     """A held-out table's labels are classes the training table has."""
     have = set(known)

@@ -38,9 +38,10 @@ BATCH_ROWS = 65_536
 _PRIME = np.uint64(0x100000001B3)
 
 
-def split_of(x: np.ndarray, labels: list, test_fraction: float, val_fraction: float) -> np.ndarray:
+def split_of(x: np.ndarray, labels, test_fraction: float, val_fraction: float) -> np.ndarray:
     """Each row's split (0 train, 1 validation, 2 test), by a hash of its float32 features'
-    bits and its label: integer arithmetic, the same on every machine."""
+    bits and its label (an array as arrow's `to_numpy` gives it): integer arithmetic, the
+    same on every machine."""
     import pandas as pd
 
     bits = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.uint32).astype(np.uint64)
@@ -48,7 +49,8 @@ def split_of(x: np.ndarray, labels: list, test_fraction: float, val_fraction: fl
     with np.errstate(over="ignore"):
         for column in bits.T:  # FNV-1a over 32-bit words, then SplitMix64's finaliser
             h = (h ^ column) * _PRIME
-        h ^= pd.util.hash_array(np.asarray(labels, dtype=object)).astype(np.uint64)
+        values = np.asarray(labels)
+        h ^= pd.util.hash_array(values.astype(object) if values.dtype.kind in "USO" else values).astype(np.uint64)
         h ^= h >> np.uint64(30)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(27)
@@ -136,16 +138,20 @@ class _Prepare:
 
         t = self.table
         x = rows.features(t.source, batch, t.features)
-        values = batch.column(t.label).to_pylist()
+        values = label_array(batch, t.label)
         keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
-        x, values = x[keep], [v for v, k in zip(values, keep) if k]
-        y = (labels.targets(values, t.source, t.label) if t.task == "regression"
-             else labels.encode(values, t.classes))
+        x, values = x[keep], values[keep]
+        y = (values.astype(np.float32) if t.task == "regression" else labels.encode_array(values, t.classes))
         if t.mean is not None:
             x = (x - t.mean) / t.std
         if t.input_shape:
             x = x.reshape(len(x), *t.input_shape)
         return {"x": np.ascontiguousarray(x, dtype=np.float32), "y": y}
+
+
+def label_array(batch, label: str) -> np.ndarray:
+    """A batch's label column as numpy (strings as objects): no Python list per row."""
+    return batch.column(label).to_numpy(zero_copy_only=False)
 
 
 @dataclass
@@ -275,18 +281,18 @@ def load(section, seed: int = 0, dataset=None):
         if first is None:
             first = table
             task = labels.task_of(table.label_type, section.task, section.source, section.label)
-        which = split_of(table.x, table.labels, test_fraction, val_fraction)
+        values = label_array(batch, section.label)
+        which = split_of(table.x, values, test_fraction, val_fraction)
         train = which == 0
         scan.moments.add(table.x[train])
-        values = [v for v, k in zip(table.labels, train) if k]
         if task == "regression":
-            targets.add(labels.targets(values, section.source, section.label)[:, None])
+            targets.add(labels.targets(values[train], section.source, section.label)[:, None])
         else:
-            scan.labels.update(values)
+            scan.labels.update(np.unique(values[train]).tolist())
         for k in (1, 2):
             mask = which == k
             scan.held[k][0].append(table.x[mask])
-            scan.held[k][1].extend(v for v, r in zip(table.labels, mask) if r)
+            scan.held[k][1].extend(values[mask].tolist())
             scan.held_bytes += table.x[mask].nbytes
         if scan.held_bytes > limit:
             raise DataError(f"the validation and test rows drawn from {section.source!r} exceed "
@@ -328,11 +334,11 @@ def load(section, seed: int = 0, dataset=None):
     (x_val, y_val), (x_test, y_test) = held["val"], held["test"]
     empty = ready(first.x[:0])
     result = Dataset(section.source, empty, t(np.zeros(0, np.float32 if classes is None else np.int64)),
-                          ready(x_val), t(np.asarray(y_val)), ready(x_test), t(np.asarray(y_test)),
-                          [str(c) for c in classes] if classes is not None else [],
-                          feature_mean=t(mean).reshape(empty.shape[1:]) if mean is not None else None,
-                          feature_std=t(std).reshape(empty.shape[1:]) if std is not None else None,
-                          columns=first.columns)
+                     ready(x_val), t(np.asarray(y_val)), ready(x_test), t(np.asarray(y_test)),
+                     [str(c) for c in classes] if classes is not None else [],
+                     feature_mean=t(mean).reshape(empty.shape[1:]) if mean is not None else None,
+                     feature_std=t(std).reshape(empty.shape[1:]) if std is not None else None,
+                     columns=first.columns)
     if task == "regression":
         result.task, result.target_mean, result.target_std = task, float(targets.mean[0]), float(targets.std()[0])
     result.stream = StreamedTable(section.source, files, section.label, first.features, task, classes, mean, std,
