@@ -14,22 +14,19 @@
   it, ``output_loss(output, batch)`` if its loss is not cross-entropy on the last output.
 
 `adapt` puts a module behind exactly the seams raydeep's own families offer
-(`models.base.Classifier`), so strategies never ask whose module they train.
+(it is a `models.base.Classifier`), so strategies never ask whose module they train.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.base import classification_sums
-from models.targets import RegressionTarget
+from models.base import Classifier
 
 
-class UserModel(nn.Module):
-    """A user's module with the methods it lacks filled in from the contract above."""
-
-    task = "classification"
+class UserModel(Classifier):
+    """A user's module with the methods it lacks filled in from the contract above: the
+    objective, metrics and predictions of raydeep's own supervised families."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
@@ -38,37 +35,20 @@ class UserModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
-    def regress(self, mean: float, std: float) -> None:
-        self.targets = RegressionTarget(mean, std)
-        self.task = "regression"
-
-    def objective(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.targets.loss(output, y) if self.task == "regression" else F.cross_entropy(output, y)
-
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         own = getattr(self.module, "loss", None)
-        if callable(own):
-            return own(batch)
-        x, y = batch
-        return self.objective(self.module(x), y)
+        return own(batch) if callable(own) else super().loss(batch)
 
     @torch.no_grad()
     def evaluate(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         own = getattr(self.module, "evaluate", None)
-        if callable(own):
-            sums = own(batch)
-            if not isinstance(sums, dict) or "count" not in sums:
-                raise ValueError(f"{type(self.module).__name__}.evaluate(batch) must return a dict of "
-                                 "per-example metric sums with 'count' (the number of examples)")
-            return sums
-        x, y = batch
-        output = self.module(x)
-        return self.targets.sums(output, y) if self.task == "regression" else classification_sums(output, y)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        output = self.module(x)
-        return self.targets.predict(output) if self.task == "regression" else output.argmax(dim=1)
+        if not callable(own):
+            return super().evaluate(batch)
+        sums = own(batch)
+        if not isinstance(sums, dict) or "count" not in sums:
+            raise ValueError(f"{type(self.module).__name__}.evaluate(batch) must return a dict of "
+                             "per-example metric sums with 'count' (the number of examples)")
+        return sums
 
     def unwrapped(self) -> nn.Module:
         """The user's own module, as logged to MLflow: loading it needs only the user's code."""

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TASKS = ("classification", "regression")
+"""What a run's labels are (`data.task`): classes, or a target to regress."""
 
 
 class RegressionTarget(nn.Module):
@@ -68,4 +69,3 @@ def finish_means(means: dict[str, float]) -> dict[str, float]:
 
 def supports_regression(model: nn.Module) -> bool:
     return callable(getattr(model, "regress", None))
-

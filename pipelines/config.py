@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import models
+from models.targets import TASKS
 from pipelines import imported_model, registry
 from pipelines.errors import ConfigError
 from pipelines.imported_model import looks_like_path
@@ -343,8 +344,7 @@ def validate(config: RunConfig) -> None:
         need(given is None or given.strip() != "", f"data.{key} must not be empty (a Parquet or CSV table)")
         need(given is None or d.source not in ("digits", "synthetic"),
              f"data.{key} needs data.source to be a table too: {d.source} is split by its own seed")
-    need(d.task in (None, "classification", "regression"),
-         f"data.task must be classification or regression, got {d.task!r}")
+    need(d.task is None or d.task in TASKS, f"data.task must be {' or '.join(TASKS)}, got {d.task!r}")
     need(d.task != "regression" or d.source not in ("digits", "synthetic"),
          f"data.task regression needs a table with a numeric label column: {d.source} holds classes")
     need(not d.stream or d.source not in ("digits", "synthetic"),

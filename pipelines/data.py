@@ -125,14 +125,6 @@ def check_synthetic_size(section: DataSection) -> None:
             f"{gib(memory)} GiB: ask for fewer data.synthetic_samples or classes, or a smaller shape")
 
 
-def read_table(path: str, label: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A Parquet or CSV table: a label column and numeric feature columns (or one list column);
-    its features, its labels as class indices, and the class names (the label values, sorted)."""
-    table = rows.read_labelled(path, label)
-    classes = labels.classes(table.labels, path, label)
-    return table.x, labels.encode(table.labels, classes), [str(c) for c in classes]
-
-
 def _split(name, x, y, names, test_fraction, val_fraction, seed, held=None, stratify=True) -> Dataset:
     """Train, validation and test splits: each of `held` ("val", "test": features and
     labels) as given, the others drawn from `x`, `y` (stratified unless `stratify` is

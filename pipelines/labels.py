@@ -32,15 +32,14 @@ def classes(labels: list, path: str, label: str) -> list:
     return found
 
 
-def encode(labels: list, known: list) -> np.ndarray:
-    index = {c: i for i, c in enumerate(known)}
-    return np.array([index[v] for v in labels], dtype=np.int64)
-
-
-def encode_array(values: np.ndarray, known: list) -> np.ndarray:
-    """`encode` of a numpy array of labels, vectorised (`known` sorted, holding them all)."""
-    ordered = np.asarray(known, dtype=values.dtype if values.dtype.kind != "O" else object)
-    return np.searchsorted(ordered, values).astype(np.int64)
+def encode(values, known: list) -> np.ndarray:
+    """Each label's index in `known` (the sorted classes, holding every one of `values`),
+    vectorised: a list or numpy array; text compared as Python objects, so a class longer
+    than every label at hand is not cut to their length."""
+    values = np.asarray(values)
+    text = values.dtype.kind in "USO"
+    ordered = np.asarray(known, dtype=object if text else values.dtype)
+    return np.searchsorted(ordered, values.astype(object) if text else values).astype(np.int64)
 
 
 def check_known(labels: list, known: list, named: str, path: str, label: str, source: str) -> None:

@@ -86,6 +86,8 @@ def train(config: RunConfig, data: datasets.Dataset | None = None, *,
     if model is not None:
         config = dataclasses.replace(config, model=ModelSection(*imported_model.from_object(model)))
     if table is not None:
+        if not all(callable(getattr(table, m, None)) for m in ("iter_batches", "map_batches")):
+            raise ConfigError(f"table= takes a ray.data.Dataset of the table's columns, got {type(table).__name__}")
         source = config.data.source if config.data.source not in ("digits", "synthetic") else "ray.data.Dataset"
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=source, stream=True))
         validate(config)
@@ -196,15 +198,14 @@ def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
         if any(k.startswith("grad_norm.") for k in history[-1]):
             drawn.append(("grad_norms.png", figures.grad_norms(history)))
     model.eval()
-    if getattr(model, "task", None) == "classification":
+    task = getattr(model, "task", None)
+    if task in ("classification", "regression"):
         predicted = np.concatenate([
             model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
         drawn.append(("confusion_matrix.png",
-                      figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names)))
-    elif getattr(model, "task", None) == "regression":
-        predicted = np.concatenate([
-            model.predict(data.x_test[i:i + 512]).numpy() for i in range(0, len(data.y_test), 512)])
-        drawn.append(("predicted_vs_true.png", figures.predicted_vs_true(data.y_test.numpy(), predicted)))
+                      figures.confusion_matrix(data.y_test.numpy(), predicted, data.class_names))
+                     if task == "classification" else
+                     ("predicted_vs_true.png", figures.predicted_vs_true(data.y_test.numpy(), predicted)))
     first = _first_layer_filters(model, data.input_shape)
     if first is not None:
         drawn.append(("first_layer_filters.png", first))

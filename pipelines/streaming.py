@@ -141,7 +141,7 @@ class _Prepare:
         values = label_array(batch, t.label)
         keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
         x, values = x[keep], values[keep]
-        y = (values.astype(np.float32) if t.task == "regression" else labels.encode_array(values, t.classes))
+        y = (values.astype(np.float32) if t.task == "regression" else labels.encode(values, t.classes))
         if t.mean is not None:
             x = (x - t.mean) / t.std
         if t.input_shape:

@@ -109,6 +109,10 @@ def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path):
     pq.write_table(pa.table({"a": pa.array([], pa.float64()), "label": pa.array([], pa.int64())}), empty / "a.parquet")
     with pytest.raises(DataError, match="has no rows"):
         data.load(DataSection(source=str(empty), stream=True))
+    import pipelines
+
+    with pytest.raises(Exception, match="table= takes a ray.data.Dataset of the table's columns, got list"):
+        pipelines.train(load(overrides={"strategy.name": "local"}), table=[1, 2])
     run = load(overrides={"data.stream": True, "data.source": str(shifted), "resources.workers": 2})
     bundles = [{"CPU": 1.0}, {"CPU": 1.0}]
     assert streaming.data_shortfall(run, bundles, {"CPU": 3.0}) is None
