@@ -349,8 +349,9 @@ def validate(config: RunConfig) -> None:
          f"data.task regression needs a table with a numeric label column: {d.source} holds classes")
     need(not d.stream or d.source not in ("digits", "synthetic"),
          f"data.stream needs data.source to be a table (Parquet or CSV files): {d.source} is generated in memory")
-    need(not d.stream or registry.get(config.strategy.name).streams,
-         f"data.stream is built for the local and allreduce strategies so far; {config.strategy.name} "
+    streaming = [n for n in registry.names() if registry.get(n).streams]
+    need(not d.stream or config.strategy.name in streaming,
+         f"data.stream works under {', '.join(streaming[:-1])} and {streaming[-1]}; {config.strategy.name} "
          "reads its training rows from memory (drop data.stream)")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
     # The split's RandomState takes 32 bits: its own message would name numpy's limit.

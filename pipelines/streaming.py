@@ -38,10 +38,9 @@ BATCH_ROWS = 65_536
 _PRIME = np.uint64(0x100000001B3)
 
 
-def split_of(x: np.ndarray, labels, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """Each row's split (0 train, 1 validation, 2 test), by a hash of its float32 features'
-    bits and its label (an array as arrow's `to_numpy` gives it): integer arithmetic, the
-    same on every machine."""
+def row_hash(x: np.ndarray, labels) -> np.ndarray:
+    """Each row's 64-bit hash of its float32 features' bits and its label (an array as
+    arrow's `to_numpy` gives it): integer arithmetic, the same on every machine."""
     import pandas as pd
 
     bits = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.uint32).astype(np.uint64)
@@ -56,8 +55,19 @@ def split_of(x: np.ndarray, labels, test_fraction: float, val_fraction: float) -
         h ^= h >> np.uint64(27)
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(31)
-    u = (h >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    return h
+
+
+def split_of(x: np.ndarray, labels, test_fraction: float, val_fraction: float) -> np.ndarray:
+    """Each row's split (0 train, 1 validation, 2 test), from the top 53 bits of its hash."""
+    u = (row_hash(x, labels) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
     return np.where(u < test_fraction, 2, np.where(u < test_fraction + (1 - test_fraction) * val_fraction, 1, 0))
+
+
+def part_of(x: np.ndarray, labels, parts: int) -> np.ndarray:
+    """Each row's part of `parts` (a `ps` worker's own rows), from the 11 low bits of its
+    hash, which the split does not use: every part holds the same share of each split."""
+    return ((row_hash(x, labels) & np.uint64(0x7FF)) % np.uint64(parts)).astype(np.int64)
 
 
 @dataclass
@@ -109,29 +119,40 @@ class StreamedTable:
     dataset: object = None
     """A user's `ray.data.Dataset` of the table's columns, read in its own order."""
 
-    def training_dataset(self, seed: int, on_driver: bool):
-        """The training rows as a Ray Dataset of {"x", "y"}, files in an order drawn from
-        `seed` and the execution (epoch) number; read `on_driver` (`local`) or by Ray Train's
-        split coordinator, an actor."""
+    def training_dataset(self, seed: int, on_driver: bool, part: tuple[int, int] = (0, 1),
+                         epoch: int | None = None):
+        """The training rows as a Ray Dataset of {"x", "y"}, read `on_driver` (`local`) or
+        by an actor (Ray Train's split coordinator, a `ps` worker, a pipeline stage).
+
+        Files come in an order drawn from `seed` and `epoch`, or, without `epoch`, from
+        `seed` and the execution number (a Dataset Ray Train reads once per epoch). `part`
+        (rank, parts) keeps one part of the rows: with at least `parts` files, every
+        `parts`-th file from `rank` on (each file read once by one reader); with fewer, the
+        rows whose hash falls in the part (each reader reads every file)."""
         import ray.data
         from ray.data import FileShuffleConfig
 
         keep_order(on_driver)  # a dataset carries the context it was made in, to the split too
+        rank, parts = part
         if self.dataset is not None:
             self.dataset.context.execution_options.preserve_order = True
             self.dataset.context.enable_progress_bars = not on_driver
-            return self.dataset.map_batches(_Prepare(self), batch_format="pyarrow", num_cpus=TASK_CPUS)
+            return self.dataset.map_batches(_Prepare(self, part), batch_format="pyarrow", num_cpus=TASK_CPUS)
+        paths, rows_part = self.files.paths, part
+        if parts > 1 and len(paths) >= parts:
+            paths, rows_part = paths[rank::parts], (0, 1)
+        shuffle = (FileShuffleConfig(seed=seed, reseed_after_execution=True) if epoch is None else
+                   FileShuffleConfig(seed=(seed * 100_003 + epoch) % 2 ** 31))
         read = ray.data.read_parquet if self.files.format == "Parquet" else ray.data.read_csv
-        dataset = read(self.files.paths, filesystem=self.files.filesystem, num_cpus=TASK_CPUS,
-                       shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True))
-        return dataset.map_batches(_Prepare(self), batch_format="pyarrow", num_cpus=TASK_CPUS)
+        dataset = read(paths, filesystem=self.files.filesystem, num_cpus=TASK_CPUS, shuffle=shuffle)
+        return dataset.map_batches(_Prepare(self, rows_part), batch_format="pyarrow", num_cpus=TASK_CPUS)
 
 
 class _Prepare:
     """A batch of raw rows -> the training rows' standardised features and labels."""
 
-    def __init__(self, table: StreamedTable):
-        self.table = table
+    def __init__(self, table: StreamedTable, part: tuple[int, int] = (0, 1)):
+        self.table, self.part = table, part
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
         from pipelines import labels, rows
@@ -140,6 +161,9 @@ class _Prepare:
         x = rows.features(t.source, batch, t.features)
         values = label_array(batch, t.label)
         keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
+        rank, parts = self.part
+        if parts > 1:
+            keep &= part_of(x, values, parts) == rank
         x, values = x[keep], values[keep]
         y = (values.astype(np.float32) if t.task == "regression" else labels.encode(values, t.classes))
         if t.mean is not None:
@@ -222,22 +246,37 @@ def data_shortfall(run, bundles: list[dict], available: dict) -> str | None:
 
 
 class Streamed:
-    """A worker's training rows from a streamed table: `InMemory`'s `epoch`, over a Ray
-    Dataset (`local`) or this worker's shard of one (`allreduce`: `get_dataset_shard`)."""
+    """A worker's training rows from a streamed table: `InMemory`'s `epoch`.
 
-    def __init__(self, rows, shuffle_rows: int = 4096):
-        self.rows, self.shuffle_rows = rows, shuffle_rows
+    Over `rows` (Ray Train's `get_dataset_shard`), or over `table`'s rows read afresh in
+    each epoch (its files in that epoch's order) by this process (`on_driver`) or actor,
+    `part` of them. Over rows of this worker's own, each batch holds global_batch / world
+    rows. `whole`: over every training row, each batch is a global batch of which this
+    worker takes rows rank, rank + world, ... as `InMemory` does, so that workers reading
+    the same stream (a pipeline's first and last stages, its replicas) see the same
+    batches, whose count is known ahead (`loop.steps_per_epoch` of the table's rows)."""
+
+    def __init__(self, rows=None, *, table: StreamedTable | None = None, on_driver: bool = False,
+                 part: tuple[int, int] = (0, 1), whole: bool = False, shuffle_rows: int = 4096):
+        self.rows, self.table, self.on_driver, self.part = rows, table, on_driver, part
+        self.whole, self.shuffle_rows = whole, shuffle_rows
 
     def epoch(self, global_batch: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1,
               cap: int | None = None, device="cpu"):
-        batches = self.rows.iter_torch_batches(
-            batch_size=global_batch // world, drop_last=True, device=str(device),
-            local_shuffle_buffer_size=max(self.shuffle_rows, global_batch // world),
-            local_shuffle_seed=(seed * 100_003 + epoch) * 1_009 + rank)
+        rows = self.rows if self.rows is not None else self.table.training_dataset(
+            seed, self.on_driver, self.part, epoch)
+        size = global_batch if self.whole else global_batch // world
+        batches = rows.iter_torch_batches(
+            batch_size=size, drop_last=True, device=str(device),
+            local_shuffle_buffer_size=max(self.shuffle_rows, size),
+            local_shuffle_seed=(seed * 100_003 + epoch) * 1_009 + (0 if self.whole else rank))
         for step, batch in enumerate(batches):
             if cap is not None and step >= cap:
                 break
-            yield batch["x"], batch["y"]
+            if self.whole and world > 1:
+                yield batch["x"][rank::world], batch["y"][rank::world]
+            else:
+                yield batch["x"], batch["y"]
 
 
 def keep_order(on_driver: bool) -> None:

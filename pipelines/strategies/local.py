@@ -8,7 +8,7 @@ from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.registry import register
 from pipelines.strategies.base import FitResult, Strategy
-from pipelines.training.epochs import Collective, train_epochs
+from pipelines.training.epochs import Collective, driver_rows, train_epochs
 
 
 @dataclass
@@ -37,11 +37,7 @@ class LocalStrategy(Strategy):
         state = context.resume_state()
         # Time to first step is a fresh run's figure, in every strategy (allreduce cannot
         # tell a resumed run from a worker group restarted from a checkpoint).
-        source = None
-        if data.stream is not None:  # read by Ray Data on this process
-            from pipelines.streaming import Streamed
-
-            source = Streamed(data.stream.training_dataset(run.seed, on_driver=True))
+        source = driver_rows(run, data) if data.stream is not None else None  # Ray Data, here
         model = train_epochs(run, data, context.tracker, Collective(), state, after_epoch,
                              None if state else first_step, source)
         return FitResult({k: v.detach().cpu() for k, v in model.state_dict().items()},

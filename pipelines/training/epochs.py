@@ -96,8 +96,18 @@ def driver_model(run: RunConfig, data: Dataset, context) -> tuple[nn.Module, dic
         model.load_state_dict(state["model"])
         context.say(f"resumed from the checkpoint of epoch {state['epoch'] + 1}")
     else:
-        pretrain(model, run, InMemory(data.x_train, data.y_train), context.tracker, Collective())
+        pretrain(model, run, driver_rows(run, data), context.tracker, Collective())
     return model, state
+
+
+def driver_rows(run: RunConfig, data: Dataset):
+    """The training rows as a batch source read on this process: in memory, or a streamed
+    table read through Ray Data here."""
+    if data.stream is None:
+        return InMemory(data.x_train, data.y_train)
+    from pipelines.streaming import Streamed
+
+    return Streamed(table=data.stream, on_driver=True)
 
 
 def pretrain(model: nn.Module, run: RunConfig, source, tracker, comm: Collective) -> None:

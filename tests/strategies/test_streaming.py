@@ -1,8 +1,10 @@
 """Training on a streamed table (`data.stream`): Ray Data reads the training rows in every
-epoch, under `local` on the driver and under `allreduce` as Ray Train's dataset shards."""
+epoch, under `local` on the driver, under `allreduce` as Ray Train's dataset shards, in each
+`ps` worker (its own part) and in a pipeline's first and last stages."""
 import math
 
 import pytest
+import torch
 from helpers import digits_table, run_cli, small_run
 from mlflow.tracking import MlflowClient
 
@@ -21,20 +23,26 @@ def digits_parts(tmp_path_factory):
 
 def test_an_epochs_batches_follow_the_seed_and_change_with_the_epoch(ray_session, digits_parts):
     table = data.load(DataSection(source=str(digits_parts), stream=True)).stream
-    reader = Streamed(table.training_dataset(seed=5, on_driver=True))
+    reader = Streamed(table=table, on_driver=True)
     whole_epoch = [(x[:2].sum().item(), len(y)) for x, y in reader.epoch(64, seed=5, epoch=0)]
     assert sum(n for _, n in whole_epoch) == table.rows // 64 * 64  # every row but a last partial batch
     first = [value for value, _ in whole_epoch[:3]]
     second = [x[:2].sum().item() for x, _ in reader.epoch(64, seed=5, epoch=1, cap=3)]
     assert second != first  # another epoch, another order of files and rows
-    # a new run's reader (its executions counted from 0) gives the same batches: the local
-    # loop, deterministic given its batches, the same bits
-    again = Streamed(table.training_dataset(seed=5, on_driver=True))
+    # a new run's reader gives the same batches: the local loop, deterministic given its
+    # batches, the same bits
+    again = Streamed(table=table, on_driver=True)
     assert [x[:2].sum().item() for x, _ in again.epoch(64, seed=5, epoch=0, cap=3)] == first
+    # two readers' parts (every other file of four) hold every training row once
+    def rows(dataset):
+        return sorted((int(r["y"]), float(r["x"].sum())) for r in dataset.take_all())
+
+    parts = [rows(table.training_dataset(5, True, part=(k, 2), epoch=0)) for k in range(2)]
+    assert min(map(len, parts)) > 0 and sorted(parts[0] + parts[1]) == rows(table.training_dataset(5, True))
 
 
-def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_and_allreduce(ray_session, digits_parts, store):
-    common = {"tracking.uri": store, "data.source": str(digits_parts), "optim.epochs": 3, "optim.lr": 0.1}
+def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_ps_and_allreduce(ray_session, digits_parts, store):
+    common = {"tracking.uri": store, "data.source": str(digits_parts), "optim.epochs": 2, "optim.lr": 0.1}
     whole = pipelines.train(small_run(**common))
     local = pipelines.train(small_run(**common, **{"data.stream": True}))
     # Another split (a hash of each row instead of a stratified draw) and order: the same
@@ -42,16 +50,18 @@ def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_and_allre
     tests = len(data.load(DataSection(source=str(digits_parts), stream=True)).y_test)
     margin = 3 * math.sqrt(0.25 / tests)
     assert local.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, (local.metrics, whole.metrics)
-    # a user's own ray.data.Dataset, through the Python API: streamed the same way
+    # a user's own ray.data.Dataset, through the Python API, under two asynchronous ps
+    # workers: each reads the rows whose hash falls in its part
     import ray.data
 
-    theirs = pipelines.train(small_run(**{**common, "data.source": "digits", "optim.epochs": 2}),
+    theirs = pipelines.train(small_run(**{**common, "data.source": "digits", "strategy.name": "ps",
+                                          "resources.workers": 2}),
                              table=ray.data.read_parquet(str(digits_parts)))
     assert theirs.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, theirs.metrics
     run = MlflowClient(store).get_run(theirs.run_id)
     assert run.data.tags["raydeep.data"] == "ray.data.Dataset" and run.data.params["data.stream"] == "True"
     # allreduce: two workers, each its share of every epoch through get_dataset_shard
-    result = run_cli("run", "--strategy", "allreduce", "--data", str(digits_parts), "--stream", "--epochs", "3",
+    result = run_cli("run", "--strategy", "allreduce", "--data", str(digits_parts), "--stream", "--epochs", "2",
                      "--lr", "0.1", "--tracking-uri", store, "--run-name", "streamed", "--set",
                      "tracking.log_model=false", "--set", "tracking.figures=false", cwd=digits_parts.parent)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,3 +70,26 @@ def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_and_allre
         [MlflowClient(store).get_experiment_by_name("raydeep").experiment_id]) if r.info.run_name == "streamed")
     assert run.info.status == "FINISHED" and run.data.params["data.stream"] == "True"
     assert run.data.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, run.data.metrics
+
+
+STAGED = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32, "model.depth": 3,
+          "model.width": 32, "data.stream": True, "optim.lr": 0.1}
+
+
+def test_a_ps_worker_and_pipeline_stages_stream_what_local_streams(ray_session, digits_parts, store):
+    common = {**STAGED, "tracking.uri": store, "data.source": str(digits_parts)}
+    reference = pipelines.train(small_run(**common))
+    losses = [h["train_loss"] for h in reference.history]
+    assert losses[1] < losses[0], losses  # the weights moved: the comparison proves something
+    local = reference.model.state_dict()
+    # The pipeline's first stage reads the inputs and its last the labels of the same
+    # batches; one ps worker with staleness 0 takes local's steps. Tolerances: as in
+    # test_pipeline.py and test_param_server.py (another summation order of the same
+    # mini-batches' gradients, bounded there).
+    piped = pipelines.train(small_run(**common, **{"strategy.name": "pipeline", "strategy.stages": 2,
+                                                   "strategy.microbatches": 4})).model.state_dict()
+    served = pipelines.train(small_run(**common, **{"strategy.name": "ps", "resources.workers": 1,
+                                                    "strategy.staleness": 0})).model.state_dict()
+    for key, value in local.items():
+        torch.testing.assert_close(piped[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(served[key], value, rtol=1e-5, atol=1e-6)

@@ -53,6 +53,20 @@ def test_a_rows_split_depends_on_its_values_only_and_meets_the_fractions():
     assert (streaming.split_of(x, labels, 0.0, 0.0) == 0).all()
 
 
+def test_a_workers_part_of_the_rows_is_balanced_and_independent_of_the_split():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(30_000, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, size=30_000)
+    which, part = streaming.split_of(x, labels, 0.2, 0.1), streaming.part_of(x, labels, 3)
+    assert set(np.unique(part)) == {0, 1, 2}
+    order = rng.permutation(len(x))
+    assert np.array_equal(streaming.part_of(x[order], labels[order], 3), part[order])  # values only
+    for k in (0, 1, 2):  # each split spread evenly over the parts: binomial counts within 5 sd
+        for split in (0, 2):
+            n = (which == split).sum()
+            assert abs(((which == split) & (part == k)).sum() - n / 3) <= 5 * (n * 2 / 9) ** 0.5, (k, split)
+
+
 def test_moments_combined_batch_by_batch_are_the_whole_arrays():
     rng = np.random.default_rng(1)
     x = 1e6 + rng.normal(size=(10_000, 3))
@@ -102,8 +116,8 @@ def test_a_streamed_float_label_is_a_target_with_the_training_rows_scale(tmp_pat
 def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path):
     with pytest.raises(Exception, match="data.stream needs data.source to be a table"):
         load(overrides={"data.stream": True})
-    with pytest.raises(Exception, match="data.stream is built for the local and allreduce strategies so far; ps"):
-        load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "ps"})
+    with pytest.raises(Exception, match="data.stream works under allreduce, local, pipeline and ps; lbfgs reads"):
+        load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "lbfgs"})
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(pa.table({"a": pa.array([], pa.float64()), "label": pa.array([], pa.int64())}), empty / "a.parquet")

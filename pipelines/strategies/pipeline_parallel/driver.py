@@ -34,7 +34,7 @@ class PipelineRun:
         self.options: PipelineOptions = run.strategy.options
         self.model = build_model(run, data)
         micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
-        example = data.x_train[:micro]
+        example = data.x_train[:micro] if data.stream is None else data.sample(micro)[0]  # streamed: held-out rows
         self.cut = cut(self.model, run.model.name, self.options.stages, example, self.options.split)
         self.shapes = self._shapes(example)
         self.restarts = 0

@@ -23,7 +23,7 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.strategies.pipeline_parallel.schedules import FORWARD, build
 from pipelines.training.flat import unflatten_into
-from pipelines.training.loop import batch_indices, build_model, make_optimizer, restore_optimizer
+from pipelines.training.loop import InMemory, build_model, make_optimizer, restore_optimizer, steps_per_epoch
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""
@@ -48,7 +48,7 @@ class PipelineStage:
         self.block.load_state_dict(state["block"])
         if state["optimizer"] is not None:
             restore_optimizer(self.optimizer, state["optimizer"], run.optim)
-        self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
+        self.rows, self.stream_rows = self._rows(data), data.stream.rows if data.stream else 0
         self.schedule = build(self.options.schedule, self.stages, self.options.microbatches)[stage]
 
     def address(self) -> tuple[str, int]:
@@ -82,16 +82,14 @@ class PipelineStage:
     # --- training ------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int) -> dict:
-        run, o = self.run_config, self.options
+        run = self.run_config
         torch.manual_seed(run.seed * 1009 + self.rank(self.stage, self.replica) + epoch * 7919)
         self.block.train()
         began = time.perf_counter()
         busy, loss_sum, steps, samples, peak = 0.0, 0.0, 0, 0, 0
         first_step_at = None
         timeline: list[tuple[str, float, float]] = []
-        for idx in batch_indices(len(self.y), run.data.batch_size, seed=run.seed, epoch=epoch,
-                                 rank=self.replica, world=self.replicas, cap=run.optim.steps_per_epoch):
-            micro = idx.chunk(o.microbatches)
+        for micro in self._microbatches(epoch):
             timeline = []
             self.optimizer.zero_grad(set_to_none=True)
             step_busy, loss, step_peak = self._run_schedule(micro, began, timeline)
@@ -103,7 +101,7 @@ class PipelineStage:
                 first_step_at = time.time()
             loss_sum += loss
             steps += 1
-            samples += len(idx)
+            samples += sum(len(m[1]) for m in micro)
         wall = time.perf_counter() - began
         if self.last and not math.isfinite(loss_sum):
             raise FloatingPointError(f"training loss became {loss_sum} in epoch {epoch + 1}; "
@@ -159,15 +157,43 @@ class PipelineStage:
             work.wait()
         return busy, loss_total, peak
 
-    def _input(self, idx: torch.Tensor) -> torch.Tensor:
+    def _rows(self, data: Dataset):
+        """Where this stage's rows come from: memory, or, for a streamed table, a stream of
+        every training row that the first and last stages of each replica read alike (the
+        same batches in the same order) while a middle stage reads none."""
+        if data.stream is None:
+            return InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        if not (self.first or self.last):
+            return None
+        from pipelines.streaming import Streamed
+
+        return Streamed(table=data.stream, whole=True)
+
+    def _microbatches(self, epoch: int):
+        """Each step's micro-batches of this replica's share of the global batch, as (x, y);
+        a stage that reads no rows gets (None, row count) to size what it receives."""
+        run, m = self.run_config, self.options.microbatches
+        where = dict(seed=run.seed, epoch=epoch, rank=self.replica, world=self.replicas,
+                     cap=run.optim.steps_per_epoch)
+        if self.rows is not None:
+            for x, y in self.rows.epoch(run.data.batch_size, device=self.device, **where):
+                yield list(zip(x.chunk(m), y.chunk(m)))
+            return
+        share = len(range(self.replica, run.data.batch_size, self.replicas))
+        sizes = [len(c) for c in torch.arange(share).chunk(m)]
+        for _ in range(steps_per_epoch(self.stream_rows, run.data.batch_size, run.optim.steps_per_epoch)):
+            yield [(None, range(k)) for k in sizes]
+
+    def _input(self, micro: tuple) -> torch.Tensor:
         if self.first:  # a denoising model corrupts what its first layer sees
-            x = self.x[idx]
+            x = micro[0]
             return self.model.training_input(x) if hasattr(self.model, "training_input") else x
-        shape = (len(idx), *self.shapes[self.stage])
+        shape = (len(micro[1]), *self.shapes[self.stage])
         return self._receive(self._peer(-1), shape, ACTIVATION).requires_grad_()
 
-    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[idx], self.y[idx]
+    @staticmethod
+    def _batch(micro: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        return micro
 
     def _receive(self, peer: int, shape, tag: int) -> torch.Tensor:
         buffer = torch.empty(shape, device=self.device)

@@ -55,6 +55,7 @@ class PipelineOptions:
 
 class PipelineStrategy(Strategy):
     name = "pipeline"
+    streams = True
     options = PipelineOptions
     description = "pipeline model parallelism: stages on actors, GPipe or 1F1B, x data replicas"
 

@@ -66,6 +66,7 @@ class ParameterServerOptions:
 
 class ParameterServerStrategy(Strategy):
     name = "ps"
+    streams = True
     options = ParameterServerOptions
     description = "asynchronous parameter server (Downpour): sharded servers, bounded staleness"
 

@@ -31,7 +31,7 @@ from pipelines.training.flat import (
     to_wire,
     trainable,
 )
-from pipelines.training.loop import batch_indices, build_model
+from pipelines.training.loop import InMemory, build_model
 
 _MAX_IN_FLIGHT = 4
 _POSITION_EVERY_S = 0.05
@@ -49,7 +49,12 @@ class PSWorker:
         self.device = torch.device(device)
         self.model = build_model(run, data).to(self.device)
         self.model.load_state_dict(initial)
-        self.x, self.y = data.x_train.to(self.device), data.y_train.to(self.device)
+        if data.stream is None:
+            self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        else:
+            from pipelines.streaming import Streamed
+
+            self.rows = Streamed(table=data.stream, part=(rank, world))
         self.shards, self.coordinator, self.layout = shards, coordinator, layout
         self.has_buffers = layout.buffer_numel > 0
         self.versions = [0] * layout.shards
@@ -66,15 +71,15 @@ class PSWorker:
         self._install(ray.get([s.pull.remote() for s in self.shards]))
         accrued, local_steps = None, 0
         for e in range(epoch, run.optim.epochs):
-            batches = list(batch_indices(len(self.y), run.data.batch_size, seed=run.seed, epoch=e,
-                                         rank=self.rank, world=self.world,
-                                         cap=run.optim.steps_per_epoch))
+            skip = step if e == epoch else 0
             began, steps, samples = time.time(), 0, 0
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for s in range(step if e == epoch else 0, len(batches)):
+            for s, batch in enumerate(self._batches(e)):
+                if s < skip:  # a replacement resumes the dead worker's data where it was
+                    continue
                 if local_steps and local_steps % opts.n_fetch == 0:
                     self._refresh()
-                loss, gradient = self._gradient(batches[s])
+                loss, gradient = self._gradient(batch)
                 accrued = gradient if accrued is None else accrued.add_(gradient)
                 local_steps += 1
                 fetch_next = local_steps % opts.n_fetch == 0
@@ -89,7 +94,7 @@ class PSWorker:
                                 p.sub_(p.grad, alpha=run.optim.lr)
                 loss_sum += loss.detach()  # read once per epoch: no sync per step
                 steps += 1
-                samples += len(batches[s])
+                samples += len(batch[1])
             mean = loss_sum.item() / max(steps, 1)
             if not math.isfinite(mean):
                 raise FloatingPointError(f"training loss became {mean} on worker {self.rank} in "
@@ -107,10 +112,17 @@ class PSWorker:
         ray.get(self.coordinator.retire.remote(self.rank))
         return clock
 
-    def _gradient(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batches(self, epoch: int):
+        """This worker's batches of `epoch`: its 1/W of each global batch in memory, or
+        global-batch/W rows at a time from its own part of a streamed table."""
+        run = self.run_config
+        return self.rows.epoch(run.data.batch_size, seed=run.seed, epoch=epoch, rank=self.rank,
+                               world=self.world, cap=run.optim.steps_per_epoch, device=self.device)
+
+    def _gradient(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.model.loss((self.x[idx], self.y[idx]))
+        loss = self.model.loss(batch)
         loss.backward()
         if self.run_config.optim.grad_clip:  # as the shared loop clips, before the local step too
             torch.nn.utils.clip_grad_norm_(trainable(self.model), self.run_config.optim.grad_clip)
