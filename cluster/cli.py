@@ -39,8 +39,7 @@ RUN_FLAGS = {
     "--batch-size": "data.batch_size",
     "--data": "data.source",
     "--label": "data.label", "--task": "data.task",
-    "--val-data": "data.val_source",
-    "--test-data": "data.test_source",
+    "--val-data": "data.val_source", "--test-data": "data.test_source",
     "--input-shape": "data.input_shape",
     "--stream": "data.stream",
     "--tracking-uri": "tracking.uri",
@@ -54,6 +53,7 @@ RUN_FLAGS = {
     "--microbatches": "strategy.microbatches",
     "--schedule": "strategy.schedule",
     "--replicas": "strategy.replicas",
+    "--sync-every": "strategy.sync_every", "--outer-lr": "strategy.outer_lr", "--outer-momentum": "strategy.outer_momentum",
 }
 FLAG_ALIASES = {"--shards": ["--ps-shards"]}
 """Older spellings still taken: `--ps-shards` named `ps`'s shards before `lbfgs` had them too."""

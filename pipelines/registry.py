@@ -16,6 +16,7 @@ BUILTIN = {
     "ps": "pipelines.strategies.ps.strategy",
     "pipeline": "pipelines.strategies.pipeline_parallel.strategy",
     "lbfgs": "pipelines.strategies.lbfgs.strategy",
+    "diloco": "pipelines.strategies.diloco.strategy",
 }
 """Built-in strategy name -> the module whose import registers it."""
 

@@ -20,7 +20,7 @@ def test_models_and_strategies_are_listed(tmp_path):
         assert line in models.stdout
     strategies = run_cli("strategies", cwd=tmp_path)
     assert strategies.returncode == 0
-    assert all(name in strategies.stdout for name in ("allreduce", "lbfgs", "local", "pipeline", "ps"))
+    assert all(name in strategies.stdout for name in ("allreduce", "diloco", "lbfgs", "local", "pipeline", "ps"))
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_strategies_sweep_runs_every_strategy_as_a_trial(ray_session, workdir, s
     result = run_sweep(sweep)
     runs = children(store, result.parent_run_id)
     by_strategy = {r.data.params["strategy.name"]: r for r in runs}
-    assert set(by_strategy) == {"local", "allreduce", "ps", "pipeline"}
+    assert set(by_strategy) == {"local", "allreduce", "ps", "pipeline", "diloco"}
     for name, run in by_strategy.items():
         assert run.info.status == "FINISHED", (name, run.data.tags.get("error"))
         history = MlflowClient(store).get_metric_history(run.info.run_id, "val_accuracy")

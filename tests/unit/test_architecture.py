@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("cluster", "pipelines", "models")
-STRATEGY_PACKAGES = ("ps", "lbfgs", "pipeline_parallel")
+STRATEGY_PACKAGES = ("ps", "lbfgs", "pipeline_parallel", "diloco")
 
 
 def _module_name(path: Path) -> str:

@@ -1,0 +1,84 @@
+"""A DiLoCo worker: a model replica that takes H inner steps on its own share of each
+global batch between two synchronisations, with an inner optimizer that it keeps from round
+to round (the paper's inner AdamW state stays on the worker).
+
+A round starts from the global parameters the driver sends and ends by sending back the
+pseudo-gradient, the start minus where the H steps led: the outer optimizer treats it as a
+gradient of the global parameters.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from pipelines.config import RunConfig
+from pipelines.data import Dataset
+from pipelines.training.flat import (
+    flat_buffers,
+    flat_parameters,
+    load_buffers,
+    load_parameters,
+    to_wire,
+    trainable,
+)
+from pipelines.training.loop import InMemory, build_model, make_optimizer
+
+
+class DiLoCoWorker:
+    def __init__(self, rank: int, world: int, run: RunConfig, data: Dataset, device: str):
+        self.rank, self.world, self.run_config = rank, world, run
+        self.device = torch.device(device)
+        self.model = build_model(run, data).to(self.device)
+        self.optimizer = make_optimizer(run.optim, trainable(self.model))
+        self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        self.has_buffers = flat_buffers(self.model).numel() > 0
+        self.position: tuple[int, int] | None = None
+        """(epoch, step) the open epoch's batches stand at; None: none open."""
+        self.batches = None
+
+    def round(self, theta: np.ndarray, buffers: np.ndarray | None, epoch: int, start: int, stop: int) -> dict:
+        """Steps [start, stop) of `epoch` from `theta`; the pseudo-gradient and the round's figures."""
+        run = self.run_config
+        began = time.time()
+        torch.manual_seed(run.seed * 1009 + self.rank * 7919 + epoch * 104_729 + start)  # dropout: per round
+        start_flat = torch.tensor(theta, device=self.device)  # the object store hands out read-only views
+        load_parameters(self.model, start_flat)
+        if self.has_buffers and buffers is not None:
+            load_buffers(self.model, torch.from_numpy(buffers).to(self.device))
+        self.model.train()
+        total, steps, samples = torch.zeros((), dtype=torch.float64, device=self.device), 0, 0
+        for xb, yb in self._steps(epoch, start, stop):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.model.loss((xb, yb))
+            loss.backward()
+            if run.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable(self.model), run.optim.grad_clip)
+            self.optimizer.step()
+            total += loss.detach()
+            steps += 1
+            samples += len(yb)
+        loss_sum = total.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training loss became {loss_sum} on worker {self.rank} in epoch "
+                                     f"{epoch + 1}; lower optim.lr or strategy.outer_lr, or set optim.grad_clip")
+        delta = start_flat - flat_parameters(self.model)
+        options = run.strategy.options
+        return {"delta": to_wire(delta.cpu(), options.push_dtype),
+                "buffers": flat_buffers(self.model).cpu().numpy() if self.has_buffers else None,
+                "loss_sum": loss_sum, "steps": steps, "samples": samples, "began": began, "ended": time.time()}
+
+    def _steps(self, epoch: int, start: int, stop: int):
+        """This worker's share of the global batches [start, stop) of `epoch`, continuing
+        the open epoch's batch plan where the last round left it."""
+        run = self.run_config
+        if self.position != (epoch, start):
+            self.batches = self.rows.epoch(run.data.batch_size, seed=run.seed, epoch=epoch, rank=self.rank,
+                                           world=self.world, cap=run.optim.steps_per_epoch, device=self.device)
+            for _ in range(start):  # a replacement (or a resumed run) joins mid-epoch
+                next(self.batches)
+        for step in range(start, stop):
+            self.position = (epoch, step + 1)
+            yield next(self.batches)
