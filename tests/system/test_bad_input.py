@@ -198,7 +198,7 @@ RUN_FLAGS = [
     (["--model", "nosuch"], "unknown model 'nosuch' (known: autoencoder, cnn"),
     (["--model", "MLP"], "unknown model 'MLP'"),
     (["--model"], "argument --model: expected one argument"),
-    (["--strategy", "nosuch"], "unknown strategy 'nosuch' (known: allreduce, lbfgs, local, pipeline, ps)"),
+    (["--strategy", "nosuch"], "unknown strategy 'nosuch' (known: allreduce, diloco, lbfgs, local, pipeline, ps)"),
     (["--workers", "0"], "resources.workers must be >= 1, got 0"),
     (["--workers", "two"], "config key 'resources.workers' expects int, got 'two'"),
     (["--workers", "1.5"], "config key 'resources.workers' expects int, got '1.5'"),

@@ -37,7 +37,7 @@ def files(tmp_path_factory):
 
 BAD_INPUTS = [
     (["--model", "resnet"], "unknown model 'resnet' (known: "),
-    (["--strategy", "magic"], "unknown strategy 'magic' (known: allreduce, lbfgs, local, pipeline, ps)"),
+    (["--strategy", "magic"], "unknown strategy 'magic' (known: allreduce, diloco, lbfgs, local, pipeline, ps)"),
     (["--set", "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
     (["--epochs", "ten"], "config key 'optim.epochs' expects int, got 'ten'"),
     (["--workers", "0"], "resources.workers must be >= 1, got 0"),

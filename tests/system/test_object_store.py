@@ -173,9 +173,11 @@ def test_a_run_killed_mid_upload_resumes_from_the_last_whole_checkpoint(bucket, 
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [0, 1, 2]
 
 
-def test_a_table_split_over_files_on_the_bucket_trains_as_the_same_files_on_disk(bucket, workdir, store):
+def test_a_table_split_over_files_on_the_bucket_trains_as_the_same_files_on_disk(
+        bucket, ray_session, workdir, store):
     """`--data s3://.../dir/` reads every Parquet file under it (here the digits, 64 pixel
-    columns, in three files); the same files on the local disk give the very same run."""
+    columns, in three files); the same files on the local disk give the very same run, read
+    whole or streamed (Ray Data's read tasks opening the bucket)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -201,6 +203,12 @@ def test_a_table_split_over_files_on_the_bucket_trains_as_the_same_files_on_disk
     for key, value in on_disk.model.state_dict().items():
         assert torch.equal(on_bucket.model.state_dict()[key], value), key
     assert on_bucket.metrics["test_accuracy"] == on_disk.metrics["test_accuracy"]
+    streamed = {**common, "data.stream": True, "strategy.name": "ps", "resources.workers": 1,
+                "strategy.staleness": 0}  # a worker actor reads the bucket, not this process
+    from_bucket = pipelines.train(small_run(**streamed, **{"data.source": remote, "tracking.run_name": "bucket-s"}))
+    from_disk = pipelines.train(small_run(**streamed, **{"data.source": str(local), "tracking.run_name": "disk-s"}))
+    for key, value in from_disk.model.state_dict().items():
+        assert torch.equal(from_bucket.model.state_dict()[key], value), key
     # the secret in the URI is not shown to whoever browses the runs
     params = MlflowClient(store).get_run(on_bucket.run_id).data.params
     assert params["data.source"].startswith("s3://test:***@runs/tables/digits/?")
