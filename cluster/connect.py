@@ -85,9 +85,29 @@ def filter_worker_logs() -> None:
             dispatcher.add_handler(name, _without_internal_lines(handler))
 
 
+_DYING_HANDLE = "Exception ignored in: <function ActorHandle.__del__"
+"""How the traceback starts that an actor raydeep killed may print while Python collects a
+handle it held: Ray's SIGTERM handler raises SystemExit inside `ActorHandle.__del__`."""
+
+
+def _without_shutdown_noise(lines: list[str]) -> list[str]:
+    """`lines` without the tracebacks of killed actors' handle collection (to `SystemExit`)."""
+    kept, dropping = [], False
+    for line in lines:
+        if line.startswith(_DYING_HANDLE):
+            dropping = True
+        elif dropping and line.startswith("SystemExit"):
+            dropping = False
+            continue
+        if not dropping:
+            kept.append(line)
+    return kept
+
+
 def _without_internal_lines(handler):
     def forward(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not _RAY_INTERNAL_LINE.match(line)]
+        lines = [line for line in _without_shutdown_noise(data.get("lines", []))
+                 if not _RAY_INTERNAL_LINE.match(line)]
         if lines:
             handler({**data, "lines": lines})
 

@@ -133,6 +133,13 @@ def test_ray_internal_lines_are_dropped_unless_verbose(monkeypatch):
     assert seen == [{"lines": lines[1:], "pid": 1, "is_err": True}]
     forward({"lines": lines[:1], "pid": 1, "is_err": True})
     assert len(seen) == 1, "a batch of internal lines only is not forwarded at all"
+    # A killed actor's handle collected under Ray's SIGTERM handler (seen from a ps worker
+    # that the driver killed at the end of its run, in another run's captured stderr)
+    dying = ["Exception ignored in: <function ActorHandle.__del__ at 0x7f5bc5c86480>",
+             "Traceback (most recent call last):", '  File ".../ray/actor.py", line 2467, in __del__',
+             "    def __del__(self):", "", "SystemExit: 1"]
+    forward({"lines": [lines[1], *dying, lines[2]], "pid": 2, "is_err": True})
+    assert seen[-1]["lines"] == [lines[1], lines[2]]
     monkeypatch.delenv(connect.VERBOSE_ENV, raising=False)
     assert not connect.verbose()
     monkeypatch.setenv(connect.VERBOSE_ENV, "1")
