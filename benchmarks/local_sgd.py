@@ -130,9 +130,9 @@ def main() -> None:
         base = results["allreduce"]
         for name in (n for n in results if n.startswith("diloco")):
             ratio = [b["bytes_per_worker"] / d["bytes_per_worker"] for b, d in zip(base, results[name])]
-            gap = [100 * (b["test_accuracy"] - d["test_accuracy"]) for b, d in zip(base, results[name])]
+            gap = [100 * (d["test_accuracy"] - b["test_accuracy"]) for b, d in zip(base, results[name])]
             print(f"{name}: {spread(ratio, '.0f')}x fewer bytes than allreduce (goal >= 100), test accuracy "
-                  f"{spread(gap, '+.2f')} points below it (goal <= 0.5)")
+                  f"{spread(gap, '+.2f')} points from allreduce's (goal >= -0.5)")
     ray.shutdown()
 
 
