@@ -136,12 +136,12 @@ def test_each_strategy_places_its_actors_as_asked(nodes, workdir, capfd, case):
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(result.run_id).info.status == "FINISHED"
 
 
-def train_and_lose_a_node(nodes: Nodes, cfg, workdir: Path, find: dict, capfd):
-    """Train; once the first epoch is checkpointed, check that the actors `find` names are
+def train_and_lose_a_node(nodes: Nodes, cfg, workdir: Path, find: dict, capfd, after_epoch: int = 0):
+    """Train; once epoch `after_epoch` is checkpointed, check that the actors `find` names are
     spread over two nodes, then remove the one that is not the head. Returns the run's
     result and the removed node's id."""
     training = TrainingInBackground(cfg)
-    training.wait_for_checkpoint(workdir, 0)
+    training.wait_for_checkpoint(workdir, after_epoch)
     placed = list(actors(**find, alive=True).values())
     assert_placed(placed, capfd.readouterr().out)
     victim = next(n for n in placed if n != nodes.head_id)  # the driver's node stays
@@ -171,7 +171,12 @@ def test_allreduce_spreads_its_ranks_and_restarts_from_a_checkpoint_after_losing
         nodes, workdir, capfd):
     cfg = cluster_run(workdir, "allreduce", "lose-allreduce",
                       **{"optim.epochs": 4, "optim.steps_per_epoch": 30})
-    result, _ = train_and_lose_a_node(nodes, cfg, workdir, {"class_name": "RayTrainWorker"}, capfd)
+    # After epoch 1's checkpoint is on disk: epoch 0's `ray.train.report` has returned by then
+    # (each worker reports in order), so Ray Train holds a checkpoint to restart from. Waiting
+    # for epoch 0's directory alone lost that race once under a loaded machine (the group
+    # restarted from scratch).
+    result, _ = train_and_lose_a_node(nodes, cfg, workdir, {"class_name": "RayTrainWorker"}, capfd,
+                                      after_epoch=1)
     assert result.metrics["worker_restarts"] >= 1
     client = MlflowClient(cfg.tracking.uri)
     starts = [m.value for m in client.get_metric_history(result.run_id, "worker_group_start_epoch")]
