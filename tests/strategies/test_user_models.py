@@ -69,6 +69,10 @@ RUNS = {
     "lbfgs": ["--model", "usernet:Net", "--strategy", "lbfgs", "--workers", "2", "--shards", "2"],
     "local-stack": ["--model", "usernet:stack", "--strategy", "local"],
     "pipeline": ["--model", "usernet.stack", "--strategy", "pipeline", "--stages", "2", "--microbatches", "2"],
+    # one-step rounds, plain averaging: SGD's momentum is linear in the gradients, so each
+    # worker's own buffer averages to allreduce's
+    "diloco": ["--model", "usernet:Net", "--strategy", "diloco", "--workers", "2", "--sync-every", "1",
+               "--outer-lr", "1", "--outer-momentum", "0"],
 }
 
 
@@ -102,8 +106,8 @@ def test_a_users_module_trains_under_every_strategy_and_its_model_loads_elsewher
     # The synchronous strategies take local's steps on the same global batches. Bound as in
     # test_allreduce.py's equivalence (16 steps there, 3 here): 1e-4 of a weight plus 1e-5.
     weights = {name: newest_state(str(user_dir / "raydeep_runs" / name))["model"]
-               for name in ("allreduce", "local", "pipeline", "local-stack")}
-    for strategy, reference in (("allreduce", "local"), ("pipeline", "local-stack")):
+               for name in ("allreduce", "local", "pipeline", "local-stack", "diloco")}
+    for strategy, reference in (("allreduce", "local"), ("pipeline", "local-stack"), ("diloco", "local")):
         trained, expected = weights[strategy], weights[reference]
         assert trained.keys() == expected.keys() and len(expected) >= 4
         for key in expected:

@@ -8,8 +8,9 @@ Nesterov momentum. The paper's outer lr 0.7 and momentum 0.9 serve inner AdamW o
 models with H = 500; over raydeep's inner SGD with momentum 0.9 on digits (H = 16, 10
 epochs, one run each) they gave MLP 0.967 and CNN 0.956, momentum 0.5 gave 0.975 and 0.986
 (plain averaging 0.975 and 0.992): the default here is lr 0.7 with Nesterov momentum 0.5.
-With H = 1 and plain averaging, SGD without momentum takes `allreduce`'s (and `local`'s)
-steps.
+With H = 1 and plain averaging, SGD takes `allreduce`'s (and `local`'s) steps, momentum
+included: each worker's buffer is linear in its gradients and averages to allreduce's (Adam's
+is not).
 
 The pseudo-gradients are averaged by the driver, which holds the global parameters and
 the outer optimizer's state (`driver`), from the workers' answers through Ray's object
