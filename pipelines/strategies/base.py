@@ -72,6 +72,19 @@ class Strategy:
         raise NotImplementedError
 
 
+WORKER_FAILURE_MODES = ("replace", "continue")
+"""What a strategy of its own actors does when a worker dies (`strategy.on_worker_failure`):
+start a new one, or go on with the rest."""
+
+
+def worker_failure_checks(options) -> list[tuple[bool, str]]:
+    """The checks of `on_worker_failure` and `max_worker_restarts`, for `require`."""
+    return [(options.on_worker_failure in WORKER_FAILURE_MODES,
+             f"strategy.on_worker_failure must be replace or continue, got {options.on_worker_failure!r}"),
+            (options.max_worker_restarts >= -1,
+             f"strategy.max_worker_restarts must be >= -1, got {options.max_worker_restarts}")]
+
+
 def require(checks: list[tuple[bool, str]]) -> None:
     """Raise `ConfigError` with the message of the first check that failed."""
     for ok, message in checks:

@@ -25,12 +25,10 @@ from pipelines.config import RunConfig
 from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.registry import register
-from pipelines.strategies.base import FitResult, Strategy, require
+from pipelines.strategies.base import FitResult, Strategy, require, worker_failure_checks
 from pipelines.strategies.diloco.driver import DiLoCo
 from pipelines.training import placement
 from pipelines.training.placement import worker_bundle
-
-WORKER_FAILURE_MODES = ("replace", "continue")
 
 
 @dataclass
@@ -64,10 +62,7 @@ class DiLoCoStrategy(Strategy):
             (0 <= o.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {o.outer_momentum}"),
             (o.push_dtype in ("float32", "bfloat16"),
              f"strategy.push_dtype must be float32 or bfloat16, got {o.push_dtype!r}"),
-            (o.on_worker_failure in WORKER_FAILURE_MODES,
-             f"strategy.on_worker_failure must be replace or continue, got {o.on_worker_failure!r}"),
-            (o.max_worker_restarts >= -1,
-             f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
+            *worker_failure_checks(o),
         ])
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:

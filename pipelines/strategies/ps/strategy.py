@@ -25,12 +25,11 @@ from pipelines.strategies.base import (
     require,
     require_even_shards,
     require_shards_hold_parameters,
+    worker_failure_checks,
 )
 from pipelines.strategies.ps.driver import Downpour
 from pipelines.training import placement
 from pipelines.training.placement import worker_bundle
-
-WORKER_FAILURE_MODES = ("replace", "continue")
 
 
 @dataclass
@@ -86,10 +85,7 @@ class ParameterServerStrategy(Strategy):
              "strategy.device cuda needs strategy.shard_gpus > 0 (e.g. 0.25)"),
             (o.shard_cpus >= 0 and o.shard_gpus >= 0, "strategy.shard_cpus/shard_gpus must be >= 0"),
             (o.snapshot_every >= 1, f"strategy.snapshot_every must be >= 1, got {o.snapshot_every}"),
-            (o.on_worker_failure in WORKER_FAILURE_MODES,
-             f"strategy.on_worker_failure must be replace or continue, got {o.on_worker_failure!r}"),
-            (o.max_worker_restarts >= -1,
-             f"strategy.max_worker_restarts must be >= -1, got {o.max_worker_restarts}"),
+            *worker_failure_checks(o),
             # Shards with resources of their own may run on other nodes, and read and write
             # their snapshots under the run's directory: that needs a path every node mounts.
             ("://" not in run.resources.storage_path or (o.shard_cpus == 0 and o.shard_gpus == 0),
