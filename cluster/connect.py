@@ -62,6 +62,9 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # A store that fails a write ("database is locked") is logged by MLflow with a whole
+    # traceback before raydeep's backlog keeps the rows and says so in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def filter_worker_logs() -> None:

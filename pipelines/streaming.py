@@ -256,9 +256,9 @@ class Streamed:
     the same stream (a pipeline's first and last stages, its replicas) see the same
     batches, whose count is known ahead (`loop.steps_per_epoch` of the table's rows).
 
-    Rows come from Ray Data `shuffle_rows` at a time (with the files in their epoch's order),
-    are permuted with what the last chunk left over by a generator seeded from the seed, the
-    epoch and the rank, and cut into batches; the epoch's last partial batch is dropped."""
+    Ray Data hands out `shuffle_rows` rows at a time (files in their epoch's order); each
+    chunk, with what the last one left, is permuted (seeded from seed, epoch and rank) and
+    cut into batches. The epoch's last partial batch is dropped."""
 
     def __init__(self, rows=None, *, table: StreamedTable | None = None, on_driver: bool = False,
                  part: tuple[int, int] = (0, 1), whole: bool = False, shuffle_rows: int = 4096):
@@ -275,9 +275,7 @@ class Streamed:
         chunk = max(self.shuffle_rows, size)
         generator = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + (0 if self.whole else rank))
         step, held = 0, None
-        # Ray Data hands out chunks of rows, this loop shuffles and cuts them: per training
-        # batch, Ray Data's own iterator (and its local shuffle buffer) cost more than a
-        # small model's step (streamed allreduce trained at a third of the in-memory rate).
+        # Per training batch, Ray Data's iterator and shuffle buffer cost more than a small step.
         for block in rows.iter_torch_batches(batch_size=chunk, drop_last=False):
             x, y = block["x"], block["y"]
             if held is not None:

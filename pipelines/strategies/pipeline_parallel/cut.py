@@ -47,7 +47,10 @@ def blocks(layers: list[nn.Module]) -> list[tuple[int, int]]:
 
 def block_costs(layers: list[nn.Module], spans: list[tuple[int, int]], example: torch.Tensor,
                 repeats: int = 5) -> list[float]:
-    """Median seconds of each block's forward + backward on `example` (a micro-batch)."""
+    """Seconds of each block's forward + backward on `example` (a micro-batch): the fastest
+    of `repeats` runs, as timeit takes. Other processes only ever add time to a run, so the
+    minimum is the closest to the block's own cost (the median of 5 misjudged a cut once on a
+    loaded machine)."""
     costs = []
     x = example
     for a, b in spans:
@@ -60,7 +63,7 @@ def block_costs(layers: list[nn.Module], spans: list[tuple[int, int]], example: 
             out.float().sum().backward()
             times.append(time.perf_counter() - began)
         block.zero_grad(set_to_none=True)
-        costs.append(sorted(times)[len(times) // 2])
+        costs.append(min(times))
         with torch.no_grad():
             x = block(x)
     return costs
