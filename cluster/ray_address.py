@@ -17,8 +17,10 @@ from cluster.addresses import AddressError, check_grpc
 USAGE = "HOST:PORT of the head's GCS (port 6379), ray://HOST:10001 or auto"
 OWN_RAY = "local"
 """`ray.init`'s address for a new Ray of this process's own (not a strategy's name)."""
-LIVE_PROBE_S = 0.5
-"""How long a recorded `ray start` cluster gets to answer before it counts as gone."""
+LIVE_PROBE_S = 2.0
+"""How long a recorded `ray start` cluster gets to answer before it counts as gone. A dead
+cluster's port refuses at once, so this is only waited for by a live one that is slow: a
+head on a loaded 2-core machine took longer than 0.5 s once."""
 
 
 def chosen(given: str | None, named: str = "--address") -> tuple[str | None, str]:
