@@ -64,7 +64,9 @@ def bytes_per_worker(strategy: str, result, args, numel: int, steps: int) -> flo
         return result.metrics["bytes_sent_per_worker_total"]
     if strategy == "ps":
         return result.metrics["updates"] / args.workers * numel * 4
-    return steps * 2 * (args.workers - 1) / args.workers * numel * 4
+    from pipelines.strategies.diloco.driver import ring_allreduce_bytes
+
+    return ring_allreduce_bytes(steps, args.workers, numel)
 
 
 def run_one(args, name: str, workdir: Path) -> dict:

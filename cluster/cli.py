@@ -51,9 +51,9 @@ RUN_FLAGS = {
     "--ps-device": "strategy.device",
     "--stages": "strategy.stages",
     "--microbatches": "strategy.microbatches",
-    "--schedule": "strategy.schedule",
-    "--replicas": "strategy.replicas",
-    "--sync-every": "strategy.sync_every", "--outer-lr": "strategy.outer_lr", "--outer-momentum": "strategy.outer_momentum",
+    "--schedule": "strategy.schedule", "--replicas": "strategy.replicas",
+    "--sync-every": "strategy.sync_every", "--outer-lr": "strategy.outer_lr",
+    "--outer-momentum": "strategy.outer_momentum",
 }
 FLAG_ALIASES = {"--shards": ["--ps-shards"]}
 """Older spellings still taken: `--ps-shards` named `ps`'s shards before `lbfgs` had them too."""

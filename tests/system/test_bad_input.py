@@ -410,6 +410,7 @@ DATA = [
     (["--model", "cnn", "--input-shape", "64"], "cnn needs image input (channels, height, width)"),
     (["--task", "sideways"], "data.task must be classification or regression, got 'sideways'"),
     (["--strategy", "diloco", "--sync-every", "0"], "strategy.sync_every must be >= 1, got 0"),
+    (["--strategy", "diloco", "--workers", "3"], "data.batch_size (64) must be divisible by resources.workers (3)"),
     (["--strategy", "diloco", "--outer-momentum", "1"], "strategy.outer_momentum must be in [0, 1), got 1.0"),
     (["--strategy", "diloco", "--set", "strategy.push_dtype=int8"],
      "strategy.push_dtype must be float32 or bfloat16, got 'int8'"),

@@ -9,7 +9,8 @@ round. Rounds never span two epochs: every epoch ends synchronised, validated on
 driver and checkpointed, its S steps cut into ceil(S / H) rounds of equal length (within
 one step): a short last round would take a full outer step, momentum and all, for a
 fraction of the work (measured: H = 16 over 20 steps an epoch, rounds of 16 and 4 left an
-MLP 4 points lower than rounds of 10 and 10, one run each). An H longer than an epoch means one synchronisation per epoch.
+MLP 4 points lower than rounds of 10 and 10, one run each). An H longer than an epoch means
+one synchronisation per epoch.
 """
 from __future__ import annotations
 
@@ -166,12 +167,14 @@ class DiLoCo:
         self._start_worker(rank)
 
     def _allreduce_comparison(self) -> dict[str, float]:
-        """What a ring allreduce of float32 gradients in every step would have sent per
-        worker for the same steps: 2 (W - 1) / W of the gradient per step."""
-        w = self.run.resources.workers
-        numel = self.theta.numel()
-        allreduce = self.steps_total * 2 * (w - 1) / w * numel * 4
+        allreduce = ring_allreduce_bytes(self.steps_total, self.run.resources.workers, self.theta.numel())
         figures = {"allreduce_bytes_per_worker_total": float(allreduce)}
         if self.bytes_sent:
             figures["bytes_saved_vs_allreduce"] = float(allreduce / self.bytes_sent)
         return figures
+
+
+def ring_allreduce_bytes(steps: int, workers: int, numel: int) -> float:
+    """What a ring allreduce of float32 gradients in every step sends per worker for
+    `steps` steps: 2 (W - 1) / W of the gradient per step."""
+    return steps * 2 * (workers - 1) / workers * numel * 4

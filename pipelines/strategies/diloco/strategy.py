@@ -25,7 +25,7 @@ from pipelines.config import RunConfig
 from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.registry import register
-from pipelines.strategies.base import FitResult, Strategy, require, worker_failure_checks
+from pipelines.strategies.base import FitResult, Strategy, require, require_even_shards, worker_failure_checks
 from pipelines.strategies.diloco.driver import DiLoCo
 from pipelines.training import placement
 from pipelines.training.placement import worker_bundle
@@ -56,6 +56,7 @@ class DiLoCoStrategy(Strategy):
 
     def validate(self, run: RunConfig) -> None:
         o: DiLoCoOptions = run.strategy.options
+        require_even_shards(run)
         require([
             (o.sync_every >= 1, f"strategy.sync_every must be >= 1, got {o.sync_every}"),
             (o.outer_lr > 0, f"strategy.outer_lr must be > 0, got {o.outer_lr}"),

@@ -8,7 +8,6 @@ gradient of the global parameters.
 """
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -24,7 +23,7 @@ from pipelines.training.flat import (
     to_wire,
     trainable,
 )
-from pipelines.training.loop import InMemory, build_model, make_optimizer
+from pipelines.training.loop import InMemory, Objective, build_model, make_optimizer, train_epoch
 
 
 class DiLoCoWorker:
@@ -48,27 +47,15 @@ class DiLoCoWorker:
         load_parameters(self.model, start_flat)
         if self.has_buffers and buffers is not None:
             load_buffers(self.model, torch.from_numpy(buffers).to(self.device))
-        self.model.train()
-        total, steps, samples = torch.zeros((), dtype=torch.float64, device=self.device), 0, 0
-        for xb, yb in self._steps(epoch, start, stop):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.model.loss((xb, yb))
-            loss.backward()
-            if run.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable(self.model), run.optim.grad_clip)
-            self.optimizer.step()
-            total += loss.detach()
-            steps += 1
-            samples += len(yb)
-        loss_sum = total.item()
-        if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"training loss became {loss_sum} on worker {self.rank} in epoch "
-                                     f"{epoch + 1}; lower optim.lr or strategy.outer_lr, or set optim.grad_clip")
+        # The shared loop's steps (clipping, a loss that is not finite) on this round's batches.
+        mean_loss, samples = train_epoch(Objective(self.model), self.optimizer, self._steps(epoch, start, stop),
+                                         run.optim.grad_clip)
         delta = start_flat - flat_parameters(self.model)
         options = run.strategy.options
         return {"delta": to_wire(delta.cpu(), options.push_dtype),
                 "buffers": flat_buffers(self.model).cpu().numpy() if self.has_buffers else None,
-                "loss_sum": loss_sum, "steps": steps, "samples": samples, "began": began, "ended": time.time()}
+                "loss_sum": mean_loss * (stop - start), "steps": stop - start, "samples": samples,
+                "began": began, "ended": time.time()}
 
     def _steps(self, epoch: int, start: int, stop: int):
         """This worker's share of the global batches [start, stop) of `epoch`, continuing
