@@ -232,9 +232,9 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
         print("raydeep: interrupted; the MLflow run is marked KILLED", file=sys.stderr)
         return 130
     print(f"MLflow run {result.run_id} ({result.run_name}) finished")
-    for key, value in result.metrics.items():
-        shown = f"{value:,.0f}" if float(value).is_integer() else f"{value:.4f}"
-        print(f"  {key:<22} {shown}")
+    width = max(map(len, result.metrics), default=0)
+    for key, value in result.metrics.items():  # integers with thousands separators
+        print(f"  {key:<{width}} {f'{value:,.0f}' if float(value).is_integer() else f'{value:.4f}'}")
     return 0
 
 

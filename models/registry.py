@@ -5,7 +5,8 @@ A built module offers the seams every strategy relies on:
 
 - ``loss(batch) -> Tensor``: the training objective for one batch (a tuple of tensors);
 - ``evaluate(batch) -> dict[str, Tensor]``: per-example metric *sums* plus ``count``,
-  so a strategy can add them up across batches and workers before dividing;
+  so a strategy can add them up across batches and workers before dividing (a sequence
+  model's ``*_per_step`` sums are divided by its ``steps`` sum, the observed steps);
 - ``predict(x) -> Tensor`` (supervised models): the predicted class of each example, or its
   predicted target for a model that regresses (``regress(mean, std)``, `models.targets`).
 """
@@ -28,6 +29,8 @@ class ModelSpec:
     build: Callable[..., nn.Module]
     """``build(config, input_shape, num_classes) -> nn.Module``."""
     description: str = ""
+    sequences: bool = False
+    """Trains on sequences: batches of (x of shape (N, T, ...), mask of observed steps (N, T))."""
 
     def hyper_parameters(self) -> dict[str, object]:
         """The family's hyper-parameters and their defaults."""

@@ -17,6 +17,8 @@ from models.targets import TASKS
 from pipelines import imported_model, registry
 from pipelines.errors import ConfigError
 from pipelines.imported_model import looks_like_path
+from pipelines.sequence_config import SOURCES as SEQUENCE_SOURCES
+from pipelines.sequence_config import SequenceSection, family_problems
 from pipelines.values import Text, coerce
 from pipelines.yaml_files import load_yaml
 
@@ -34,8 +36,9 @@ class ModelSection:
 @dataclass
 class DataSection:
     source: str = "digits"
-    """`digits` (bundled), `synthetic`, or a Parquet or CSV table: a file, a directory or glob
-    of files, on this machine or an object store (`s3://bucket/data/`)."""
+    """`digits` (bundled), `synthetic`, the sequence sources `lgssm` and `healing-digits`
+    (`pipelines.sequences`), or a Parquet or CSV table: a file, a directory or glob of files,
+    on this machine or an object store (`s3://bucket/data/`)."""
     label: str = "label"
     """Label column of a Parquet/CSV file."""
     task: Optional[str] = None
@@ -65,6 +68,8 @@ class DataSection:
     synthetic_samples: int = 4096
     synthetic_shape: list[int] = field(default_factory=lambda: [1, 8, 8])
     synthetic_classes: int = 10
+    sequences: SequenceSection = field(default_factory=SequenceSection)
+    """Sequence data for a sequence family (`pipelines.sequence_config`)."""
 
 
 @dataclass
@@ -342,17 +347,24 @@ def validate(config: RunConfig) -> None:
     for key in ("val_source", "test_source"):
         given = getattr(d, key)
         need(given is None or given.strip() != "", f"data.{key} must not be empty (a Parquet or CSV table)")
-        need(given is None or d.source not in ("digits", "synthetic"),
+        need(given is None or d.source not in GENERATED_SOURCES,
              f"data.{key} needs data.source to be a table too: {d.source} is split by its own seed")
     need(d.task is None or d.task in TASKS, f"data.task must be {' or '.join(TASKS)}, got {d.task!r}")
-    need(d.task != "regression" or d.source not in ("digits", "synthetic"),
+    need(d.task != "regression" or d.source not in GENERATED_SOURCES,
          f"data.task regression needs a table with a numeric label column: {d.source} holds classes")
-    need(not d.stream or d.source not in ("digits", "synthetic"),
+    need(not d.stream or d.source not in GENERATED_SOURCES,
          f"data.stream needs data.source to be a table (Parquet or CSV files): {d.source} is generated in memory")
     streaming = [n for n in registry.names() if registry.get(n).streams]
     need(not d.stream or config.strategy.name in streaming,
          f"data.stream works under {', '.join(streaming[:-1])} and {streaming[-1]}; {config.strategy.name} "
          "reads its training rows from memory (drop data.stream)")
+    if not isinstance(config.model.params, imported_model.ImportedModel):
+        families = [n for n in models.names() if models.get(n).sequences]
+        problems = family_problems(config.model.name, config.model.name in families, d.source, d.sequences,
+                                   families, d.stream)
+        need(not problems, problems[0] if problems else "")
+    problems = d.sequences.problems()
+    need(not problems, problems[0] if problems else "")
     need(not config.tracking.experiment.strip() == "", "tracking.experiment must not be empty")
     # The split's RandomState takes 32 bits: its own message would name numpy's limit.
     need(0 <= config.seed <= MAX_SEED, f"seed must be an integer in 0..{MAX_SEED}, got {config.seed}")
@@ -374,3 +386,5 @@ MAX_SEED = 2**32 - 1
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
 """`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""
+
+GENERATED_SOURCES = ("digits", "synthetic", *SEQUENCE_SOURCES)  # not tables: made in memory

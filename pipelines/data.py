@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from pipelines import labels, rows, split, streaming
-from pipelines.config import DataSection
+from pipelines import labels, rows, sequence_data, split, streaming
+from pipelines.config import GENERATED_SOURCES, SEQUENCE_SOURCES, DataSection
 from pipelines.dataset import Dataset
 from pipelines.errors import DataError
 from pipelines.memory import gib, machine_memory
@@ -26,6 +26,10 @@ def load(section: DataSection, seed: int = 0, dataset=None) -> Dataset:
     table (stratified, by seed) where not."""
     if section.stream or dataset is not None:  # a user's ray.data.Dataset always streams
         data = streaming.load(section, seed, dataset)
+        _check_batch(section, data)
+        return data
+    if section.source in SEQUENCE_SOURCES or section.sequences.column:
+        data = sequence_data.load(section, seed)
         _check_batch(section, data)
         return data
     held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -61,7 +65,7 @@ def load(section: DataSection, seed: int = 0, dataset=None) -> Dataset:
     if task == "regression":
         data.task = task
         data.target_mean, data.target_std = labels.scale(data.y_train.numpy())
-    is_table = section.source not in ("digits", "synthetic")
+    is_table = section.source not in GENERATED_SOURCES
     if is_table if section.standardize is None else section.standardize:
         standardize(data)
     _check_batch(section, data)

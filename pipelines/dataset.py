@@ -1,7 +1,7 @@
 """The data a run trains on: its splits as tensors, and what describes them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,11 @@ class Dataset:
     stream: object = None
     """`pipelines.streaming.StreamedTable` where the training rows stay on disk
     (`data.stream`; `x_train` is then empty); None where they are in memory."""
+    reference: dict[str, float] = field(default_factory=dict)
+    """Figures the data itself knows, logged with the run's test metrics: for `lgssm`
+    sequences, the exact Kalman filter's NLL per step (`test_kalman_nll_per_step`)."""
+    test_latents: torch.Tensor | None = None
+    """The hidden states behind the test split's sequences, where the generator knows them."""
 
     @property
     def train_rows(self) -> int:

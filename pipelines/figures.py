@@ -163,3 +163,27 @@ def sweep_scatter(points: Sequence[dict], values: Sequence[float], metric: str, 
     fig.suptitle(f"{metric} per trial")
     fig.tight_layout()
     return fig
+
+
+def latent_trajectories(true, inferred, sequences: int = 3):
+    """True hidden states against a model's inferred ones, mapped onto the true states by
+    least squares (with an intercept): a state-space model's latents are only defined up to
+    an affine change of coordinates, so only the mapped trajectories can be compared."""
+    true, inferred = np.asarray(true, dtype=np.float64), np.asarray(inferred, dtype=np.float64)
+    n, steps, dims = true.shape
+    design = np.concatenate([inferred.reshape(n * steps, -1), np.ones((n * steps, 1))], axis=1)
+    weights, *_ = np.linalg.lstsq(design, true.reshape(n * steps, dims), rcond=None)
+    mapped = (design @ weights).reshape(n, steps, dims)
+    explained = 1.0 - ((mapped - true) ** 2).sum() / max(((true - true.mean(axis=(0, 1))) ** 2).sum(), 1e-12)
+    shown = min(sequences, n)
+    fig, axes = _plt().subplots(shown, dims, figsize=(3.0 * dims, 1.8 * shown + 0.5), squeeze=False)
+    for i in range(shown):
+        for d in range(dims):
+            ax = axes[i][d]
+            ax.plot(true[i, :, d], color="black", label="true")
+            ax.plot(mapped[i, :, d], color="tab:orange", linestyle="--", label="inferred (mapped)")
+            ax.set_title(f"sequence {i}, state {d}", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"true against inferred latent states (R² of the map {explained:.3f})", fontsize=9)
+    fig.tight_layout()
+    return fig

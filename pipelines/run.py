@@ -12,7 +12,7 @@ from torch import nn
 from models.standardize import Standardized
 from pipelines import data as datasets
 from pipelines import figures, imported_model, registry, resume, serving, startup
-from pipelines.config import ConfigError, ModelSection, RunConfig, validate
+from pipelines.config import GENERATED_SOURCES, ConfigError, ModelSection, RunConfig, validate
 from pipelines.context import RunContext
 from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
@@ -88,7 +88,7 @@ def train(config: RunConfig, data: datasets.Dataset | None = None, *,
     if table is not None:
         if not all(callable(getattr(table, m, None)) for m in ("iter_batches", "map_batches")):
             raise ConfigError(f"table= takes a ray.data.Dataset of the table's columns, got {type(table).__name__}")
-        source = config.data.source if config.data.source not in ("digits", "synthetic") else "ray.data.Dataset"
+        source = config.data.source if config.data.source not in GENERATED_SOURCES else "ray.data.Dataset"
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, source=source, stream=True))
         validate(config)
         data, _ = prepare(config, table)
@@ -112,7 +112,8 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
         model = build_model(config, data)
         model.load_state_dict(fit.state_dict)
         final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"),
-                 "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary}
+                 "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary,
+                 **data.reference}
         tracker.log_metrics(final)
         tracker.wait_for_store("end the run")  # what it kept first; a bounded wait if the store is away
         history = fit.history or context.history or tracker.epoch_history()
@@ -210,9 +211,14 @@ def _log_figures(tracker: Tracker, model: nn.Module, data, history) -> None:
     if first is not None:
         drawn.append(("first_layer_filters.png", first))
     if hasattr(model, "pictures"):  # the family's own pictures: reconstructions, samples...
+        columns = getattr(model, "picture_columns", 10)  # a sequence model's: one row per sequence
         with torch.no_grad():
             for name, images in model.pictures(data.x_test[:20]).items():
-                drawn.append((f"{name}.png", figures.image_grid(images.cpu().clamp(0, 1), name)))
+                drawn.append((f"{name}.png", figures.image_grid(images.cpu().clamp(0, 1), name, columns)))
+    if data.test_latents is not None and hasattr(model, "posterior_means"):
+        inferred = model.posterior_means(data.x_test[:200], data.y_test[:200])
+        drawn.append(("latent_trajectories.png",
+                      figures.latent_trajectories(data.test_latents[:200], inferred)))
     for name, fig in drawn:
         tracker.log_figure(fig, name)
         figures.close(fig)

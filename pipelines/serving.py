@@ -9,8 +9,10 @@ against a float32 tensor spec is refused), so such a model is saved pickled, wit
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 
 import numpy as np
 
@@ -44,6 +46,28 @@ def example_frame(x: np.ndarray, columns: list[tuple[str, str]]):
     return pd.DataFrame(frame)
 
 
+TORCH_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+                        "torch._export")
+"""Where torch.export warns while it tries a module: a failed try prints the traced graph
+there, pages of it, before raydeep's one line says the model is pickled instead."""
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # nn.GRU/LSTM re-assign their flat weights while traced: torch warns, the program is right
+            warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def log_model(uri: str, run_id: str, model, input_example, code_paths=(), signature=None, say=print) -> None:
     """Log `model` as run `run_id`'s MLflow model.
 
@@ -68,19 +92,16 @@ def log_model(uri: str, run_id: str, model, input_example, code_paths=(), signat
     def pickled(**more):
         # MLflow warns of pickle's risks on every such save; raydeep chose it for a reason it
         # gives, so the warning tells users nothing they can act on.
-        quiet = logging.getLogger("mlflow.pytorch")
-        level, quiet.level = quiet.level, logging.ERROR
-        try:
+        with _quiet("mlflow.pytorch"):
             mlflow.pytorch.log_model(model, serialization_format="pickle", **more, **common)
-        finally:
-            quiet.setLevel(level)
 
     with mlflow.start_run(run_id=run_id):
         if signature is not None:
             pickled(signature=signature)
             return
         try:
-            mlflow.pytorch.log_model(model, **common)
+            with _quiet(*TORCH_EXPORT_LOGGERS):
+                mlflow.pytorch.log_model(model, **common)
         except Exception as e:
             if not type(e).__module__.startswith("torch"):
                 raise

@@ -317,7 +317,7 @@ def _reported_metrics(run: RunConfig) -> list[str]:
     with torch.no_grad():
         model.eval()
         keys = model.evaluate(data.sample(2))
-    return ["train_loss", *(f"val_{k}" for k in keys if k != "count")]
+    return ["train_loss", *(f"val_{k}" for k in keys if k not in ("count", "steps"))]
 
 
 _MISSING = object()

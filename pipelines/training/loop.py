@@ -164,10 +164,13 @@ def evaluate_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
 
 
 def mean_metrics(sums: dict[str, float], prefix: str) -> dict[str, float]:
-    """Metric sums divided by their count (and a regressor's RMSE and R² made of them),
-    named `prefix_metric`."""
+    """Metric sums divided by their count, `*_per_step` ones by their `steps` (and a
+    regressor's RMSE and R² made of them), named `prefix_metric`."""
     count = sums.get("count", 0.0)
     if not count:
         return {}
-    means = finish_means({k: v / count for k, v in sums.items() if k != "count"})
+    # a sequence model's `*_per_step` sums are over its observed steps (`steps`), not its examples
+    steps = sums.get("steps") or count
+    means = finish_means({k: v / (steps if k.endswith("_per_step") else count)
+                          for k, v in sums.items() if k not in ("count", "steps")})
     return {f"{prefix}_{k}": v for k, v in means.items()}

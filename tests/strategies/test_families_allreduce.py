@@ -63,8 +63,9 @@ def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):
 
     families = {}
     for family in FAMILIES:
+        sequences = {"data.source": "lgssm", "data.sequences.samples": 200} if models.get(family).sequences else {}
         run = small_run(**{"tracking.uri": store, "strategy.name": "allreduce", "model.name": family,
-                           "optim.epochs": 1, "optim.steps_per_epoch": 3, "optim.lr": 0.01})
+                           "optim.epochs": 1, "optim.steps_per_epoch": 3, "optim.lr": 0.01, **sequences})
         tracker = Tracker.start(store, "families", family, {}, epochs=1)
         tracker.echo = False
         families[family] = (run, tracker)
