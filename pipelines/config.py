@@ -17,6 +17,7 @@ from models.targets import TASKS
 from pipelines import imported_model, registry
 from pipelines.errors import ConfigError
 from pipelines.imported_model import looks_like_path
+from pipelines.optim_config import OPTIMIZERS, OptimSection  # noqa: F401 (the schema's, imported from here)
 from pipelines.sequence_config import SOURCES as SEQUENCE_SOURCES
 from pipelines.sequence_config import SequenceSection, family_problems
 from pipelines.values import Text, coerce
@@ -70,21 +71,6 @@ class DataSection:
     synthetic_classes: int = 10
     sequences: SequenceSection = field(default_factory=SequenceSection)
     """Sequence data for a sequence family (`pipelines.sequence_config`)."""
-
-
-@dataclass
-class OptimSection:
-    name: str = "sgd"
-    """sgd, adam, adamw or adagrad."""
-    lr: float = 0.05
-    momentum: float = 0.9
-    """Momentum of sgd."""
-    weight_decay: float = 0.0
-    epochs: int = 10
-    grad_clip: Optional[float] = None
-    """Clip the global gradient norm to this value (helps RNNs at high learning rates)."""
-    steps_per_epoch: Optional[int] = None
-    """Cap on optimizer steps per epoch (default: one pass over the training split)."""
 
 
 @dataclass
@@ -335,14 +321,8 @@ def validate(config: RunConfig) -> None:
     need(d.synthetic_classes >= 2, f"data.synthetic_classes must be >= 2, got {d.synthetic_classes}")
     need(bool(d.synthetic_shape) and all(s >= 1 for s in d.synthetic_shape),
          f"data.synthetic_shape must hold positive sizes, got {d.synthetic_shape}")
-    need(o.name in OPTIMIZERS, f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {o.name!r}")
-    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    need(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
-    need(o.grad_clip is None or o.grad_clip > 0, f"optim.grad_clip must be > 0, got {o.grad_clip}")
-    need(o.steps_per_epoch is None or o.steps_per_epoch >= 1,
-         f"optim.steps_per_epoch must be >= 1, got {o.steps_per_epoch}")
+    problems = o.problems()
+    need(not problems, problems[0] if problems else "")
     need(d.source.strip() != "", "data.source must not be empty (digits, synthetic, or a Parquet or CSV file)")
     for key in ("val_source", "test_source"):
         given = getattr(d, key)
@@ -383,8 +363,5 @@ def check_plain_name(key: str, name: str) -> None:
 
 
 MAX_SEED = 2**32 - 1
-
-OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
-"""`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""
 
 GENERATED_SOURCES = ("digits", "synthetic", *SEQUENCE_SOURCES)  # not tables: made in memory

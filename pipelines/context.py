@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from pipelines.config import RunConfig
 from pipelines.storage import RunDir
 from pipelines.tracking import Tracker, now_ms
+from pipelines.training.early_stopping import STATE_KEY, EarlyStopping
 
 
 class EpochReporter(Protocol):
@@ -36,6 +37,17 @@ class RunContext:
     """Set in a Tune trial."""
     history: list[dict[str, float]] = field(default_factory=list)
     """Metrics of the epochs ended through `epoch_done`, in order."""
+    stopping: EarlyStopping | None = None
+    """Watches `optim.early_stopping.metric` over the epochs ended through `epoch_done`."""
+
+    def __post_init__(self) -> None:
+        if self.stopping is None:
+            self.stopping = EarlyStopping(self.run.optim.early_stopping)
+
+    @property
+    def should_stop(self) -> bool:
+        """The watched metric stopped improving: the strategy ends after this epoch."""
+        return self.stopping.stopped
 
     def say(self, line: str) -> None:
         self.tracker.say(line)
@@ -49,6 +61,8 @@ class RunContext:
         the metrics of its epoch are logged if a crash came between the two."""
         state = self.run_dir.newest_state()
         log_saved_metrics(self.tracker, state)
+        if state and STATE_KEY in state.get("extra", {}):  # a resumed run goes on judging where it left off
+            self.stopping = EarlyStopping(self.run.optim.early_stopping, state["extra"][STATE_KEY])
         return state
 
     def epoch_done(self, epoch: int, metrics: dict[str, float], *, model: dict, optimizer: dict,
@@ -56,8 +70,9 @@ class RunContext:
         """Epoch `epoch` (0-based) ended in this state with these metrics. The checkpoint
         holds the metrics too: a crash before they are logged loses neither."""
         record = epoch_record(self.tracker, metrics)
+        self.stopping.update(epoch, metrics, lambda: model)  # its state goes in this checkpoint
         saved = self.run_dir.save_checkpoint(epoch, model=model, optimizer=optimizer,
-                                             extra={**(extra or {}), **record})
+                                             extra={**(extra or {}), **record, **self.stopping.checkpoint_extra()})
         self.tracker.log_epoch(epoch, metrics, timestamp=record["logged_at"])
         self.history.append(metrics)
         if self.reporter is not None:

@@ -17,6 +17,7 @@ from pipelines.context import RunContext
 from pipelines.errors import InterruptedUnmarked, TrackingUnreachable, first_line, one_line
 from pipelines.storage import RUN_FILE, Store, timestamped
 from pipelines.tracking import Tracker, absolute_uri, check_store
+from pipelines.training import early_stopping
 from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 
 
@@ -48,7 +49,8 @@ def prepare(config: RunConfig, table: object = None) -> tuple[datasets.Dataset, 
         model = build_model(config, data)
         with torch.no_grad():
             model.eval()
-            model.evaluate(data.sample(2))
+            reported = [f"val_{k}" for k in model.evaluate(data.sample(2)) if k not in ("count", "steps")]
+        early_stopping.check_metric(config.optim.early_stopping, ["train_loss", *reported])
     except ConfigError:
         raise
     except Exception as e:  # a user's module may raise anything: one line, no traceback
@@ -110,8 +112,13 @@ def _train(config: RunConfig, data: datasets.Dataset | None, context: RunContext
     try:
         fit = strategy.fit(config, data, context)
         model = build_model(config, data)
-        model.load_state_dict(fit.state_dict)
-        final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"),
+        watched = fit.stopping or (context.stopping.state() if context.stopping.active else None)
+        best, stopping, reason = early_stopping.outcome(watched)
+        model.load_state_dict(best if best is not None else fit.state_dict)  # the best epoch's, if watched
+        if reason:
+            tracker.say(reason)
+            tracker.set_tags({"raydeep.stopped_early": reason})
+        final = {**mean_metrics(evaluate_sums(model, data.x_test, data.y_test), "test"), **stopping,
                  "num_params": float(sum(p.numel() for p in model.parameters())), **fit.summary,
                  **data.reference}
         tracker.log_metrics(final)

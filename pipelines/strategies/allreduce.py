@@ -28,6 +28,7 @@ from pipelines.registry import register
 from pipelines.storage import RunDir, checkpoint_name, load_state, newest_state, save_state
 from pipelines.strategies.base import FitResult, Strategy, require_even_shards
 from pipelines.training import placement
+from pipelines.training.early_stopping import STATE_KEY, EarlyStopping
 from pipelines.training.epochs import Collective, train_epochs
 from pipelines.training.placement import worker_bundle
 
@@ -122,7 +123,8 @@ class AllreduceStrategy(Strategy):
         first = tracker.metric_history("time_to_first_step_s")
         if first and not run.resume:  # a resumed run's history holds its first start's
             summary["time_to_first_step_s"] = first[0]
-        return FitResult(state["model"], tracker.epoch_history(), summary)
+        return FitResult(state["model"], tracker.epoch_history(), summary,
+                         stopping=state.get("extra", {}).get(STATE_KEY))
 
 
 def _streamed(run: RunConfig, data: Dataset, data_config) -> dict:
@@ -225,6 +227,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     _say_placement(run, tracker, comm)
     state = _restore(config)
     start = state["epoch"] + 1 if state else 0
+    # every rank judges the same all-reduced metrics: all stop after the same epoch
+    stopping = EarlyStopping(run.optim.early_stopping, (state or {}).get("extra", {}).get(STATE_KEY))
     # A worker's first MLflow call imports mlflow (about 2 s of CPU): rank 0 writes from a
     # thread, in order, once its first step is done. Earlier, the import would hold the GIL
     # while rank 0 builds DDP and takes that step, and every other rank waits for rank 0.
@@ -239,16 +243,18 @@ def _train_worker(config: dict[str, Any]) -> None:
             write.result()
         pending.clear()
         record = epoch_record(tracker, metrics) if comm.rank == 0 else {}
+        stop = stopping.update(epoch, metrics, model.state_dict)
         with tempfile.TemporaryDirectory() as tmp:
             saved = None
             if comm.rank == 0:
                 save_state(tmp, epoch=epoch, model=_cpu(model.state_dict()),
-                           optimizer=optimizer.state_dict(), extra=record)
+                           optimizer=optimizer.state_dict(), extra={**record, **stopping.checkpoint_extra()})
                 saved = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "epoch": epoch + 1}, checkpoint=saved,
                              checkpoint_dir_name=checkpoint_name(epoch))
         if comm.rank == 0:  # after the checkpoint it describes
             tracker.log_epoch(epoch, metrics, timestamp=record["logged_at"])
+        return stop
 
     def first_step():
         if comm.rank != 0:

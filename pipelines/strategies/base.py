@@ -24,6 +24,9 @@ class FitResult:
     """Per-epoch metrics as logged."""
     summary: dict[str, float] = field(default_factory=dict)
     """Strategy-level figures for the final metrics (restarts, time to first step...)."""
+    stopping: dict | None = None
+    """The early-stopping watcher's final state where the strategy's workers kept it
+    (allreduce's); None: the driver's `RunContext.stopping` kept it, if anyone did."""
 
 
 class Strategy:

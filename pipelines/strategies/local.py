@@ -28,6 +28,7 @@ class LocalStrategy(Strategy):
 
         def after_epoch(epoch, metrics, model, optimizer):
             context.epoch_done(epoch, metrics, model=model.state_dict(), optimizer=optimizer.state_dict())
+            return context.should_stop
 
         def first_step():
             seconds = context.tracker.first_step()

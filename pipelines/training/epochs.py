@@ -26,6 +26,7 @@ from pipelines.training.loop import (
     make_optimizer,
     mean_metrics,
     restore_optimizer,
+    run_steps_per_epoch,
     train_epoch,
 )
 
@@ -43,7 +44,8 @@ class Collective:
     """Sums a list of numbers over all workers."""
 
 
-EpochHook = Callable[[int, dict, nn.Module, torch.optim.Optimizer], None]
+EpochHook = Callable[[int, dict, nn.Module, torch.optim.Optimizer], "bool | None"]
+"""Ends an epoch (checkpoint, log, report); a true result ends the training after it."""
 
 
 def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state: dict | None,
@@ -60,7 +62,7 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
     else:
         pretrain(model, run, source, tracker, comm)
     objective = comm.wrap(Objective(model))
-    optimizer = make_optimizer(run.optim, model.parameters())
+    optimizer = make_optimizer(run.optim, model.parameters(), run_steps_per_epoch(run, data))
     if state:
         restore_optimizer(optimizer, state["optimizer"], run.optim)
     torch.manual_seed(run.seed * 1009 + comm.rank + start)  # dropout differs per worker
@@ -82,7 +84,8 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
                    **mean_metrics(dict(zip(keys, totals[3:])), "val")}
         if meter is not None:
             metrics.update(meter.means())  # gradients are already averaged: same on every rank
-        after_epoch(epoch, metrics, model, optimizer)
+        if after_epoch(epoch, metrics, model, optimizer):  # True: stop here (optim.early_stopping)
+            break
     return model
 
 

@@ -19,6 +19,7 @@ from models.base import regressing_families
 from models.targets import finish_means, supports_regression
 from pipelines.config import OPTIMIZERS, ConfigError, OptimSection, RunConfig
 from pipelines.imported_model import ImportedModel
+from pipelines.training.schedule import LearningRate, follow
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,11 @@ def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) ->
     return min(steps, cap) if cap else steps
 
 
+def run_steps_per_epoch(run: RunConfig, data) -> int:
+    """Global batches per epoch of the run's training rows (in memory or streamed)."""
+    return steps_per_epoch(data.train_rows, run.data.batch_size, run.optim.steps_per_epoch)
+
+
 def epoch_permutation(examples: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(examples, generator=generator)
@@ -71,10 +77,14 @@ def batch_indices(examples: int, global_batch: int, *, seed: int, epoch: int, ra
         yield block[rank::world]
 
 
-def make_optimizer(section: OptimSection, params) -> torch.optim.Optimizer:
+def make_optimizer(section: OptimSection, params, updates_per_epoch: int | None = None) -> torch.optim.Optimizer:
+    """The section's optimizer, its lr following the section's schedule over its own update
+    count (`pipelines.training.schedule`) where `updates_per_epoch` says how many updates
+    an epoch makes; constant where None (greedy pre-training phases)."""
     cls = getattr(torch.optim, OPTIMIZERS[section.name])
     momentum = {"momentum": section.momentum} if section.name == "sgd" else {}
-    return cls(params, lr=section.lr, weight_decay=section.weight_decay, **momentum)
+    optimizer = cls(params, lr=section.lr, weight_decay=section.weight_decay, **momentum)
+    return follow(optimizer, LearningRate(section, updates_per_epoch))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, section: OptimSection) -> None:

@@ -22,8 +22,14 @@ from pipelines.training.loop import ModelShape, build_model
 
 pytestmark = pytest.mark.slow
 
+# A warmed-up step schedule: each worker's optimizer follows its own step count, and the
+# restarted and resumed runs' restored optimizers go on with it where the checkpoint left it
+# (a step schedule, not cosine: the resumed run trains more epochs than the first planned).
 EQUIVALENCE = {"optim.epochs": 8, "optim.steps_per_epoch": 2, "data.batch_size": 32,
-               "model.depth": 2, "model.width": 32}
+               "model.depth": 2, "model.width": 32, "optim.schedule": "step", "optim.lr_step_epochs": 3,
+               "optim.lr_gamma": 0.5, "optim.warmup_epochs": 1,
+               # watched, never stopping: the watcher's state rides every checkpoint, the restart's too
+               "optim.early_stopping.metric": "val_loss", "optim.early_stopping.patience": 100}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,8 @@ def runs(ray_session, tmp_path_factory, bucket):
 
 def test_allreduce_equals_local(runs):
     common, local, first = runs
+    # both tested the weights of the same best epoch (the watcher ran in every rank)
+    assert first.metrics["best_epoch"] == local.metrics["best_epoch"] and first.metrics["stopped_early"] == 0
     reference, trained = local.model.state_dict(), first.model.state_dict()
     assert reference.keys() == trained.keys()
     initial = build_model(small_run(**EQUIVALENCE), ModelShape((1, 8, 8), 10)).state_dict()

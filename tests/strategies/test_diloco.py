@@ -12,7 +12,8 @@ import pipelines
 pytestmark = pytest.mark.slow
 
 PLAIN_SGD = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32, "model.depth": 2,
-             "model.width": 32, "optim.momentum": 0.0, "optim.lr": 0.1}
+             "model.width": 32, "optim.momentum": 0.0, "optim.lr": 0.1,
+             "optim.schedule": "step", "optim.lr_gamma": 0.5}  # each worker's inner steps follow it
 
 
 def test_one_step_rounds_of_plain_averaging_take_locals_steps(ray_session, store):

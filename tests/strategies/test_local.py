@@ -175,3 +175,33 @@ def test_a_users_module_that_cannot_be_exported_is_logged_pickled_with_its_code(
     assert module == "branchy_user"  # the user's class itself, from the code logged beside it
     with torch.no_grad():  # the same weights; only thread counts may reorder a sum (64 terms)
         torch.testing.assert_close(torch.tensor(outputs), result.model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_early_stopping_ends_the_run_and_tests_the_best_epochs_weights(workdir, store):
+    """At lr 0.3 the MLP's validation loss dips, then climbs for two epochs: the run stops
+    there, says why, and its test metrics and logged model are the best epoch's."""
+    from pipelines.storage import Store
+    from pipelines.training.early_stopping import STATE_KEY
+
+    done = run_cli("run", "--strategy", "local", "--lr", "0.3", "--epochs", "10", "--tracking-uri", store,
+                   "--run-name", "stops", "--set", "optim.early_stopping.metric=val_loss",
+                   "--set", "optim.early_stopping.patience=2", "--set", "tracking.figures=false", cwd=workdir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped early: val_loss has not improved by more than 0 for 2 epoch(s) since epoch" in done.stdout
+    client = MlflowClient(store)
+    run = client.search_runs([client.get_experiment_by_name("raydeep").experiment_id],
+                             "attributes.run_name = 'stops'")[0]
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_loss"), key=lambda m: m.step)]
+    best = int(run.data.metrics["best_epoch"])
+    assert run.data.metrics["stopped_early"] == 1.0 and len(losses) == best + 2 < 10
+    assert losses[best - 1] == min(losses) and run.data.tags["raydeep.stopped_early"].startswith("stopped early")
+    # the last checkpoint holds the best epoch's weights beside its own; the run tested those
+    runs = Store(str(workdir / "raydeep_runs"))
+    last = runs.reopen(runs.find("stops")).newest_state()
+    kept = last["extra"][STATE_KEY]["model"]
+    assert any(not torch.equal(kept[k], last["model"][k]) for k in kept)
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = torch.rand(5, 1, 8, 8)
+    reference = models.get("mlp").build(MLPConfig(), (1, 8, 8), 10)
+    reference.load_state_dict(kept)
+    torch.testing.assert_close(logged(x), reference.eval()(x))

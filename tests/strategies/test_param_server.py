@@ -52,8 +52,10 @@ def test_pushes_travel_as_float32_exactly_or_as_bfloat16_in_half_the_bytes():
 
 def test_one_worker_without_staleness_equals_local(ray_session, store):
     # grad_clip 0.1 is active: the gradient norm is 0.23 at the start.
+    # the shards' schedule follows their count of applied pushes: local's steps, one worker
     common = {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 6,
-              "data.batch_size": 32, "model.depth": 2, "model.width": 32, "optim.grad_clip": 0.1}
+              "data.batch_size": 32, "model.depth": 2, "model.width": 32, "optim.grad_clip": 0.1,
+              "optim.schedule": "cosine", "optim.warmup_epochs": 0.5}
     local = pipelines.train(small_run(**common))
     ps = pipelines.train(ps_run(store, **common, **{
         "resources.workers": 1, "strategy.staleness": 0, "strategy.shards": 3}))

@@ -14,7 +14,8 @@ from pipelines.training.loop import ModelShape, build_model
 pytestmark = pytest.mark.slow
 
 EQUIVALENCE = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32,
-               "model.depth": 3, "model.width": 32}
+               "model.depth": 3, "model.width": 32,
+               "optim.schedule": "cosine", "optim.warmup_epochs": 0.5}  # every stage's optimizer follows it
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,10 @@ def test_pipelines_never_import_cluster():
     ("pipelines.imported_model", {"models", "pipelines.errors", "pipelines.values", "pipelines.user_code"}),
     # The sequence settings are a section of the schema, in a file of their own.
     ("pipelines.sequence_config", set()),
+    ("pipelines.optim_config", set()),
     ("pipelines.config", {"models", "pipelines.registry", "pipelines.errors", "pipelines.yaml_files",
-                          "pipelines.values", "pipelines.imported_model", "pipelines.sequence_config"}),
+                          "pipelines.values", "pipelines.imported_model", "pipelines.sequence_config",
+                          "pipelines.optim_config"}),
 ])
 def test_leaves_stay_leaves(leaf, allowed):
     outside = {i for i in imports(leaf) if not any(_in(i, a) for a in allowed)}

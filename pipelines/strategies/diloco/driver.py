@@ -86,6 +86,8 @@ class DiLoCo:
             steps = steps_per_epoch(len(self.data.y_train), self.run.data.batch_size, self.run.optim.steps_per_epoch)
             for epoch in range(self.start_epoch, self.run.optim.epochs):
                 self._epoch(epoch, steps)
+                if self.context.should_stop:  # optim.early_stopping
+                    break
         finally:
             for actor in self.workers.values():
                 ray.kill(actor)

@@ -23,7 +23,14 @@ from pipelines.training.flat import (
     to_wire,
     trainable,
 )
-from pipelines.training.loop import InMemory, Objective, build_model, make_optimizer, train_epoch
+from pipelines.training.loop import (
+    InMemory,
+    Objective,
+    build_model,
+    make_optimizer,
+    run_steps_per_epoch,
+    train_epoch,
+)
 
 
 class DiLoCoWorker:
@@ -31,7 +38,7 @@ class DiLoCoWorker:
         self.rank, self.world, self.run_config = rank, world, run
         self.device = torch.device(device)
         self.model = build_model(run, data).to(self.device)
-        self.optimizer = make_optimizer(run.optim, trainable(self.model))
+        self.optimizer = make_optimizer(run.optim, trainable(self.model), run_steps_per_epoch(run, data))
         self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
         self.has_buffers = flat_buffers(self.model).numel() > 0
         self.position: tuple[int, int] | None = None

@@ -92,6 +92,8 @@ class Sandblaster:
             state = dataclasses.asdict(self.lbfgs.state)
             self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
                                     optimizer={"shards": self.lbfgs.shards.states(), "lbfgs": state})
+            if self.context.should_stop:  # optim.early_stopping
+                break
         if self.start_epoch >= self.run.optim.epochs:
             self._assemble(self.run.optim.epochs - 1)
         state = self.lbfgs.state

@@ -85,6 +85,8 @@ class LbfgsStrategy(Strategy):
              f"strategy.max_evals_per_epoch must be >= 2 (one at the start, one for the line "
              f"search), got {o.max_evals_per_epoch}"),
             (o.lr > 0, f"strategy.lr must be > 0, got {o.lr}"),
+            (not run.optim.scheduled, "lbfgs takes its step lengths from its line search: optim.schedule "
+                                      "and optim.warmup_epochs do not apply (drop them)"),
             (o.line_search == "strong_wolfe",
              f"strategy.line_search must be strong_wolfe, got {o.line_search!r}"),
             (o.tolerance_grad >= 0, f"strategy.tolerance_grad must be >= 0, got {o.tolerance_grad}"),

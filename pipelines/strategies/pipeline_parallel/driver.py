@@ -123,8 +123,10 @@ class PipelineRun:
                 metrics = self._metrics(reports, wall)
                 self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
                                         optimizer={"stages": states})
-                if epoch == self.run.optim.epochs - 1:
+                if epoch == self.run.optim.epochs - 1 or self.context.should_stop:
                     self._log_timeline(reports)
+                    if self.context.should_stop:  # optim.early_stopping
+                        break
                 epoch += 1
         finally:
             self._stop()

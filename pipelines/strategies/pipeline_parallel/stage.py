@@ -23,7 +23,14 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.strategies.pipeline_parallel.schedules import FORWARD, build
 from pipelines.training.flat import unflatten_into
-from pipelines.training.loop import InMemory, build_model, make_optimizer, restore_optimizer, steps_per_epoch
+from pipelines.training.loop import (
+    InMemory,
+    build_model,
+    make_optimizer,
+    restore_optimizer,
+    run_steps_per_epoch,
+    steps_per_epoch,
+)
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""
@@ -44,7 +51,7 @@ class PipelineStage:
         self.model.to(self.device)  # output_loss may use the model's own modules
         self.shapes = shapes
         """shapes[s]: the activation entering stage s, per micro-batch (without batch size)."""
-        self.optimizer = make_optimizer(run.optim, self.block.parameters())
+        self.optimizer = make_optimizer(run.optim, self.block.parameters(), run_steps_per_epoch(run, data))
         self.block.load_state_dict(state["block"])
         if state["optimizer"] is not None:
             restore_optimizer(self.optimizer, state["optimizer"], run.optim)

@@ -21,7 +21,7 @@ from pipelines.strategies.ps.worker import PSWorker
 from pipelines.training import placement
 from pipelines.training.epochs import driver_model
 from pipelines.training.flat import ShardLayout, load_buffers, load_parameters
-from pipelines.training.loop import evaluate_sums, mean_metrics
+from pipelines.training.loop import evaluate_sums, mean_metrics, run_steps_per_epoch
 
 if TYPE_CHECKING:
     from pipelines.strategies.ps.strategy import ParameterServerOptions
@@ -96,7 +96,7 @@ class Downpour:
                     max_restarts=-1, max_task_retries=-1,
                     **self.place.at(self.run.resources.workers + i)).remote(
                     i, self.run.optim, o.device, str(self.snapshot_dir), o.snapshot_every,
-                    o.staleness_aware_lr)
+                    o.staleness_aware_lr, self.run.resources.workers * run_steps_per_epoch(self.run, self.data))
                 for i in range(o.shards)]
 
     def _start_worker(self, rank: int, epoch: int, step: int, clock: int):

@@ -32,7 +32,7 @@ quiet_numpy_views()
 
 class ParameterShard:
     def __init__(self, index: int, optim: OptimSection, device: str, snapshot_dir: str,
-                 snapshot_every: int, staleness_aware_lr: bool):
+                 snapshot_every: int, staleness_aware_lr: bool, pushes_per_epoch: int | None = None):
         """The shard's state comes from its snapshot file, which the driver writes before
         starting it: Ray re-runs this constructor after a crash, and a file (unlike
         constructor arguments in the object store) outlives the first start."""
@@ -44,8 +44,9 @@ class ParameterShard:
         self.param = torch.nn.Parameter(state["param"].clone().to(self.device))
         self.buffers = None if state["buffers"] is None else state["buffers"].clone()
         self.optim = optim
-        self.optimizer = make_optimizer(optim, [self.param])
-        self.base_lr, self.staleness_aware_lr = optim.lr, staleness_aware_lr
+        # the schedule follows this shard's own count of applied pushes (every worker's)
+        self.optimizer = make_optimizer(optim, [self.param], pushes_per_epoch)
+        self.staleness_aware_lr = staleness_aware_lr
         self._restore(state)
         self.incarnation += 1  # 0 on the first start
         self.restored_version = self.version if self.incarnation else None
@@ -62,7 +63,7 @@ class ParameterShard:
         self.histograms.setdefault(epoch, Counter())[staleness] += 1
         if self.staleness_aware_lr:
             for group in self.optimizer.param_groups:
-                group["lr"] = self.base_lr / (staleness + 1)
+                group["lr_scale"] = 1.0 / (staleness + 1)
         self.param.grad = from_wire(gradient).to(self.device, non_blocking=True)
         self.optimizer.step()
         self.param.grad = None

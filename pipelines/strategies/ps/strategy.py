@@ -77,6 +77,9 @@ class ParameterServerStrategy(Strategy):
             (o.staleness is None or o.staleness >= 0,
              f"strategy.staleness must be >= 0 (or unset for fully asynchronous), got {o.staleness}"),
             (o.n_fetch >= 1, f"strategy.n_fetch must be >= 1, got {o.n_fetch}"),
+            (run.optim.early_stopping.metric is None,
+             "ps workers run their epochs on their own clocks, with no epoch end to stop all of them at: "
+             "optim.early_stopping works under local, allreduce, pipeline, lbfgs and diloco (drop it)"),
             (o.n_push >= 1, f"strategy.n_push must be >= 1, got {o.n_push}"),
             (o.push_dtype in ("float32", "bfloat16"),
              f"strategy.push_dtype must be float32 or bfloat16, got {o.push_dtype!r}"),

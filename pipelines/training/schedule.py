@@ -1,0 +1,56 @@
+"""Learning-rate schedules as a function of an optimizer's own update count.
+
+Every optimizer raydeep builds (`loop.make_optimizer`) sets its learning rate before each
+step from the number of steps it has taken, kept in its param groups (`"update"`): the
+count is saved and restored with the optimizer's state, so a resumed run, a restarted ps
+shard or a pipeline stage go on with the rate they left off at, with no scheduler object
+of their own to checkpoint. The same function of the same count under every strategy: a
+training step under local, allreduce and pipeline, an applied push on each ps shard, an
+inner step of diloco. Closed forms of torch's `LinearLR` (warm-up), `CosineAnnealingLR` and
+`StepLR` chained by `SequentialLR` (tests/unit/test_lr_schedules.py holds them equal).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipelines.optim_config import OptimSection
+
+
+class LearningRate:
+    """lr(update): warm-up, then the schedule, over `updates_per_epoch` x `epochs` updates."""
+
+    def __init__(self, section: OptimSection, updates_per_epoch: int | None):
+        self.base, self.kind = section.lr, section.schedule if updates_per_epoch else "constant"
+        per_epoch = max(updates_per_epoch or 1, 1)
+        self.warmup = round(section.warmup_epochs * per_epoch) if updates_per_epoch else 0
+        self.total = section.epochs * per_epoch
+        self.min_lr, self.gamma = section.min_lr, section.lr_gamma
+        self.period = section.lr_step_epochs * per_epoch
+
+    def __call__(self, update: int) -> float:
+        if update < self.warmup:  # LinearLR(start_factor=1/W, total_iters=W)
+            start = 1.0 / self.warmup
+            return self.base * (start + (1.0 - start) * update / self.warmup)
+        after = update - self.warmup
+        if self.kind == "cosine":  # CosineAnnealingLR(T_max=total - W, eta_min=min_lr)
+            span = max(self.total - self.warmup, 1)
+            return self.min_lr + (self.base - self.min_lr) * (1 + math.cos(math.pi * min(after, span) / span)) / 2
+        if self.kind == "step":  # StepLR(step_size=period, gamma)
+            return self.base * self.gamma ** (after // self.period)
+        return self.base
+
+
+def follow(optimizer: torch.optim.Optimizer, rate: LearningRate) -> torch.optim.Optimizer:
+    """Before each step, every param group's lr becomes rate(its update count) times its
+    `lr_scale` (1; a ps shard's staleness-aware rate divides it), and the count goes up."""
+
+    def before_step(opt, args, kwargs):
+        for group in opt.param_groups:
+            update = group.get("update", 0)
+            group["lr"] = rate(update) * group.get("lr_scale", 1.0)
+            group["update"] = update + 1
+
+    optimizer.register_step_pre_hook(before_step)
+    return optimizer

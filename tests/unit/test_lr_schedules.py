@@ -1,0 +1,97 @@
+"""Learning-rate schedules: the lr of every step equals torch's own schedulers for the same
+settings, and an optimizer's saved state carries its place in the schedule."""
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from pipelines.config import ConfigError, from_dict, validate
+from pipelines.optim_config import OptimSection
+from pipelines.training.loop import make_optimizer, restore_optimizer
+
+PER_EPOCH, EPOCHS = 5, 6
+
+
+def torch_reference(section: OptimSection, optimizer):
+    """torch's schedulers for the same settings, chained as users would chain them."""
+    total, warmup = EPOCHS * PER_EPOCH, round(section.warmup_epochs * PER_EPOCH)
+    main = {"cosine": lambda: lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=section.min_lr),
+            "step": lambda: lr_scheduler.StepLR(optimizer, step_size=section.lr_step_epochs * PER_EPOCH,
+                                                gamma=section.lr_gamma),
+            "constant": lambda: lr_scheduler.ConstantLR(optimizer, factor=1.0)}[section.schedule]
+    if not warmup:
+        return main()
+    ramp = lr_scheduler.LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [ramp, main()], milestones=[warmup])
+
+
+def rates(optimizer, steps: int) -> list[float]:
+    """The lr each of `steps` optimizer steps ran with (read after the step: ours sets it before)."""
+    param = optimizer.param_groups[0]["params"][0]
+    seen = []
+    for _ in range(steps):
+        param.grad = torch.ones_like(param)
+        optimizer.step()
+        seen.append(optimizer.param_groups[0]["lr"])
+    return seen
+
+
+@pytest.mark.parametrize("settings", [
+    {"schedule": "cosine"},
+    {"schedule": "cosine", "warmup_epochs": 2, "min_lr": 0.001},
+    {"schedule": "step", "lr_step_epochs": 2, "lr_gamma": 0.5},
+    {"schedule": "step", "warmup_epochs": 1.4, "lr_step_epochs": 1},
+    {"schedule": "constant", "warmup_epochs": 1},
+])
+def test_every_steps_lr_is_torchs(settings):
+    section = OptimSection(lr=0.1, epochs=EPOCHS, **settings)
+    ours = make_optimizer(section, [torch.nn.Parameter(torch.zeros(3))], updates_per_epoch=PER_EPOCH)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    scheduler = torch_reference(section, reference_opt)
+    expected = []
+    for _ in range(EPOCHS * PER_EPOCH):
+        expected.append(reference_opt.param_groups[0]["lr"])
+        reference_opt.step()
+        scheduler.step()
+    # torch's chainable forms multiply factors step by step (30 float64 roundings); the
+    # closed forms here agree to a few ulps of 0.1 per step: 1e-12 is thousands of ulps
+    assert rates(ours, EPOCHS * PER_EPOCH) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_a_restored_optimizer_goes_on_where_it_stopped_and_takes_its_own_lr():
+    section = OptimSection(lr=0.1, epochs=EPOCHS, schedule="cosine", warmup_epochs=1)
+    whole = rates(make_optimizer(section, [torch.nn.Parameter(torch.zeros(2))], PER_EPOCH), 20)
+    first = make_optimizer(section, [torch.nn.Parameter(torch.zeros(2))], PER_EPOCH)
+    rates(first, 8)
+    resumed = make_optimizer(section, [torch.nn.Parameter(torch.zeros(2))], PER_EPOCH)
+    restore_optimizer(resumed, first.state_dict(), section)
+    assert rates(resumed, 12) == whole[8:]
+    # a PBT trial restored from another's checkpoint keeps the count but follows its own lr
+    perturbed = OptimSection(lr=0.2, epochs=EPOCHS, schedule="cosine", warmup_epochs=1)
+    other = make_optimizer(perturbed, [torch.nn.Parameter(torch.zeros(2))], PER_EPOCH)
+    restore_optimizer(other, first.state_dict(), perturbed)
+    assert rates(other, 1) == [pytest.approx(2 * whole[8])]
+
+
+def test_a_staleness_scale_multiplies_the_scheduled_rate_and_no_count_means_constant():
+    section = OptimSection(lr=0.1, epochs=2, schedule="step", lr_step_epochs=1, lr_gamma=0.5)
+    optimizer = make_optimizer(section, [torch.nn.Parameter(torch.zeros(2))], updates_per_epoch=2)
+    optimizer.param_groups[0]["lr_scale"] = 0.25  # a ps shard's push of staleness 3
+    assert rates(optimizer, 3) == pytest.approx([0.025, 0.025, 0.0125])
+    phase = make_optimizer(section, [torch.nn.Parameter(torch.zeros(2))])  # pre-training: no schedule
+    assert rates(phase, 5) == [0.1] * 5
+
+
+@pytest.mark.parametrize("optim, message", [
+    ({"schedule": "linear"}, "optim.schedule must be one of constant, cosine, step, got 'linear'"),
+    ({"warmup_epochs": 10}, r"optim.warmup_epochs must be in \[0, optim.epochs = 10\), got 10"),
+    ({"min_lr": 1.0}, r"optim.min_lr must be in \[0, optim.lr\], got 1.0"),
+    ({"lr_gamma": 0}, r"optim.lr_gamma must be in \(0, 1\], got 0"),
+])
+def test_bad_schedules_are_one_line(optim, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(from_dict({"optim": optim}))
+
+
+def test_lbfgs_refuses_a_schedule():
+    with pytest.raises(ConfigError, match="lbfgs takes its step lengths from its line search"):
+        from_dict({"strategy": {"name": "lbfgs"}, "optim": {"schedule": "cosine"}})
