@@ -93,3 +93,65 @@ def test_a_ps_worker_and_pipeline_stages_stream_what_local_streams(ray_session, 
     for key, value in local.items():
         torch.testing.assert_close(piped[key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(served[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digits_parts, store, workdir):
+    """Each L-BFGS evaluation reads its portion's files (every other file of four) chunk by
+    chunk; torch.optim.LBFGS over the same rows summed in the same order is the reference,
+    within the float32 bound of test_lbfgs.py (the portions' gradients are added in another
+    association than one .grad accumulating them all). Two workers or one: the very same bits."""
+    from pipelines.context import RunContext
+    from pipelines.storage import RunDir
+    from pipelines.strategies.lbfgs.driver import Sandblaster
+    from pipelines.strategies.lbfgs.streamed import portion_chunks
+    from pipelines.tracking import Tracker
+    from pipelines.training.flat import flat_parameters
+    from pipelines.training.loop import build_model
+
+    def run_for(workers):
+        return small_run(**{"tracking.uri": store, "data.source": str(digits_parts), "data.stream": True,
+                            "strategy.name": "lbfgs", "resources.workers": workers, "strategy.portions": 2,
+                            "strategy.shards": 1, "strategy.iterations_per_epoch": 5,
+                            "strategy.max_evals_per_epoch": 250, "model.width": 16, "model.depth": 1})
+
+    def iterates(run):
+        name = f"streamed-lbfgs-{run.resources.workers}"
+        context = RunContext(run, Tracker.start(store, "lbfgs-streamed", name, {}), RunDir(name, workdir / name))
+        driver, seen = Sandblaster(run, data.load(run.data, run.seed), context), []
+        try:
+            driver.lbfgs.epoch(0, lambda it: seen.append(driver.lbfgs.shards.gather("x")))
+        finally:
+            driver.close()
+        return seen
+
+    run = run_for(2)
+    ours = iterates(run)
+    table = data.load(run.data, run.seed).stream
+    model = build_model(run, data.load(run.data, run.seed)).train()
+    o = run.strategy.options
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=o.lr, max_iter=1, max_eval=o.max_evals_per_epoch,
+                                  tolerance_grad=o.tolerance_grad, tolerance_change=o.tolerance_change,
+                                  history_size=o.history, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        total = 0.0
+        for portion in range(2):
+            for x, y in portion_chunks(table, portion, 2):
+                loss = model.loss((x, y)) * (len(y) / table.rows)
+                loss.backward()
+                total += float(loss.detach())
+        return torch.tensor(total)
+
+    reference = []
+    for _ in range(5):
+        optimizer.step(closure)
+        reference.append(flat_parameters(model).clone())
+    u = 2.0 ** -24
+    gamma = reference[0].numel() * u / (1 - reference[0].numel() * u)
+    for k, (x, x_torch) in enumerate(zip(ours, reference)):
+        bound = (k + 1) * 4 * 2 * gamma * float(x_torch.abs().max())  # test_lbfgs.float32_iterate_tolerance
+        torch.testing.assert_close(x, x_torch, rtol=0, atol=bound, msg=lambda m: f"iteration {k + 1}: {m}")
+    assert not torch.equal(reference[-1], reference[0]), "the iterates did not move"
+    alone = iterates(run_for(1))
+    assert all(torch.equal(a, b) for a, b in zip(ours, alone)), "one worker read other bits than two"

@@ -116,8 +116,9 @@ def test_a_streamed_float_label_is_a_target_with_the_training_rows_scale(tmp_pat
 def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path):
     with pytest.raises(Exception, match="data.stream needs data.source to be a table"):
         load(overrides={"data.stream": True})
-    with pytest.raises(Exception, match="data.stream works under allreduce, local, pipeline and ps; lbfgs reads"):
-        load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "lbfgs"})
+    with pytest.raises(Exception, match="data.stream works under allreduce, lbfgs, local, pipeline and ps; "
+                                        "diloco reads"):
+        load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "diloco"})
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(pa.table({"a": pa.array([], pa.float64()), "label": pa.array([], pa.int64())}), empty / "a.parquet")

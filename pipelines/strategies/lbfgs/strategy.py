@@ -28,6 +28,7 @@ from pipelines.data import Dataset
 from pipelines.registry import register
 from pipelines.strategies.base import FitResult, Strategy, require, require_shards_hold_parameters
 from pipelines.strategies.lbfgs.driver import Sandblaster
+from pipelines.strategies.lbfgs.worker import has_batch_norm
 from pipelines.training import placement
 from pipelines.training.placement import worker_bundle
 
@@ -72,6 +73,7 @@ class LbfgsStrategy(Strategy):
     name = "lbfgs"
     options = LbfgsOptions
     description = "distributed L-BFGS (Sandblaster): vector arithmetic on shards, portions load-balanced"
+    streams = True  # each evaluation reads its portion's files (`streamed.py`)
 
     def validate(self, run: RunConfig) -> None:
         o: LbfgsOptions = run.strategy.options
@@ -111,7 +113,11 @@ class LbfgsStrategy(Strategy):
     def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
         o: LbfgsOptions = run.strategy.options
         require_shards_hold_parameters(run, model)
-        train = len(data.y_train)
+        train = data.train_rows
+        if data.stream is not None and (o.batch_size is not None or has_batch_norm(model)):
+            raise ConfigError("lbfgs on a streamed table (data.stream) takes every training row as its "
+                              "objective, read portion by portion: unset strategy.batch_size, and use a "
+                              "model without batch norm (its statistics need a portion in memory)")
         examples = min(o.batch_size or train, train)
         if o.batch_size is not None and o.batch_size > train:
             raise ConfigError(f"strategy.batch_size ({o.batch_size}) exceeds the training split "
@@ -119,7 +125,7 @@ class LbfgsStrategy(Strategy):
         if o.portions_for(run) > examples:
             raise ConfigError(f"strategy.portions ({o.portions_for(run)}) exceeds the {examples} "
                               "examples of each objective: a portion would be empty")
-        reason = stochastic_loss(model, (data.x_train[:64], data.y_train[:64]))
+        reason = stochastic_loss(model, data.sample(64))
         if reason and not o.allow_stochastic:
             raise ConfigError(
                 f"model {run.model.name} has a stochastic loss ({reason}): L-BFGS's line search "

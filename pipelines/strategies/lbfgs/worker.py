@@ -21,6 +21,7 @@ from torch import nn
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.errors import quiet_numpy_views
+from pipelines.strategies.lbfgs.streamed import portion_chunks
 from pipelines.training.flat import ShardLayout, flat_gradients, load_parameters, to_wire
 from pipelines.training.loop import build_model, epoch_permutation
 
@@ -52,6 +53,7 @@ class LbfgsWorker:
         self.model = build_model(run, data)
         self.model.load_state_dict(initial)
         self.x, self.y = data.x_train, data.y_train
+        self.table = data.stream  # a streamed table: portions read from its files (`streamed.py`)
         self.shards, self.layout = shards, layout
         self.loaded: int | None = None
         self.examples: tuple[int, torch.Tensor] | None = None
@@ -72,14 +74,27 @@ class LbfgsWorker:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         torch.manual_seed(noise_seed(self.run_config.seed, portion))
-        loss = self.model.loss((self.x[idx], self.y[idx]))
-        if weight != 1.0:
-            loss = loss * weight
-        loss.backward()
+        if self.table is not None:
+            share, rows = self._streamed_portion(portion)
+        else:
+            loss = self.model.loss((self.x[idx], self.y[idx]))
+            if weight != 1.0:
+                loss = loss * weight
+            loss.backward()
+            share, rows = float(loss.detach()), len(idx)
         gradient = flat_gradients(self.model)
         ray.get([shard.deposit.remote(evaluation, portion, attempt, to_wire(part))
                  for shard, part in zip(self.shards, self.layout.split(gradient))])
-        return float(loss.detach()), len(idx), time.perf_counter() - began
+        return share, rows, time.perf_counter() - began
+
+    def _streamed_portion(self, portion: int) -> tuple[float, int]:
+        """Backward over the portion's rows chunk by chunk, gradients adding up."""
+        share, rows = 0.0, 0
+        for x, y in portion_chunks(self.table, portion, self.options.portions_for(self.run_config)):
+            loss = self.model.loss((x, y)) * (len(y) / self.table.rows)
+            loss.backward()
+            share, rows = share + float(loss.detach()), rows + len(y)
+        return share, rows
 
     @torch.no_grad()
     def statistics(self, evaluation: int, epoch: int, portion: int, attempt: int):
@@ -107,6 +122,8 @@ class LbfgsWorker:
         self.loaded = evaluation
 
     def _portion(self, epoch: int, portion: int) -> tuple[torch.Tensor, float]:
+        if self.table is not None:
+            return torch.empty(0, dtype=torch.long), 1.0  # the rows are read in `_streamed_portion`
         if self.examples is None or self.examples[0] != epoch:
             self.examples = (epoch, epoch_examples(len(self.y), self.options.batch_size,
                                                    self.run_config.seed, epoch))
