@@ -323,6 +323,9 @@ def validate(config: RunConfig) -> None:
          f"data.synthetic_shape must hold positive sizes, got {d.synthetic_shape}")
     problems = o.problems()
     need(not problems, problems[0] if problems else "")
+    need(o.precision != "fp16" or r.gpus_per_worker > 0,
+         "optim.precision fp16 needs a GPU (resources.gpus_per_worker > 0): float16 autocast on a CPU "
+         "is slow and its gradient scaler is CUDA's; use bf16")
     need(d.source.strip() != "", "data.source must not be empty (digits, synthetic, or a Parquet or CSV file)")
     for key in ("val_source", "test_source"):
         given = getattr(d, key)

@@ -6,6 +6,7 @@ from typing import Optional
 
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
 """`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "step")
 """`optim.schedule`: the learning rate as a function of an optimizer's update count
 (`pipelines.training.schedule`)."""
@@ -60,6 +61,9 @@ class OptimSection:
     """Where cosine ends."""
     lr_gamma: float = 0.1
     lr_step_epochs: int = 1
+    precision: str = "fp32"
+    """fp32; bf16: the forward under bfloat16 autocast, on CPU and GPU (weights, gradients and
+    the optimizer stay float32); fp16: float16 autocast with a gradient scaler, GPU only."""
     early_stopping: EarlyStoppingSection = field(default_factory=EarlyStoppingSection)
     """Stop once `metric` stops improving and test the best epoch's weights, not the last
     (`pipelines.training.early_stopping`)."""
@@ -81,6 +85,8 @@ class OptimSection:
             (not 0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}"),
             (not 0 < self.lr_gamma <= 1, f"optim.lr_gamma must be in (0, 1], got {self.lr_gamma}"),
             (self.lr_step_epochs < 1, f"optim.lr_step_epochs must be >= 1, got {self.lr_step_epochs}"),
+            (self.precision not in PRECISIONS,
+             f"optim.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ) if bad] + self.early_stopping.problems()
 
     @property

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
+from pipelines.training import precision
 from pipelines.training.diagnostics import GradNorms
 from pipelines.training.loop import (
     InMemory,
@@ -68,13 +69,15 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
     torch.manual_seed(run.seed * 1009 + comm.rank + start)  # dropout differs per worker
     x_val, y_val = data.x_val[comm.rank::comm.world], data.y_val[comm.rank::comm.world]
     meter = GradNorms(model) if run.tracking.grad_norms else None
+    loss_scaler = precision.scaler(run.optim.precision, comm.device)  # fp16's scale carries across epochs
     for epoch in range(start, run.optim.epochs):
         began = time.perf_counter()
         batches = source.epoch(run.data.batch_size, seed=run.seed, epoch=epoch, rank=comm.rank,
                                world=comm.world, cap=run.optim.steps_per_epoch, device=comm.device)
         if on_first_step is not None and epoch == start:
             batches = _after_first(batches, on_first_step)
-        loss, seen = train_epoch(objective, optimizer, batches, run.optim.grad_clip, meter)
+        loss, seen = train_epoch(objective, optimizer, batches, run.optim.grad_clip, meter,
+                                 run.optim.precision, loss_scaler)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=comm.device)
         keys = sorted(sums)
@@ -119,11 +122,13 @@ def pretrain(model: nn.Module, run: RunConfig, source, tracker, comm: Collective
     for index, phase in enumerate(phases):
         objective = comm.wrap(Objective(phase.module))
         optimizer = make_optimizer(run.optim, phase.module.parameters())
+        loss_scaler = precision.scaler(run.optim.precision, comm.device)
         for epoch in range(phase.epochs):
             batches = source.epoch(run.data.batch_size, seed=run.seed + 7919 * (index + 1), epoch=epoch,
                                    rank=comm.rank, world=comm.world, cap=run.optim.steps_per_epoch,
                                    device=comm.device)
-            loss, _ = train_epoch(objective, optimizer, batches, run.optim.grad_clip)
+            loss, _ = train_epoch(objective, optimizer, batches, run.optim.grad_clip,
+                                  precision=run.optim.precision, loss_scaler=loss_scaler)
             (total,) = comm.sum([loss])
             if comm.rank == 0:
                 tracker.log_metrics({f"pretrain_{phase.name}_loss": total / comm.world}, step=epoch)

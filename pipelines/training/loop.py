@@ -19,6 +19,7 @@ from models.base import regressing_families
 from models.targets import finish_means, supports_regression
 from pipelines.config import OPTIMIZERS, ConfigError, OptimSection, RunConfig
 from pipelines.imported_model import ImportedModel
+from pipelines.training.precision import NoScaler, autocast
 from pipelines.training.schedule import LearningRate, follow
 
 
@@ -131,24 +132,31 @@ class InMemory:
 
 
 def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
-                grad_clip: float | None = None, grad_norms=None) -> tuple[float, int]:
+                grad_clip: float | None = None, grad_norms=None, precision: str = "fp32",
+                loss_scaler=None) -> tuple[float, int]:
     """One pass over `batches` ((x, y) on the model's device); returns (mean loss over
     steps, examples seen).
 
     `grad_norms` (a `diagnostics.GradNorms`) records each layer's gradient after backward.
+    `precision` bf16 or fp16 runs the forward under autocast (`pipelines.training.precision`);
+    fp16 scales the loss with `loss_scaler`, kept across epochs by the caller.
     """
     objective.train()
     total = None
     steps, seen = 0, 0
+    scaling = loss_scaler or NoScaler()
     for xb, yb in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(xb, yb)
-        loss.backward()
+        with autocast(precision, xb.device):
+            loss = objective(xb, yb)
+        scaling.scale(loss).backward()
+        scaling.unscale_(optimizer)  # clipping and the gradient norms see the true gradients
         if grad_norms is not None:
             grad_norms.add()
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-        optimizer.step()
+        scaling.step(optimizer)
+        scaling.update()
         # no host sync per step: read once per epoch
         total = loss.detach().double() if total is None else total + loss.detach()
         steps += 1

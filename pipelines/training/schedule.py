@@ -7,7 +7,7 @@ shard or a pipeline stage go on with the rate they left off at, with no schedule
 of their own to checkpoint. The same function of the same count under every strategy: a
 training step under local, allreduce and pipeline, an applied push on each ps shard, an
 inner step of diloco. Closed forms of torch's `LinearLR` (warm-up), `CosineAnnealingLR` and
-`StepLR` chained by `SequentialLR` (tests/unit/test_lr_schedules.py holds them equal).
+`StepLR` chained by `SequentialLR` (tests/unit/test_optim_settings.py holds them equal).
 """
 from __future__ import annotations
 

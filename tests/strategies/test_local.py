@@ -205,3 +205,15 @@ def test_early_stopping_ends_the_run_and_tests_the_best_epochs_weights(workdir, 
     reference = models.get("mlp").build(MLPConfig(), (1, 8, 8), 10)
     reference.load_state_dict(kept)
     torch.testing.assert_close(logged(x), reference.eval()(x))
+
+
+def test_bf16_autocast_trains_the_mlp_as_fp32_does(store):
+    """The same run in bf16 autocast (weights, gradients and SGD's state stay float32) ends
+    within two binomial standard errors of fp32's test accuracy (0.016 on 360 digits);
+    measured 0.975 and 0.975 at 10 epochs."""
+    common = {"tracking.uri": store, "optim.epochs": 6, "optim.lr": 0.1}
+    fp32 = pipelines.train(small_run(**common))
+    bf16 = pipelines.train(small_run(**common, **{"optim.precision": "bf16"}))
+    a, b = fp32.metrics["test_accuracy"], bf16.metrics["test_accuracy"]
+    assert b >= a - 2 * (a * (1 - a) / 360) ** 0.5, (a, b)
+    assert fp32.metrics["test_loss"] != bf16.metrics["test_loss"]  # autocast did change the arithmetic

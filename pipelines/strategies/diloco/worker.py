@@ -15,6 +15,7 @@ import torch
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
+from pipelines.training import precision
 from pipelines.training.flat import (
     flat_buffers,
     flat_parameters,
@@ -40,6 +41,7 @@ class DiLoCoWorker:
         self.model = build_model(run, data).to(self.device)
         self.optimizer = make_optimizer(run.optim, trainable(self.model), run_steps_per_epoch(run, data))
         self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        self.loss_scaler = precision.scaler(run.optim.precision, self.device)
         self.has_buffers = flat_buffers(self.model).numel() > 0
         self.position: tuple[int, int] | None = None
         """(epoch, step) the open epoch's batches stand at; None: none open."""
@@ -56,7 +58,8 @@ class DiLoCoWorker:
             load_buffers(self.model, torch.from_numpy(buffers).to(self.device))
         # The shared loop's steps (clipping, a loss that is not finite) on this round's batches.
         mean_loss, samples = train_epoch(Objective(self.model), self.optimizer, self._steps(epoch, start, stop),
-                                         run.optim.grad_clip)
+                                         run.optim.grad_clip, precision=run.optim.precision,
+                                         loss_scaler=self.loss_scaler)
         delta = start_flat - flat_parameters(self.model)
         options = run.strategy.options
         return {"delta": to_wire(delta.cpu(), options.push_dtype),

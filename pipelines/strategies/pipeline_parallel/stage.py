@@ -31,6 +31,7 @@ from pipelines.training.loop import (
     run_steps_per_epoch,
     steps_per_epoch,
 )
+from pipelines.training.precision import autocast
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""
@@ -132,9 +133,9 @@ class PipelineStage:
                 if o.activation_checkpointing:
                     rng[i] = torch.get_rng_state()  # the recomputation must draw the same dropout
                     with torch.no_grad():
-                        out = self.block(x)
+                        out = self._forward(x)
                 else:
-                    out = self.block(x)
+                    out = self._forward(x)
                 if self.last:
                     out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
                     loss_total += float(out.detach())
@@ -151,7 +152,7 @@ class PipelineStage:
                 if o.activation_checkpointing:
                     now = torch.get_rng_state()
                     torch.set_rng_state(rng.pop(i))
-                    out = self.block(x)
+                    out = self._forward(x)
                     torch.set_rng_state(now)
                     if self.last:
                         out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
@@ -163,6 +164,12 @@ class PipelineStage:
         for work in sends:
             work.wait()
         return busy, loss_total, peak
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output, its products under `optim.precision`'s autocast; float32 on
+        the wire, the dtype the next stage's buffers and this stage's gradient buffers hold."""
+        with autocast(self.run_config.optim.precision, self.device):
+            return self.block(x).float()
 
     def _rows(self, data: Dataset):
         """Where this stage's rows come from: memory, or, for a streamed table, a stream of

@@ -64,6 +64,8 @@ class PipelineStrategy(Strategy):
         batch = run.data.batch_size
         checks = [
             (o.stages >= 1, f"strategy.stages must be >= 1, got {o.stages}"),
+            (run.optim.precision != "fp16", "pipeline stages would each scale their own part of one loss: "
+                                            "optim.precision fp16 is refused under pipeline, use bf16"),
             (o.microbatches >= 1, f"strategy.microbatches must be >= 1, got {o.microbatches}"),
             (o.replicas >= 1, f"strategy.replicas must be >= 1, got {o.replicas}"),
             (o.schedule in SCHEDULES,

@@ -32,6 +32,7 @@ from pipelines.training.flat import (
     trainable,
 )
 from pipelines.training.loop import InMemory, build_model
+from pipelines.training.precision import autocast
 
 _MAX_IN_FLIGHT = 4
 _POSITION_EVERY_S = 0.05
@@ -122,7 +123,8 @@ class PSWorker:
     def _gradient(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = self.model.loss(batch)
+        with autocast(self.run_config.optim.precision, self.device):  # bf16: the forward's products
+            loss = self.model.loss(batch)
         loss.backward()
         if self.run_config.optim.grad_clip:  # as the shared loop clips, before the local step too
             torch.nn.utils.clip_grad_norm_(trainable(self.model), self.run_config.optim.grad_clip)

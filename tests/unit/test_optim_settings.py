@@ -1,5 +1,6 @@
-"""Learning-rate schedules: the lr of every step equals torch's own schedulers for the same
-settings, and an optimizer's saved state carries its place in the schedule."""
+"""The optimizer's settings: learning-rate schedules (every step's lr equals torch's own
+schedulers for the same settings, and an optimizer's saved state carries its place in the
+schedule) and mixed precision (bf16 autocast, what each strategy refuses)."""
 import pytest
 import torch
 from torch.optim import lr_scheduler
@@ -95,3 +96,42 @@ def test_bad_schedules_are_one_line(optim, message):
 def test_lbfgs_refuses_a_schedule():
     with pytest.raises(ConfigError, match="lbfgs takes its step lengths from its line search"):
         from_dict({"strategy": {"name": "lbfgs"}, "optim": {"schedule": "cosine"}})
+
+
+def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
+    from pipelines.training.loop import Objective, train_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    section = OptimSection(lr=0.1, epochs=1)
+    optimizer = make_optimizer(section, model.parameters())
+
+    class Loss(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def loss(self, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    batches = [(torch.randn(16, 8), torch.randint(0, 4, (16,)))]
+    train_epoch(Objective(Loss(model)), optimizer, batches, precision="bf16")
+    assert seen == [torch.bfloat16] and model[0].weight.dtype == torch.float32
+    assert model[0].weight.grad is None or model[0].weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"optim": {"precision": "fp16"}}, "optim.precision fp16 needs a GPU"),
+    ({"optim": {"precision": "fp8"}}, "optim.precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    ({"optim": {"precision": "bf16"}, "strategy": {"name": "lbfgs"}}, "optim.precision bf16 does not apply"),
+    ({"optim": {"precision": "fp16"}, "resources": {"gpus_per_worker": 1}, "strategy": {"name": "ps"}},
+     "optim.precision fp16 is refused under ps, use bf16"),
+    ({"optim": {"precision": "fp16"}, "resources": {"gpus_per_worker": 1}, "strategy": {"name": "pipeline"}},
+     "optim.precision fp16 is refused under pipeline, use bf16"),
+])
+def test_precisions_a_strategy_cannot_take_are_one_line(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
