@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE.parent))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1"])
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=4)
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for schedule in ("gpipe", "1f1b"):
+        for schedule in args.schedules:
             raw = run_dict(args, workdir, schedule)
             cfg = config.from_dict(raw)
             data = datasets.load(cfg.data, cfg.seed)
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
 
     print(f"\nmlp {args.depth}x{args.width} on 1x32x32, batch {args.batch_size}, P={args.stages}, "
           f"M={args.microbatches}; stage forward+backward per micro-batch (ms): "
-          + ", ".join(f"{c:.2f}" for c in rows["gpipe"]["costs_ms"]))
+          + ", ".join(f"{c:.2f}" for c in next(iter(rows.values()))["costs_ms"]))
     print(f"{'':<8} {'raydeep':>9} {'torch':>9} {'ratio':>6} {'ideal':>9} {'effic.':>7} "
           f"{'overhead/op':>12}  bubble per stage (theory {theoretical_bubble(args.stages, args.microbatches):.3f})")
     for schedule, r in rows.items():

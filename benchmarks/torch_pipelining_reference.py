@@ -20,7 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleavedZeroBubble,
+    )
 
     from pipelines import config
     from pipelines import data as datasets
@@ -42,9 +47,12 @@ def main() -> None:
         for layer in layers[:a]:
             example = layer(example)
     stage = PipelineStage(block, rank, world, torch.device("cpu"), input_args=(example,))
-    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]]
-    schedule = schedule_cls(stage, spec["microbatches"],
-                            loss_fn=lambda out, y: nn.functional.cross_entropy(out, y))
+    loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
+    if spec["schedule"] == "zb-h1":  # torch's zero-bubble runtime with one stage per rank
+        schedule = ScheduleInterleavedZeroBubble([stage], spec["microbatches"], loss_fn=loss)
+    else:
+        schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]](
+            stage, spec["microbatches"], loss_fn=loss)
     optimizer = make_optimizer(run.optim, block.parameters())
     rates = []
     for epoch in range(run.optim.epochs):

@@ -128,14 +128,15 @@ def staleness_histogram(counts: dict[int, int]):
 def pipeline_timeline(stages: list[list[tuple[str, float, float]]]):
     """One mini-batch of a pipeline: per stage, when it ran forwards, backwards, or idled."""
     fig, ax = _plt().subplots(figsize=(7, 1 + 0.6 * len(stages)))
-    colours = {"F": "tab:blue", "B": "tab:orange"}
+    colours = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
     start = min(t[1] for row in stages for t in row)
     for k, row in enumerate(stages):
         for kind, a, b in row:
             ax.barh(k, (b - a) * 1e3, left=(a - start) * 1e3, color=colours[kind], edgecolor="white")
     ax.set_yticks(range(len(stages)), [f"stage {k}" for k in range(len(stages))])
     ax.invert_yaxis()
-    ax.set_xlabel("ms (blue: forward, orange: backward, blank: idle)")
+    ax.set_xlabel("ms (blue: forward, orange: backward (input gradient where split), green: weight gradient, "
+                  "blank: idle)")
     ax.set_title("pipeline timeline, last mini-batch")
     fig.tight_layout()
     return fig

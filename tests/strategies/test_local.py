@@ -209,11 +209,12 @@ def test_early_stopping_ends_the_run_and_tests_the_best_epochs_weights(workdir, 
 
 def test_bf16_autocast_trains_the_mlp_as_fp32_does(store):
     """The same run in bf16 autocast (weights, gradients and SGD's state stay float32) ends
-    within two binomial standard errors of fp32's test accuracy (0.016 on 360 digits);
-    measured 0.975 and 0.975 at 10 epochs."""
+    within two standard errors of fp32's test accuracy: a difference of two accuracies on
+    360 digits has at most sqrt(2) times one's binomial error (0.0095 at 0.97), so 0.027.
+    Measured 0.975 and 0.975 at 10 epochs; 0.9667 and 0.9500 at 8 (benchmarks/precision.py)."""
     common = {"tracking.uri": store, "optim.epochs": 6, "optim.lr": 0.1}
     fp32 = pipelines.train(small_run(**common))
     bf16 = pipelines.train(small_run(**common, **{"optim.precision": "bf16"}))
     a, b = fp32.metrics["test_accuracy"], bf16.metrics["test_accuracy"]
-    assert b >= a - 2 * (a * (1 - a) / 360) ** 0.5, (a, b)
+    assert b >= a - 2 * 2 ** 0.5 * (a * (1 - a) / 360) ** 0.5, (a, b)
     assert fp32.metrics["test_loss"] != bf16.metrics["test_loss"]  # autocast did change the arithmetic

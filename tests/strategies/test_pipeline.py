@@ -29,6 +29,8 @@ def local_reference(tmp_path_factory):
     (3, "gpipe", {}),
     (3, "1f1b", {"strategy.activation_checkpointing": True}),
     (2, "1f1b", {"strategy.replicas": 2}),
+    (2, "zb-h1", {}),  # split backwards: B the input's gradient, W the weights' (torch's own split)
+    (3, "zb-h1", {"strategy.activation_checkpointing": True}),
 ])
 def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local_reference,
                                                         stages, schedule, extra):

@@ -2,7 +2,7 @@
 import pytest
 
 from pipelines.strategies.pipeline_parallel import schedules
-from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, Action
+from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, WEIGHT, Action
 
 SIZES = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
 
@@ -14,7 +14,7 @@ def test_every_schedule_is_complete_ordered_and_runs_without_deadlock(name, stag
     assert len(schedule) == stages
     schedules.validate(schedule, microbatches)
     slots = schedules.simulate(schedule)
-    assert len(slots) == 2 * stages * microbatches
+    assert len(slots) == (3 if schedules.splits(schedule) else 2) * stages * microbatches
     end = {(s.stage, s.action): s.end for s in slots}
     start = {(s.stage, s.action): s.start for s in slots}
     for s in slots:  # the data each action needs was produced before it started
@@ -25,6 +25,8 @@ def test_every_schedule_is_complete_ordered_and_runs_without_deadlock(name, stag
             assert start[(s.stage, s.action)] >= end[(s.stage, Action(FORWARD, i))]
             if s.stage < stages - 1:
                 assert start[(s.stage, s.action)] >= end[(s.stage + 1, s.action)]
+        if s.action.kind == WEIGHT:  # after the same stage's input gradient of its micro-batch
+            assert start[(s.stage, s.action)] >= end[(s.stage, Action(BACKWARD, i))]
 
 
 @pytest.mark.parametrize("stages, microbatches", SIZES)
@@ -36,7 +38,7 @@ def test_1f1b_holds_at_most_p_microbatches_where_gpipe_holds_m(stages, microbatc
         assert schedules.peak_activations(one_f_one_b[stage]) == min(stages - stage, microbatches)
 
 
-@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("stages, microbatches", [(2, 4), (3, 4), (4, 8)])
 def test_bubble_with_equal_costs_is_the_textbook_one(name, stages, microbatches):
     slots = schedules.simulate(schedules.build(name, stages, microbatches), 1.0, 1.0)
@@ -68,3 +70,66 @@ def test_render_draws_one_row_per_stage():
     lines = text.splitlines()
     assert len(lines) == 3 and lines[1].split()[1:3] == ["F0", "F1"]
     assert lines[2].split()[1:3] == [".", "F0"]
+
+
+@pytest.mark.parametrize("stages, microbatches", SIZES)
+def test_zb_h1_is_never_longer_than_1f1b_and_holds_what_it_holds(stages, microbatches):
+    """With F = B = W = 1 unit (a fused backward 2), ZB-H1's stages hold 1F1B's micro-batches
+    at most, and its makespan is at most 1F1B's; with two stages or more and more than one
+    micro-batch strictly shorter, e.g. 30 units against 33 at P=4, M=8."""
+    zb, one = schedules.zb_h1(stages, microbatches), schedules.one_f_one_b(stages, microbatches)
+    assert [schedules.peak_activations(a) for a in zb] == [schedules.peak_activations(a) for a in one]
+    makespan = {name: max(s.end for s in schedules.simulate(plan)) for name, plan in (("zb", zb), ("1f1b", one))}
+    assert makespan["zb"] <= makespan["1f1b"]
+    if stages > 1:
+        assert makespan["zb"] < makespan["1f1b"]
+    if (stages, microbatches) == (4, 8):
+        assert makespan == {"zb": 30.0, "1f1b": 33.0}
+
+
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+def test_a_schedule_round_trips_through_its_text(name):
+    plan = schedules.build(name, 3, 4)
+    text = schedules.to_text(plan)
+    assert text.splitlines()[0].split()[0] == "0F0"
+    assert schedules.from_text("# saved\n" + text + "\n\n") == plan
+    with pytest.raises(ValueError, match="'0X1' is not an action like 0F1, 1B0 or 2W3"):
+        schedules.from_text("0F0 0X1")
+    with pytest.raises(ValueError, match="'1F0' names stage 1, but line 1 holds stage 0's actions"):
+        schedules.from_text("1F0")
+    assert str(Action(WEIGHT, 3)) == "W3"
+
+
+def test_a_split_schedule_needs_every_weight_gradient_after_its_input_gradient():
+    with pytest.raises(ValueError, match="stage 0: weight gradient of micro-batch 0 before its backward"):
+        schedules.validate([[Action(FORWARD, 0), Action(WEIGHT, 0), Action(BACKWARD, 0)]], 1)
+    with pytest.raises(ValueError, match=r"stage 0: W of micro-batches \[0\], want 0..1"):
+        schedules.validate([[Action(FORWARD, 0), Action(BACKWARD, 0), Action(WEIGHT, 0),
+                             Action(FORWARD, 1), Action(BACKWARD, 1)]], 2)
+
+
+def test_the_executors_split_backward_gives_the_fused_backwards_gradients():
+    """B (torch's stage_backward_input, as a stage calls it) gives the input's gradient,
+    W (stage_backward_weight) the weights' afterwards: the same as one fused backward."""
+    import torch
+
+    from pipelines.strategies.pipeline_parallel import stage
+
+    assert stage.stage_backward_input is not None, "this torch cannot split backwards"
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, grad = torch.randn(4, 6), torch.randn(4, 3)
+    fused_x = x.clone().requires_grad_()
+    block(fused_x).backward(grad)
+    fused = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad(set_to_none=True)
+    split_x = x.clone().requires_grad_()
+    params = list(block.parameters())
+    _, groups = stage.stage_backward_input([block(split_x)], [grad], [split_x], params)
+    assert all(p.grad is None for p in params)  # B computed no weight gradient
+    # the same products of the same saved gradients: equal to within a float32 rounding of
+    # these O(1) values (an ulp at 1 is 1.2e-7); a missing or doubled term is off by O(1)
+    torch.testing.assert_close(split_x.grad, fused_x.grad, rtol=0, atol=1e-7)
+    stage.stage_backward_weight(params, groups)
+    for p, expected in zip(params, fused):
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-7)

@@ -1,5 +1,11 @@
 """Pipeline schedules as data: per stage, the ordered forward/backward actions on micro-batches.
 
+A backward may come whole (`B`) or split in two (Qi et al., "Zero Bubble Pipeline
+Parallelism", 2023): `B` the gradient of the stage's input, sent upstream at once because
+the stage before waits for it, and `W` the gradient of the stage's weights, which nobody
+waits for and which a schedule may defer into what would be idle time. A schedule with
+`W` actions splits every backward of every stage.
+
 A schedule says only what each stage does and in which order; one executor can run any of
 them. `simulate` plays a schedule out with given action costs, respecting the data
 dependencies between stages (a stage forwards micro-batch i after the stage before it did;
@@ -10,13 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD, BACKWARD = "F", "B"
+FORWARD, BACKWARD, WEIGHT = "F", "B", "W"
+NAMES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight gradient"}
 
 
 @dataclass(frozen=True)
 class Action:
     kind: str
-    """`F` (forward) or `B` (backward)."""
+    """`F` (forward), `B` (backward: whole, or the input's gradient where the schedule has
+    `W`s) or `W` (the weights' gradient)."""
     microbatch: int
 
     def __str__(self) -> str:
@@ -50,7 +58,54 @@ def one_f_one_b(stages: int, microbatches: int) -> Schedule:
     return schedule
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def zb_h1(stages: int, microbatches: int) -> Schedule:
+    """ZB-H1 (Qi et al. 2023) within 1F1B's memory: each backward split into B and W, laid
+    out by playing the pipeline forward in unit steps, each stage taking, when free, the
+    first of: a B whose gradient has arrived (it is on the critical path back through the
+    stages), the next F while it holds fewer than P - s micro-batches (1F1B's cap; here a
+    micro-batch is held from its F to its W, which needs its activations), else a pending W
+    (nobody waits for it). Where 1F1B's stages wait in the cool-down for a fused backward
+    downstream, these wait for a B alone and fill the rest with Ws: 30 steps instead of 33 at
+    P=4, M=8 with F = B = W (the paper's ZB-H1, which frees most of a micro-batch at B, 27)."""
+    _check_sizes(stages, microbatches)
+    finished: dict[tuple[int, str, int], int] = {}
+    schedule: Schedule = [[] for _ in range(stages)]
+    next_f, next_b, held = [0] * stages, [0] * stages, [0] * stages
+    pending: list[list[int]] = [[] for _ in range(stages)]
+
+    def arrived(key, now: int) -> bool:
+        return finished.get(key, now + 1) <= now
+
+    now = 0
+    while sum(map(len, schedule)) < 3 * stages * microbatches:
+        for stage in range(stages):
+            if schedule[stage] and finished[(stage, *_last(schedule[stage]))] > now:
+                continue  # busy
+            i, j = next_b[stage], next_f[stage]
+            if i < microbatches and arrived((stage, FORWARD, i), now) and (
+                    stage == stages - 1 or arrived((stage + 1, BACKWARD, i), now)):
+                action, next_b[stage] = Action(BACKWARD, i), i + 1
+                pending[stage].append(i)
+            elif j < microbatches and held[stage] < stages - stage and (
+                    stage == 0 or arrived((stage - 1, FORWARD, j), now)):
+                action, next_f[stage] = Action(FORWARD, j), j + 1
+                held[stage] += 1
+            elif pending[stage]:
+                action = Action(WEIGHT, pending[stage].pop(0))
+                held[stage] -= 1
+            else:
+                continue
+            finished[(stage, action.kind, action.microbatch)] = now + 1
+            schedule[stage].append(action)
+        now += 1
+    return schedule
+
+
+def _last(actions: list[Action]) -> tuple[str, int]:
+    return actions[-1].kind, actions[-1].microbatch
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1}
 
 
 def build(name: str, stages: int, microbatches: int) -> Schedule:
@@ -60,24 +115,36 @@ def build(name: str, stages: int, microbatches: int) -> Schedule:
         raise ValueError(f"unknown schedule {name!r} (known: {', '.join(SCHEDULES)})") from None
 
 
+def splits(schedule: Schedule) -> bool:
+    """Whether the schedule splits its backwards into B and W."""
+    return any(a.kind == WEIGHT for actions in schedule for a in actions)
+
+
 def validate(schedule: Schedule, microbatches: int) -> None:
-    """Every stage forwards and backwards each micro-batch exactly once, forward first."""
+    """Every stage forwards and backwards each micro-batch exactly once (and, in a split
+    schedule, takes its weight gradient once), in the order F, B, W."""
+    kinds = (FORWARD, BACKWARD, WEIGHT) if splits(schedule) else (FORWARD, BACKWARD)
     for stage, actions in enumerate(schedule):
-        for kind in (FORWARD, BACKWARD):
+        for kind in kinds:
             seen = sorted(a.microbatch for a in actions if a.kind == kind)
             if seen != list(range(microbatches)):
                 raise ValueError(f"stage {stage}: {kind} of micro-batches {seen}, want 0..{microbatches - 1}")
+        if len(actions) != len(kinds) * microbatches:
+            raise ValueError(f"stage {stage}: {len(actions)} actions, want {len(kinds) * microbatches}")
         position = {a: i for i, a in enumerate(actions)}
         for i in range(microbatches):
-            if position[Action(BACKWARD, i)] < position[Action(FORWARD, i)]:
-                raise ValueError(f"stage {stage}: backward of micro-batch {i} before its forward")
+            for before, after in zip(kinds, kinds[1:]):
+                if position[Action(after, i)] < position[Action(before, i)]:
+                    raise ValueError(f"stage {stage}: {NAMES[after]} of micro-batch {i} before its {NAMES[before]}")
 
 
 def peak_activations(actions: list[Action]) -> int:
-    """Most micro-batches forwarded but not yet backwarded at once on one stage."""
+    """Most micro-batches whose activations one stage holds at once: forwarded and not yet
+    backwarded (in a split schedule: not yet through W, which needs them too)."""
+    release = WEIGHT if any(a.kind == WEIGHT for a in actions) else BACKWARD
     live = peak = 0
     for action in actions:
-        live += 1 if action.kind == FORWARD else -1
+        live += 1 if action.kind == FORWARD else -1 if action.kind == release else 0
         peak = max(peak, live)
     return peak
 
@@ -92,8 +159,12 @@ class Slot:
 
 def simulate(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float = 2.0) -> list[Slot]:
     """When each action would run if every stage ran its actions in order, as soon as their
-    inputs arrived, with the given costs (communication free). Raises on a deadlock."""
+    inputs arrived, with the given costs (communication free; a split backward's B and W
+    each half of `backward_cost`). Raises on a deadlock."""
     stages = len(schedule)
+    split = splits(schedule)
+    cost = {FORWARD: forward_cost, BACKWARD: backward_cost / 2 if split else backward_cost,
+            WEIGHT: backward_cost / 2}
     done: dict[tuple[int, Action], float] = {}
     cursor = [0] * stages
     clock = [0.0] * stages
@@ -110,7 +181,7 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float
                 continue
             ready = done[needs] if needs is not None else 0.0
             start = max(clock[stage], ready)
-            end = start + (forward_cost if action.kind == FORWARD else backward_cost)
+            end = start + cost[action.kind]
             done[(stage, action)] = clock[stage] = end
             slots.append(Slot(stage, action, start, end))
             cursor[stage] += 1
@@ -123,6 +194,8 @@ def simulate(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float
 
 
 def _dependency(stage: int, action: Action, stages: int):
+    if action.kind == WEIGHT:  # the stage's own input gradient came first
+        return (stage, Action(BACKWARD, action.microbatch))
     if action.kind == FORWARD:
         return (stage - 1, action) if stage > 0 else None
     if stage == stages - 1:
@@ -152,6 +225,32 @@ def render(slots: list[Slot], stages: int, unit: float = 1.0) -> str:
             rows[s.stage][t] = f"{str(s.action):>4}"
     header = "stage " + "".join(f"{t:>4}" for t in range(width))
     return "\n".join([header] + [f"{k:>5} " + "".join(row) for k, row in enumerate(rows)])
+
+
+def to_text(schedule: Schedule) -> str:
+    """One line per stage of actions as torch.distributed.pipelining writes them: "1W3" is
+    stage 1's weight gradient of micro-batch 3."""
+    return "\n".join(" ".join(f"{stage}{a}" for a in actions) for stage, actions in enumerate(schedule))
+
+
+def from_text(text: str) -> Schedule:
+    """The schedule `to_text` wrote (blank lines and `#` comments ignored); one line per stage."""
+    import re
+
+    schedule: Schedule = []
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    for number, line in enumerate(line for line in lines if line):
+        actions = []
+        for token in line.split():
+            found = re.fullmatch(r"(\d+)([FBW])(\d+)", token)
+            if not found:
+                raise ValueError(f"schedule line {number + 1}: {token!r} is not an action like 0F1, 1B0 or 2W3")
+            if int(found.group(1)) != number:
+                raise ValueError(f"schedule line {number + 1}: {token!r} names stage {found.group(1)}, "
+                                 f"but line {number + 1} holds stage {number}'s actions")
+            actions.append(Action(found.group(2), int(found.group(3))))
+        schedule.append(actions)
+    return schedule
 
 
 def _check_sizes(stages: int, microbatches: int) -> None:

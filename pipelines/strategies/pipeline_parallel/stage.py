@@ -21,7 +21,12 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.strategies.pipeline_parallel.schedules import FORWARD, build
+from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
+
+try:  # torch's own split of a backward into input and weight gradients (zero-bubble schedules)
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+except ImportError:  # pragma: no cover - another torch: split schedules run fused backwards at W
+    stage_backward_input = stage_backward_weight = None
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
     InMemory,
@@ -57,7 +62,12 @@ class PipelineStage:
         if state["optimizer"] is not None:
             restore_optimizer(self.optimizer, state["optimizer"], run.optim)
         self.rows, self.stream_rows = self._rows(data), data.stream.rows if data.stream else 0
-        self.schedule = build(self.options.schedule, self.stages, self.options.microbatches)[stage]
+        plan = build(self.options.schedule, self.stages, self.options.microbatches)
+        self.schedule, self.split = plan[stage], splits(plan)
+        self.params = [p for p in self.block.parameters() if p.requires_grad]
+        if self.split and stage_backward_input is None and stage == 0:
+            print(f"pipeline: this torch ({torch.__version__}) has no stage_backward_input: "
+                  f"{self.options.schedule}'s backwards run whole at W", flush=True)
 
     def address(self) -> tuple[str, int]:
         """Where stage 0 of replica 0 hosts the process group's rendezvous."""
@@ -124,6 +134,8 @@ class PipelineStage:
         outputs: dict[int, torch.Tensor] = {}
         sends: list = []
         rng: dict[int, torch.Tensor] = {}
+        weights: dict[int, tuple] = {}
+        """Per micro-batch between its B and W: what the weights' gradient is computed from."""
         busy, loss_total, live, peak = 0.0, 0.0, 0, 0
         for action in self.schedule:
             i = action.microbatch
@@ -145,10 +157,10 @@ class PipelineStage:
                 peak = max(peak, live)
                 if not self.last:
                     sends.append(dist.isend(out.detach().contiguous(), self._peer(+1), tag=ACTIVATION))
-            else:
+            elif action.kind == BACKWARD:
                 grad = None if self.last else self._receive(self._peer(+1), outputs[i].shape, GRADIENT)
                 start = time.perf_counter()
-                x, out = inputs.pop(i), outputs.pop(i)
+                x, out = inputs[i], outputs[i]
                 if o.activation_checkpointing:
                     now = torch.get_rng_state()
                     torch.set_rng_state(rng.pop(i))
@@ -156,14 +168,41 @@ class PipelineStage:
                     torch.set_rng_state(now)
                     if self.last:
                         out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
-                out.backward(grad)
+                if self.split:
+                    # the input's gradient only, sent upstream at once; W takes the weights'
+                    outputs[i], weights[i] = out, self._backward_input(out, grad, x)
+                else:
+                    out.backward(grad)
+                    del inputs[i], outputs[i]
+                    live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 busy += self._stamp(timeline, "B", start, began)
-                live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 if not self.first:
                     sends.append(dist.isend(x.grad.contiguous(), self._peer(-1), tag=GRADIENT))
+            else:  # WEIGHT
+                start = time.perf_counter()
+                x, out = inputs.pop(i), outputs.pop(i)
+                self._backward_weight(out, *weights.pop(i))
+                busy += self._stamp(timeline, "W", start, began)
+                live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
         for work in sends:
             work.wait()
         return busy, loss_total, peak
+
+    def _backward_input(self, out: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor) -> tuple:
+        """B of a split backward: x's gradient, keeping what W needs. The first stage's input
+        needs no gradient, and a torch without `stage_backward_input` has no split: both
+        run the whole backward at W instead (said in the log once)."""
+        if self.first or stage_backward_input is None:
+            return (grad, None)
+        _, groups = stage_backward_input([out], None if grad is None else [grad], [x], self.params)
+        return (grad, groups)
+
+    def _backward_weight(self, out: torch.Tensor, grad: torch.Tensor | None, groups) -> None:
+        """W: the weights' gradients, added to .grad, from what B kept."""
+        if groups is None:
+            out.backward(grad)  # the whole backward: no B ran before it
+        else:
+            stage_backward_weight(self.params, groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output, its products under `optim.precision`'s autocast; float32 on

@@ -29,6 +29,7 @@ from pipelines.strategies.pipeline_parallel.schedules import (
     peak_activations,
     render,
     simulate,
+    splits,
     theoretical_bubble,
 )
 from pipelines.training import placement
@@ -42,7 +43,8 @@ class PipelineOptions:
     microbatches: int = 4
     """Micro-batches M per mini-batch (`--microbatches`)."""
     schedule: str = "1f1b"
-    """gpipe or 1f1b (`--schedule`)."""
+    """gpipe, 1f1b or zb-h1 (`--schedule`): zb-h1 splits each backward into the input's
+    gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits."""
     replicas: int = 1
     """Pipelines R on disjoint data shards, allreducing per stage (`--replicas`)."""
     split: Optional[list[int]] = None
@@ -108,12 +110,13 @@ def schedule_grid(run: RunConfig) -> str:
     plan = build(o.schedule, o.stages, o.microbatches)
     slots = simulate(plan, 1.0, 2.0)
     bubbles = bubble_fraction(slots, o.stages)
+    costs = ("B: input gradient, 1 unit; W: weight gradient, 1 unit" if splits(plan) else "B: backward, 2 units")
     lines = [f"{o.schedule} schedule, {o.stages} stages x {o.microbatches} micro-batches "
-             "(F: forward, 1 unit; B: backward, 2 units; .: idle)", render(slots, o.stages), ""]
+             f"(F: forward, 1 unit; {costs}; .: idle)", render(slots, o.stages), ""]
     for stage in range(o.stages):
         lines.append(f"stage {stage}: bubble {bubbles[stage]:.3f}, peak activations "
                      f"{peak_activations(plan[stage])} micro-batches")
-    lines.append(f"theoretical bubble (P-1)/(M+P-1) = {theoretical_bubble(o.stages, o.microbatches):.3f}")
+    lines.append(f"GPipe and 1F1B's theoretical bubble (P-1)/(M+P-1) = {theoretical_bubble(o.stages, o.microbatches):.3f}")
     return "\n".join(lines)
 
 
