@@ -61,6 +61,10 @@ class OptimSection:
     """Where cosine ends."""
     lr_gamma: float = 0.1
     lr_step_epochs: int = 1
+    accumulate: int = 1
+    """Global batches whose gradients add up before each optimizer step (the step's batch is
+    their union: accumulate x data.batch_size examples), under local and allreduce (DDP
+    synchronises once per step); ps, pipeline, diloco and lbfgs have their own ways."""
     precision: str = "fp32"
     """fp32; bf16: the forward under bfloat16 autocast, on CPU and GPU (weights, gradients and
     the optimizer stay float32); fp16: float16 autocast with a gradient scaler, GPU only."""
@@ -85,6 +89,7 @@ class OptimSection:
             (not 0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}"),
             (not 0 < self.lr_gamma <= 1, f"optim.lr_gamma must be in (0, 1], got {self.lr_gamma}"),
             (self.lr_step_epochs < 1, f"optim.lr_step_epochs must be >= 1, got {self.lr_step_epochs}"),
+            (self.accumulate < 1, f"optim.accumulate must be >= 1, got {self.accumulate}"),
             (self.precision not in PRECISIONS,
              f"optim.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
         ) if bad] + self.early_stopping.problems()

@@ -77,7 +77,7 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
         if on_first_step is not None and epoch == start:
             batches = _after_first(batches, on_first_step)
         loss, seen = train_epoch(objective, optimizer, batches, run.optim.grad_clip, meter,
-                                 run.optim.precision, loss_scaler)
+                                 run.optim.precision, loss_scaler, run.optim.accumulate)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=comm.device)
         keys = sorted(sums)

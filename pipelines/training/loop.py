@@ -7,6 +7,7 @@ global batch a single process would take, so averaged gradients match.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -60,8 +61,21 @@ def steps_per_epoch(examples: int, global_batch: int, cap: int | None = None) ->
 
 
 def run_steps_per_epoch(run: RunConfig, data) -> int:
-    """Global batches per epoch of the run's training rows (in memory or streamed)."""
-    return steps_per_epoch(data.train_rows, run.data.batch_size, run.optim.steps_per_epoch)
+    """Optimizer steps per epoch of the run's training rows (in memory or streamed): its
+    global batches, `optim.accumulate` of them to a step."""
+    batches = steps_per_epoch(data.train_rows, run.data.batch_size, run.optim.steps_per_epoch)
+    return -(-batches // run.optim.accumulate)
+
+
+def _lookahead(batches):
+    """The batches, the last one marked: (None, last) in its place."""
+    previous = None
+    for batch in batches:
+        if previous is not None:
+            yield previous
+        previous = batch
+    if previous is not None:
+        yield None, previous
 
 
 def epoch_permutation(examples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -133,23 +147,47 @@ class InMemory:
 
 def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
                 grad_clip: float | None = None, grad_norms=None, precision: str = "fp32",
-                loss_scaler=None) -> tuple[float, int]:
+                loss_scaler=None, accumulate: int = 1) -> tuple[float, int]:
     """One pass over `batches` ((x, y) on the model's device); returns (mean loss over
     steps, examples seen).
 
     `grad_norms` (a `diagnostics.GradNorms`) records each layer's gradient after backward.
     `precision` bf16 or fp16 runs the forward under autocast (`pipelines.training.precision`);
-    fp16 scales the loss with `loss_scaler`, kept across epochs by the caller.
+    fp16 scales the loss with `loss_scaler`, kept across epochs by the caller. `accumulate`
+    batches add their gradients (each loss over `accumulate`) before one step, DDP's
+    synchronisation held back (`no_sync`) until the last of them; an epoch's last, shorter
+    group steps on the mean over its own batches.
     """
     objective.train()
     total = None
     steps, seen = 0, 0
     scaling = loss_scaler or NoScaler()
-    for xb, yb in batches:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, xb.device):
-            loss = objective(xb, yb)
-        scaling.scale(loss).backward()
+    pending = 0
+    # only an accumulating loop looks one batch ahead (to close an epoch's short last group):
+    # a batch asked for early would start the first-step clock (`epochs._after_first`) early
+    for xb, yb in (_lookahead(batches) if accumulate > 1 else batches):
+        last = xb is None
+        if last:
+            xb, yb = yb
+        if pending == 0:
+            optimizer.zero_grad(set_to_none=True)
+        pending += 1
+        closes = pending == accumulate or last
+        hold = objective.no_sync() if not closes and hasattr(objective, "no_sync") else contextlib.nullcontext()
+        with hold:
+            with autocast(precision, xb.device):
+                loss = objective(xb, yb)
+            scaling.scale(loss / accumulate if accumulate > 1 else loss).backward()
+        total = loss.detach().double() if total is None else total + loss.detach()
+        steps += 1
+        seen += len(yb)
+        if not closes:
+            continue
+        if pending < accumulate:  # a short last group: the mean over its own batches
+            for p in objective.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(accumulate / pending)
+        pending = 0
         scaling.unscale_(optimizer)  # clipping and the gradient norms see the true gradients
         if grad_norms is not None:
             grad_norms.add()
@@ -157,10 +195,7 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
         scaling.step(optimizer)
         scaling.update()
-        # no host sync per step: read once per epoch
-        total = loss.detach().double() if total is None else total + loss.detach()
-        steps += 1
-        seen += len(yb)
+    # no host sync per step: the loss is read once per epoch (a mean over batches)
     mean = (total.item() if total is not None else 0.0) / max(steps, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(

@@ -29,7 +29,8 @@ EQUIVALENCE = {"optim.epochs": 8, "optim.steps_per_epoch": 2, "data.batch_size":
                "model.depth": 2, "model.width": 32, "optim.schedule": "step", "optim.lr_step_epochs": 3,
                "optim.lr_gamma": 0.5, "optim.warmup_epochs": 1,
                # watched, never stopping: the watcher's state rides every checkpoint, the restart's too
-               "optim.early_stopping.metric": "val_loss", "optim.early_stopping.patience": 100}
+               "optim.early_stopping.metric": "val_loss", "optim.early_stopping.patience": 100,
+               "optim.accumulate": 2}  # two batches a step: DDP synchronises on the second only
 
 
 @pytest.fixture(scope="module")

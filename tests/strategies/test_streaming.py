@@ -111,7 +111,7 @@ def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digi
     def run_for(workers):
         return small_run(**{"tracking.uri": store, "data.source": str(digits_parts), "data.stream": True,
                             "strategy.name": "lbfgs", "resources.workers": workers, "strategy.portions": 2,
-                            "strategy.shards": 1, "strategy.iterations_per_epoch": 5,
+                            "strategy.shards": 1, "strategy.iterations_per_epoch": 3,
                             "strategy.max_evals_per_epoch": 250, "model.width": 16, "model.depth": 1})
 
     def iterates(run):
@@ -144,7 +144,7 @@ def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digi
         return torch.tensor(total)
 
     reference = []
-    for _ in range(5):
+    for _ in range(3):
         optimizer.step(closure)
         reference.append(flat_parameters(model).clone())
     u = 2.0 ** -24

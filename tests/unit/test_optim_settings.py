@@ -135,3 +135,47 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
 def test_precisions_a_strategy_cannot_take_are_one_line(raw, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
+
+
+def test_accumulated_batches_take_the_step_of_their_union():
+    """Two batches of 16 added up (each loss halved) give the step one batch of 32 gives,
+    and a short last group steps on the mean of its own batches."""
+    from pipelines.training.loop import Objective, train_epoch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = torch.nn.Linear(5, 3)
+
+        def loss(self, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.linear(x), y)
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(80, 5, generator=g), torch.randint(0, 3, (80,), generator=g)
+    section = OptimSection(lr=0.1, momentum=0.0, epochs=1)
+
+    def train(batches, accumulate):
+        net = Net()
+        optimizer = make_optimizer(section, net.parameters())
+        train_epoch(Objective(net), optimizer, batches, accumulate=accumulate)
+        return net.linear.weight.detach(), optimizer.param_groups[0]["update"]
+
+    halves = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 80, 16)]  # 5 batches: 2 + 2 + 1
+    whole = [(x[0:32], y[0:32]), (x[32:64], y[32:64]), (x[64:80], y[64:80])]
+    accumulated, steps = train(halves, 2)
+    reference, reference_steps = train(whole, 1)
+    assert steps == reference_steps == 3
+    # the mean of two half-batch means against one mean over 32: another summation order in
+    # float32, a few ulps of weights of size ~0.5 (1e-6 is ten of them); a missing half is off by O(lr)
+    torch.testing.assert_close(accumulated, reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy, message", [
+    ("ps", "accumulate them with strategy.n_push"), ("pipeline", "a pipeline step already accumulates"),
+    ("diloco", "diloco's rounds count inner steps"), ("lbfgs", "optim.accumulate does not apply"),
+])
+def test_strategies_with_their_own_accumulation_refuse_it(strategy, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"strategy": {"name": strategy}, "optim": {"accumulate": 2}})

@@ -59,6 +59,8 @@ class DiLoCoStrategy(Strategy):
         require_even_shards(run)
         require([
             (o.sync_every >= 1, f"strategy.sync_every must be >= 1, got {o.sync_every}"),
+            (run.optim.accumulate == 1, "diloco's rounds count inner steps of one batch each: raise "
+                                        "data.batch_size instead of optim.accumulate"),
             (o.outer_lr > 0, f"strategy.outer_lr must be > 0, got {o.outer_lr}"),
             (0 <= o.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {o.outer_momentum}"),
             (o.push_dtype in ("float32", "bfloat16"),

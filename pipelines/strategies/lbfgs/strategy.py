@@ -87,6 +87,8 @@ class LbfgsStrategy(Strategy):
              f"strategy.max_evals_per_epoch must be >= 2 (one at the start, one for the line "
              f"search), got {o.max_evals_per_epoch}"),
             (o.lr > 0, f"strategy.lr must be > 0, got {o.lr}"),
+            (run.optim.accumulate == 1, "lbfgs sums its portions' gradients into one full-batch step: "
+                                        "optim.accumulate does not apply (drop it)"),
             (run.optim.precision == "fp32", "lbfgs's line search compares losses to float32 precision: "
                                             f"optim.precision {run.optim.precision} does not apply (drop it)"),
             (not run.optim.scheduled, "lbfgs takes its step lengths from its line search: optim.schedule "

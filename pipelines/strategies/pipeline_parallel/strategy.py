@@ -66,6 +66,8 @@ class PipelineStrategy(Strategy):
         batch = run.data.batch_size
         checks = [
             (o.stages >= 1, f"strategy.stages must be >= 1, got {o.stages}"),
+            (run.optim.accumulate == 1, "a pipeline step already accumulates its micro-batches: raise "
+                                        "data.batch_size and --microbatches instead of optim.accumulate"),
             (run.optim.precision != "fp16", "pipeline stages would each scale their own part of one loss: "
                                             "optim.precision fp16 is refused under pipeline, use bf16"),
             (o.microbatches >= 1, f"strategy.microbatches must be >= 1, got {o.microbatches}"),

@@ -77,6 +77,8 @@ class ParameterServerStrategy(Strategy):
             (o.staleness is None or o.staleness >= 0,
              f"strategy.staleness must be >= 0 (or unset for fully asynchronous), got {o.staleness}"),
             (o.n_fetch >= 1, f"strategy.n_fetch must be >= 1, got {o.n_fetch}"),
+            (run.optim.accumulate == 1, "ps workers push each batch's gradient: accumulate them with "
+                                        "strategy.n_push (pushes every n steps) instead of optim.accumulate"),
             (run.optim.precision != "fp16", "ps workers push gradients with no loss scale for the shards to "
                                             "undo: optim.precision fp16 is refused under ps, use bf16"),
             (run.optim.early_stopping.metric is None,
