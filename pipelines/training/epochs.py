@@ -28,8 +28,10 @@ from pipelines.training.loop import (
     mean_metrics,
     restore_optimizer,
     run_steps_per_epoch,
+    steps_per_epoch,
     train_epoch,
 )
+from pipelines.training.progress import EpochProgress
 
 
 @dataclass
@@ -76,8 +78,11 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
                                world=comm.world, cap=run.optim.steps_per_epoch, device=comm.device)
         if on_first_step is not None and epoch == start:
             batches = _after_first(batches, on_first_step)
+        progress = EpochProgress(tracker.say if comm.rank == 0 else None, epoch, run.optim.epochs,
+                                 steps_per_epoch(data.train_rows, run.data.batch_size, run.optim.steps_per_epoch),
+                                 comm.world)
         loss, seen = train_epoch(objective, optimizer, batches, run.optim.grad_clip, meter,
-                                 run.optim.precision, loss_scaler, run.optim.accumulate)
+                                 run.optim.precision, loss_scaler, run.optim.accumulate, progress)
         elapsed = time.perf_counter() - began
         sums = evaluate_sums(model, x_val, y_val, device=comm.device)
         keys = sorted(sums)

@@ -147,7 +147,7 @@ class InMemory:
 
 def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
                 grad_clip: float | None = None, grad_norms=None, precision: str = "fp32",
-                loss_scaler=None, accumulate: int = 1) -> tuple[float, int]:
+                loss_scaler=None, accumulate: int = 1, progress=None) -> tuple[float, int]:
     """One pass over `batches` ((x, y) on the model's device); returns (mean loss over
     steps, examples seen).
 
@@ -156,7 +156,8 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
     fp16 scales the loss with `loss_scaler`, kept across epochs by the caller. `accumulate`
     batches add their gradients (each loss over `accumulate`) before one step, DDP's
     synchronisation held back (`no_sync`) until the last of them; an epoch's last, shorter
-    group steps on the mean over its own batches.
+    group steps on the mean over its own batches. `progress(steps, rows)` hears of each
+    step (`pipelines.training.progress`).
     """
     objective.train()
     total = None
@@ -181,6 +182,8 @@ def train_epoch(objective: nn.Module, optimizer: torch.optim.Optimizer, batches,
         total = loss.detach().double() if total is None else total + loss.detach()
         steps += 1
         seen += len(yb)
+        if progress is not None:
+            progress(steps, seen)
         if not closes:
             continue
         if pending < accumulate:  # a short last group: the mean over its own batches

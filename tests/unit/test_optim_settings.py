@@ -179,3 +179,18 @@ def test_accumulated_batches_take_the_step_of_their_union():
 def test_strategies_with_their_own_accumulation_refuse_it(strategy, message):
     with pytest.raises(ConfigError, match=message):
         from_dict({"strategy": {"name": strategy}, "optim": {"accumulate": 2}})
+
+
+def test_a_long_epoch_says_how_far_it_is_at_most_every_interval():
+    from pipelines.training.progress import EpochProgress
+
+    lines, now = [], [0.0]
+    progress = EpochProgress(lines.append, epoch=2, epochs=10, steps=200, world=2, every_s=20.0,
+                             clock=lambda: now[0])
+    for step, t in enumerate([5.0, 19.9, 20.0, 30.0, 41.0], start=1):
+        now[0] = t
+        progress(step * 10, step * 640)
+    # lines at 20 s (30 of 200 steps, 1,920 rows a worker) and 41 s (20 s after it)
+    assert lines == ["epoch 3/10  15% (30 of 200 steps)  rows/s 192", "epoch 3/10  25% (50 of 200 steps)  rows/s 156"]
+    silent = EpochProgress(None, 0, 1, 10)
+    silent(1, 1)  # another rank's: says nothing
