@@ -155,3 +155,12 @@ def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digi
     assert not torch.equal(reference[-1], reference[0]), "the iterates did not move"
     alone = iterates(run_for(1))
     assert all(torch.equal(a, b) for a, b in zip(ours, alone)), "one worker read other bits than two"
+    # batch norm's statistics need a portion in memory: refused in one line before anything starts
+    import pipelines.run
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model cnn has batch norm, whose statistics lbfgs computes"):
+        pipelines.run.prepare(small_run(**{"tracking.uri": store, "data.source": str(digits_parts),
+                                           "data.stream": True, "data.input_shape": [1, 8, 8],
+                                           "strategy.name": "lbfgs", "model.name": "cnn",
+                                           "model.batch_norm": True}))

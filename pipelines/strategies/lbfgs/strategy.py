@@ -87,6 +87,9 @@ class LbfgsStrategy(Strategy):
              f"strategy.max_evals_per_epoch must be >= 2 (one at the start, one for the line "
              f"search), got {o.max_evals_per_epoch}"),
             (o.lr > 0, f"strategy.lr must be > 0, got {o.lr}"),
+            (not (run.data.stream and o.batch_size is not None),
+             "lbfgs on a streamed table (data.stream) takes every training row as its objective, read "
+             "portion by portion: unset strategy.batch_size"),
             (run.optim.accumulate == 1, "lbfgs sums its portions' gradients into one full-batch step: "
                                         "optim.accumulate does not apply (drop it)"),
             (run.optim.precision == "fp32", "lbfgs's line search compares losses to float32 precision: "
@@ -118,10 +121,9 @@ class LbfgsStrategy(Strategy):
         o: LbfgsOptions = run.strategy.options
         require_shards_hold_parameters(run, model)
         train = data.train_rows
-        if data.stream is not None and (o.batch_size is not None or has_batch_norm(model)):
-            raise ConfigError("lbfgs on a streamed table (data.stream) takes every training row as its "
-                              "objective, read portion by portion: unset strategy.batch_size, and use a "
-                              "model without batch norm (its statistics need a portion in memory)")
+        if data.stream is not None and has_batch_norm(model):
+            raise ConfigError(f"model {run.model.name} has batch norm, whose statistics lbfgs computes from "
+                              "a portion in memory: it cannot stream a table (drop data.stream)")
         examples = min(o.batch_size or train, train)
         if o.batch_size is not None and o.batch_size > train:
             raise ConfigError(f"strategy.batch_size ({o.batch_size}) exceeds the training split "
