@@ -11,7 +11,6 @@ issue's goal: within 0.5 points), and samples/s of the last epoch in each precis
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +19,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from param_server import run_config  # noqa: E402  (a sibling script)
+from local_sgd import spread  # noqa: E402  (sibling scripts)
+from param_server import run_config  # noqa: E402
 
 EXTRA = {"pipeline": {"strategy.stages": 2, "strategy.microbatches": 4}, "ps": {"strategy.staleness": 0}}
 
@@ -40,24 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def spread(values, fmt: str) -> str:
-    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
-
-
 def main() -> None:
     args = parse_args()
-    import os
-
-    import ray
-
     import pipelines
-    from cluster.connect import LOCAL_SYSTEM_CONFIG, LOCAL_TRAIN_ENV, filter_worker_logs, quiet_ray_logs
+    from cluster.connect import connect
 
-    quiet_ray_logs()
-    for key, value in LOCAL_TRAIN_ENV.items():  # as `raydeep run`'s embedded Ray
-        os.environ.setdefault(key, value)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
-    filter_worker_logs()
+    connect(num_cpus=args.num_cpus)  # the embedded Ray `raydeep run` starts
     root = Path(tempfile.mkdtemp(prefix="raydeep-precision-"))
     results = {(s, p): [] for s in args.strategies for p in ("fp32", "bf16")}
     for repeat in range(args.repeats):
