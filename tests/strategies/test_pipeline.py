@@ -156,6 +156,17 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     assert "1f1b schedule, 3 stages x 4 micro-batches" in done.stdout
     assert "theoretical bubble (P-1)/(M+P-1) = 0.333" in done.stdout
     assert not (workdir / "mlflow.db").exists()
+    # a schedule saved as text (the actions torch.distributed.pipelining names) runs as its own
+    from pipelines.strategies.pipeline_parallel import schedules
+
+    saved = workdir / "mine.txt"
+    saved.write_text(schedules.to_text(schedules.zb_h1(3, 4)))
+    mine = run_cli("run", "--strategy", "pipeline", "--stages", "3", "--microbatches", "4",
+                   "--set", f"strategy.schedule={saved.read_text()}", "--print-schedule", cwd=workdir, timeout=120)
+    assert mine.returncode == 0, mine.stderr
+    assert mine.stdout.split("\n", 1)[1] == run_cli(
+        "run", "--strategy", "pipeline", "--stages", "3", "--microbatches", "4", "--schedule", "zb-h1",
+        "--print-schedule", cwd=workdir, timeout=120).stdout.split("\n", 1)[1]  # the same grid
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -163,7 +174,10 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     (["--stages", "9"], "exceeds the 3 cuttable blocks of model mlp"),
     (["--microbatches", "0"], "strategy.microbatches must be >= 1"),
     (["--microbatches", "128"], "exceeds data.batch_size (64)"),
-    (["--schedule", "zigzag"], "strategy.schedule must be one of gpipe, 1f1b"),
+    (["--schedule", "zigzag"], "strategy.schedule: unknown schedule 'zigzag' (known: gpipe, 1f1b, zb-h1, or"),
+    (["--set", "strategy.schedule=0F0 0B0"], "the schedule's text has 1 stage line(s), the run has 2 stages"),
+    (["--stages", "1", "--microbatches", "1", "--set", "strategy.schedule=0B0 0F0"],
+     "stage 0: backward of micro-batch 0 before its forward"),
     (["--set", "strategy.split=[5]"], "strategy.split [5] must hold 1 increasing block indices"),
     (["--model", "dbn"], "model dbn cannot be cut into pipeline stages"),
 ])

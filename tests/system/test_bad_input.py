@@ -243,7 +243,7 @@ RUN_FLAGS = [
     (["--stages", "2", "--strategy", "ps"], "unknown config key 'strategy.stages'"),
     (["--microbatches", "3", "--strategy", "pipeline"], "data.batch_size (64) must be divisible by microbatches"),
     (["--microbatches", "128", "--strategy", "pipeline"], "strategy.microbatches x replicas (128 x 1) exceeds"),
-    (["--schedule", "zigzag", "--strategy", "pipeline"], "strategy.schedule must be one of gpipe, 1f1b"),
+    (["--schedule", "zigzag", "--strategy", "pipeline"], "strategy.schedule: unknown schedule 'zigzag' (known: gpipe"),
     (["--replicas", "0", "--strategy", "pipeline"], "strategy.replicas must be >= 1, got 0"),
     (["--print-schedule", "--strategy", "local"], "--print-schedule needs a strategy with a schedule"),
     (["--bogus"], "unrecognized arguments: --bogus"),

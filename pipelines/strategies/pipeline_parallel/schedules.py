@@ -109,10 +109,19 @@ SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1}
 
 
 def build(name: str, stages: int, microbatches: int) -> Schedule:
-    try:
+    """The named schedule, or one written out as `to_text` writes it (a schedule saved to a
+    file and given as `strategy.schedule`), checked against the stages and micro-batches."""
+    if name in SCHEDULES:
         return SCHEDULES[name](stages, microbatches)
-    except KeyError:
-        raise ValueError(f"unknown schedule {name!r} (known: {', '.join(SCHEDULES)})") from None
+    if not any(c.isdigit() for c in name):
+        raise ValueError(f"unknown schedule {name!r} (known: {', '.join(SCHEDULES)}, or a schedule's "
+                         "text: one line of actions per stage, as 0F0 0F1 0B0 ...)")
+    plan = from_text(name)
+    if len(plan) != stages:
+        raise ValueError(f"the schedule's text has {len(plan)} stage line(s), the run has {stages} stages")
+    validate(plan, microbatches)
+    simulate(plan)  # raises on a deadlock
+    return plan
 
 
 def splits(schedule: Schedule) -> bool:

@@ -44,7 +44,9 @@ class PipelineOptions:
     """Micro-batches M per mini-batch (`--microbatches`)."""
     schedule: str = "1f1b"
     """gpipe, 1f1b or zb-h1 (`--schedule`): zb-h1 splits each backward into the input's
-    gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits."""
+    gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits. Or a
+    schedule of your own as text, one line of actions per stage ("0F0 0F1 0B0 ..."; a
+    saved file: `--set strategy.schedule="$(cat my_schedule.txt)"`), checked before Ray starts."""
     replicas: int = 1
     """Pipelines R on disjoint data shards, allreducing per stage (`--replicas`)."""
     split: Optional[list[int]] = None
@@ -59,7 +61,7 @@ class PipelineStrategy(Strategy):
     name = "pipeline"
     streams = True
     options = PipelineOptions
-    description = "pipeline model parallelism: stages on actors, GPipe or 1F1B, x data replicas"
+    description = "pipeline model parallelism: stages on actors, GPipe, 1F1B or ZB-H1 (or a schedule of your own), x data replicas"
 
     def validate(self, run: RunConfig) -> None:
         o: PipelineOptions = run.strategy.options
@@ -72,8 +74,6 @@ class PipelineStrategy(Strategy):
                                             "optim.precision fp16 is refused under pipeline, use bf16"),
             (o.microbatches >= 1, f"strategy.microbatches must be >= 1, got {o.microbatches}"),
             (o.replicas >= 1, f"strategy.replicas must be >= 1, got {o.replicas}"),
-            (o.schedule in SCHEDULES,
-             f"strategy.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"),
             (o.microbatches * o.replicas <= batch,
              f"strategy.microbatches x replicas ({o.microbatches} x {o.replicas}) exceeds "
              f"data.batch_size ({batch})"),
@@ -83,6 +83,11 @@ class PipelineStrategy(Strategy):
             (o.max_failures >= -1, f"strategy.max_failures must be >= -1, got {o.max_failures}"),
         ]
         require(checks)
+        if o.stages >= 1 and o.microbatches >= 1:
+            try:  # a name, or a schedule written out as text (`schedules.to_text`)
+                build(o.schedule, o.stages, o.microbatches)
+            except ValueError as e:
+                raise ConfigError(f"strategy.schedule: {e}") from None
 
     def actor_bundles(self, run: RunConfig) -> list[dict[str, float]]:
         o: PipelineOptions = run.strategy.options
@@ -113,7 +118,8 @@ def schedule_grid(run: RunConfig) -> str:
     slots = simulate(plan, 1.0, 2.0)
     bubbles = bubble_fraction(slots, o.stages)
     costs = ("B: input gradient, 1 unit; W: weight gradient, 1 unit" if splits(plan) else "B: backward, 2 units")
-    lines = [f"{o.schedule} schedule, {o.stages} stages x {o.microbatches} micro-batches "
+    name = o.schedule if o.schedule in SCHEDULES else "the given"  # a name, or a schedule's text
+    lines = [f"{name} schedule, {o.stages} stages x {o.microbatches} micro-batches "
              f"(F: forward, 1 unit; {costs}; .: idle)", render(slots, o.stages), ""]
     for stage in range(o.stages):
         lines.append(f"stage {stage}: bubble {bubbles[stage]:.3f}, peak activations "
