@@ -17,7 +17,10 @@ PLAIN_SGD = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 3
 
 
 def test_one_step_rounds_of_plain_averaging_take_locals_steps(ray_session, store):
-    common = {**PLAIN_SGD, "tracking.uri": store}
+    # Early stopping that no improvement can satisfy (min_delta): every run stops after epoch
+    # 2 of 3 and is tested with epoch 1's weights, which the comparisons below hold equal.
+    common = {**PLAIN_SGD, "tracking.uri": store, "optim.epochs": 3, "optim.early_stopping.metric": "val_loss",
+              "optim.early_stopping.patience": 1, "optim.early_stopping.min_delta": 1e9}
     local = pipelines.train(small_run(**common))
     losses = [h["train_loss"] for h in local.history]
     assert losses[1] < losses[0], losses  # the weights moved: the comparison proves something
@@ -30,6 +33,8 @@ def test_one_step_rounds_of_plain_averaging_take_locals_steps(ray_session, store
         # two halves' gradients is another summation order of the batch's (2 gamma_16 of
         # the sum of magnitudes, times lr): over 8 steps well under 1e-5 of each weight.
         torch.testing.assert_close(averaged.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert averaged.metrics["stopped_early"] == local.metrics["stopped_early"] == 1
+    assert averaged.metrics["best_epoch"] == 1 and len(averaged.history) == 2
     numel = averaged.metrics["num_params"]
     assert [h["syncs"] for h in averaged.history] == [4, 4]
     assert [h["bytes_sent_per_worker"] for h in averaged.history] == [4 * numel * 4] * 2

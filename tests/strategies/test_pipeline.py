@@ -29,7 +29,7 @@ def local_reference(tmp_path_factory):
     (3, "gpipe", {}),
     (3, "1f1b", {"strategy.activation_checkpointing": True}),
     (2, "1f1b", {"strategy.replicas": 2}),
-    (2, "zb-h1", {}),  # split backwards: B the input's gradient, W the weights' (torch's own split)
+    (2, "zb-h1", {"strategy.replicas": 2}),  # split backwards: B the input's gradient, W the weights
     (3, "zb-h1", {"strategy.activation_checkpointing": True}),
 ])
 def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local_reference,
@@ -63,10 +63,16 @@ def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local
      "model.head_layers": 1, "model.head_width": 16},
 ], ids=["autoencoder", "deep-rnn"])
 def test_other_families_cut_into_stages_equal_local(ray_session, store, family):
-    common = {"tracking.uri": store, **family, "optim.epochs": 2, "optim.steps_per_epoch": 4,
-              "data.batch_size": 32}
+    # Early stopping that no improvement can satisfy (min_delta): both stop after epoch 2 of 3
+    # and test epoch 1's weights, which the comparison below holds equal.
+    common = {"tracking.uri": store, **family, "optim.epochs": 3, "optim.steps_per_epoch": 4,
+              "data.batch_size": 32, "optim.early_stopping.metric": "val_loss",
+              "optim.early_stopping.patience": 1, "optim.early_stopping.min_delta": 1e9}
     local = pipelines.train(small_run(**common))
     piped = pipelines.train(small_run(**common, **{"strategy.name": "pipeline", "strategy.stages": 3}))
+    for result in (local, piped):
+        assert len(result.history) == 2 and result.metrics["stopped_early"] == 1
+        assert result.metrics["best_epoch"] == 1
     for key, value in local.model.state_dict().items():
         torch.testing.assert_close(piped.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     assert piped.metrics["test_loss"] == pytest.approx(local.metrics["test_loss"], rel=1e-4)
