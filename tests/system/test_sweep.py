@@ -26,7 +26,7 @@ def sweep_file(workdir: Path, store: str, space: str, *, epochs: int = 2, extra:
 base:
   {base}
   optim: {{name: adam, lr: 0.003, epochs: {epochs}}}
-  tracking: {{uri: "{store}", log_model: false}}
+  tracking: {{uri: "{store}", log_model: false, figures: false}}
 space:
 {space}
 metric: val_accuracy
@@ -129,7 +129,8 @@ def test_strategies_sweep_runs_every_strategy_as_a_trial(ray_session, workdir, s
     # One worker each (two processes fewer than the file's two): the strategies' own tests
     # check two workers; this one checks that each runs as a trial and reports to Tune.
     sweep = load(REPO / "tune_configs" / "strategies.yaml",
-                 {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 4, "resources.workers": 1})
+                 {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 4, "resources.workers": 1,
+                  "tracking.figures": False})
     result = run_sweep(sweep)
     runs = children(store, result.parent_run_id)
     by_strategy = {r.data.params["strategy.name"]: r for r in runs}
@@ -186,8 +187,8 @@ def test_every_family_sweep_file_trains_what_its_trials_draw(workdir, store, pat
 
 def test_a_family_sweep_file_runs_as_a_tune_sweep(ray_session, workdir, store):
     path = REPO / "tune_configs" / "vae.yaml"  # a metric to maximise that is not an accuracy
-    sweep = load(path, {"tracking.uri": store, "optim.epochs": 1, "optim.steps_per_epoch": 2},
-                 samples=1, scheduler="fifo")
+    sweep = load(path, {"tracking.uri": store, "optim.epochs": 1, "optim.steps_per_epoch": 2,
+                        "tracking.figures": False}, samples=1, scheduler="fifo")
     # One trial: grids become choices.
     sweep.space = [Axis(a.key, "choice", a.values) if a.kind == "grid" else a for a in sweep.space]
     result = run_sweep(sweep)
