@@ -278,27 +278,32 @@ class DeepKalmanFilter(nn.Module):
         return self.emission_mean(z).reshape(x.shape)
 
     @torch.no_grad()
-    def continue_sequences(self, x: torch.Tensor, observed: int, seed: int = 0) -> torch.Tensor:
-        """The first `observed` steps' posterior, then the transition sampled onwards to the
-        sequences' length: emission means of shape x.shape."""
+    def continue_sequences(self, x: torch.Tensor, observed: int, steps: int | None = None,
+                           seed: int = 0) -> torch.Tensor:
+        """The first `observed` steps' posterior means, then the transition sampled for
+        `steps` more (default: to the sequences' length): emission means of shape
+        (N, observed + steps, *frame)."""
+        steps = x.shape[1] - observed if steps is None else steps
         generator = torch.Generator(device=x.device).manual_seed(seed)
         z_all = self.posterior_means(x[:, :observed])
         frames, z = [self.emission_mean(z_all[:, t]) for t in range(observed)], z_all[:, -1]
-        for _ in range(observed, x.shape[1]):
+        for _ in range(steps):
             mu, logvar = self.prior(z, z)
             z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
             frames.append(self.emission_mean(z))
-        return torch.stack(frames, dim=1).reshape(x.shape)
+        return torch.stack(frames, dim=1).reshape(len(x), observed + steps, *self.frame_shape)
 
     @torch.no_grad()
     def pictures(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """For image frames, a strip per sequence: the input, its reconstruction, and the first
-        half observed with the rest sampled from the transition."""
+        """For image frames, four rows per sequence: the input (blanked squares and all), its
+        reconstruction, its first half observed with the rest sampled from the transition
+        (beside the input it should match), and T steps sampled beyond its last."""
         if len(self.frame_shape) != 2:
             return {}
         x = x[:6]
-        half = max(1, x.shape[1] // 2)
-        rows = [self.observations(x).reshape(x.shape), self(x), self.continue_sequences(x, half)]
+        steps, half = x.shape[1], max(1, x.shape[1] // 2)
+        beyond = self.continue_sequences(x, steps, steps)[:, steps:]
+        rows = [self.observations(x).reshape(x.shape), self(x), self.continue_sequences(x, half), beyond]
         strip = torch.stack(rows, dim=1).reshape(-1, *self.frame_shape)  # sequence-major rows
         return {"sequences_input_reconstruction_continuation": strip}
 

@@ -112,7 +112,14 @@ def test_image_frames_are_bernoulli_and_pictured_one_sequence_per_row():
     model = tiny(shape=(6, 8, 8))
     assert model.bernoulli and model.picture_columns == 6
     strip = model.pictures(torch.rand(4, 6, 8, 8))["sequences_input_reconstruction_continuation"]
-    assert strip.shape == (4 * 3 * 6, 8, 8)  # per sequence: input, reconstruction, continuation
+    # per sequence: input, reconstruction, continuation from half-way, and 6 steps beyond the end
+    assert strip.shape == (4 * 4 * 6, 8, 8)
+    x = torch.rand(2, 6, 8, 8)
+    longer = model.continue_sequences(x, 6, 5)
+    assert longer.shape == (2, 11, 8, 8)
+    # the observed part is the reconstruction, its emissions computed a step at a time instead
+    # of all at once: another GEMM blocking, float32 roundings of values in [0, 1]
+    torch.testing.assert_close(longer[:, :6], model(x).detach(), rtol=0, atol=1e-6)
     assert tiny().pictures(torch.rand(2, 6, 3)) == {}
     assert not tiny().bernoulli
 
