@@ -98,10 +98,19 @@ def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     first = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # kill it once the first trial is done and the second has started
+    def started() -> int:
+        """Trials with a child run so far (the store may be busy or not made yet: 0)."""
+        try:
+            parents = sweeps(store) if (workdir / "mlflow.db").exists() else []
+            return len(children(store, parents[0].info.run_id)) if parents else 0
+        except Exception:
+            return 0
+
+    try:  # kill it once the first trial is done and the second has started: its child run
+        # exists (its run directory comes later, at its first checkpoint, when a quick second
+        # trial may be over and the third, diverging one started)
         deadline = time.time() + 240
-        while (time.time() < deadline and first.poll() is None
-               and len(list(workdir.glob("raydeep_runs/sweeps/*/runs/*"))) < 2):
+        while time.time() < deadline and first.poll() is None and started() < 2:
             time.sleep(0.2)
         assert first.poll() is None, "the sweep ended before it could be killed"
     finally:
