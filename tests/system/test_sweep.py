@@ -91,7 +91,8 @@ def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_
         ray_session, workdir, store):
     # The last trial's rate makes the loss nan: its child is FAILED with the reason, the
     # other trials finish, and the resumed sweep still exits 0 and reports the failure.
-    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.002, 0.004, 1.0e+12]}",
+    # 8 epochs: the second trial lasts seconds, long enough to be caught running
+    path = sweep_file(workdir, store, "  optim.lr: {grid: [0.002, 0.004, 1.0e+12]}", epochs=8,
                       extra="scheduler: fifo\nmax_concurrent: 1")
     path.write_text(path.read_text().replace("name: adam", "name: sgd"))
     command = [sys.executable, "-m", "cluster.cli", "tune", str(path), "--num-cpus", "2"]
