@@ -198,3 +198,21 @@ def digits_table(root: Path, parts: int = 4) -> Path:
         columns = {f"p{j}": (pixels[a:b, j] / 16.0).astype(np.float32) for j in range(pixels.shape[1])}
         pq.write_table(pa.table({**columns, "label": labels[a:b].astype(np.int64)}), root / f"part-{i}.parquet")
     return root
+
+
+def float32_iterate_tolerance(reference, iteration: int, terms: int) -> float:
+    """How far two float32 L-BFGS runs that sum their dot products in different orders may
+    drift apart by `iteration`, from the standard error bound, not from a measurement.
+
+    A float32 dot product of n terms is off by at most gamma_n * sum|a_i b_i|, gamma_n =
+    n u / (1 - n u), u = 2**-24 (Higham, Accuracy and Stability, 3.1); two summation orders
+    of the same dot differ by at most twice that. Every scalar of an L-BFGS iteration (rho,
+    alpha, beta, H_diag, g.d) is a ratio of such dots, so to first order each iteration moves
+    x with a relative error of a few gamma_n, and these add over iterations. Allowed: 2 gamma_n
+    per dot for the (at most) 4 dots an iteration's direction and step depend on most
+    directly, summed over the iterations, relative to the largest weight. A wrong sign,
+    history pair or step is off by O(|x|), far above this.
+    """
+    u = 2.0 ** -24
+    gamma = terms * u / (1 - terms * u)
+    return iteration * 4 * 2 * gamma * float(reference.abs().max())

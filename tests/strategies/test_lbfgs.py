@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli, small_run, train_and_kill
+from helpers import float32_iterate_tolerance, run_cli, small_run, train_and_kill
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -96,24 +96,6 @@ def test_one_worker_one_shard_takes_torchs_steps_exactly(ray_session, store, wor
     assert not torch.equal(reference[-1], reference[0]), "the iterates did not move"
     for k, (x, x_torch) in enumerate(zip(ours, reference)):
         torch.testing.assert_close(x, x_torch, rtol=0, atol=0, msg=lambda m: f"iteration {k + 1}: {m}")
-
-
-def float32_iterate_tolerance(reference: torch.Tensor, iteration: int, terms: int) -> float:
-    """How far two float32 L-BFGS runs that sum their dot products in different orders may
-    drift apart by `iteration`, from the standard error bound, not from a measurement.
-
-    A float32 dot product of n terms is off by at most gamma_n * sum|a_i b_i|, gamma_n =
-    n u / (1 - n u), u = 2**-24 (Higham, Accuracy and Stability, 3.1); two summation orders
-    of the same dot differ by at most twice that. Every scalar of an L-BFGS iteration (rho,
-    alpha, beta, H_diag, g.d) is a ratio of such dots, so to first order each iteration moves
-    x with a relative error of a few gamma_n, and these add over iterations. Allowed: 2 gamma_n
-    per dot for the (at most) 4 dots an iteration's direction and step depend on most
-    directly, summed over the iterations, relative to the largest weight. A wrong sign,
-    history pair or step is off by O(|x|), far above this.
-    """
-    u = 2.0 ** -24
-    gamma = terms * u / (1 - terms * u)
-    return iteration * 4 * 2 * gamma * float(reference.abs().max())
 
 
 def test_two_workers_sum_their_portions_as_torch_and_two_shards_stay_within_float32_bounds(
