@@ -136,23 +136,32 @@ def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_
 
 
 def test_strategies_sweep_runs_every_strategy_as_a_trial(ray_session, workdir, store):
-    # One worker each (two processes fewer than the file's two): the strategies' own tests
-    # check two workers; this one checks that each runs as a trial and reports to Tune.
+    # The file's grid names every mini-batch strategy (lbfgs takes whole-data steps: another
+    # budget). Two of them run here, one worker each: allreduce (a Ray Train worker group
+    # inside a Tune trial) and ps (raydeep's own actors started from a trial, as pipeline
+    # and diloco start theirs); each is checked against local by its own tests, and every
+    # further trial would cost a trial process and its actors (about 10 s here) for no path
+    # of its own.
+    from pipelines import registry
+
     sweep = load(REPO / "tune_configs" / "strategies.yaml",
                  {"tracking.uri": store, "optim.epochs": 2, "optim.steps_per_epoch": 4, "resources.workers": 1,
                   "tracking.figures": False})
+    (axis,) = [a for a in sweep.space if a.key == "strategy"]
+    assert {v["name"] for v in axis.values} == set(registry.names()) - {"lbfgs"}
+    sweep.space = [Axis("strategy", "grid", [v for v in axis.values if v["name"] in ("allreduce", "ps")])]
     result = run_sweep(sweep)
     runs = children(store, result.parent_run_id)
     by_strategy = {r.data.params["strategy.name"]: r for r in runs}
-    assert set(by_strategy) == {"local", "allreduce", "ps", "pipeline", "diloco"}
+    assert set(by_strategy) == {"allreduce", "ps"}
     for name, run in by_strategy.items():
         assert run.info.status == "FINISHED", (name, run.data.tags.get("error"))
         history = MlflowClient(store).get_metric_history(run.info.run_id, "val_accuracy")
         assert len({m.step for m in history}) == 2, name
-    # Same data, seed and steps: the synchronous strategies agree with local.
-    accuracy = {n: r.data.metrics["val_accuracy"] for n, r in by_strategy.items()}
-    assert accuracy["allreduce"] == pytest.approx(accuracy["local"], abs=1e-6)
-    assert accuracy["pipeline"] == pytest.approx(accuracy["local"], abs=1e-6)
+    # Same data, seed and steps: allreduce's trial took local's steps.
+    local = pipelines.train(sweep.run_config({"strategy": axis.param({"name": "local"})}))
+    assert by_strategy["allreduce"].data.metrics["val_accuracy"] == pytest.approx(local.history[-1]["val_accuracy"],
+                                                                                  abs=1e-6)
 
 
 def test_pbt_sweep_restores_trials_from_checkpoints(ray_session, workdir, store):

@@ -23,10 +23,6 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
 
-try:  # torch's own split of a backward into input and weight gradients (zero-bubble schedules)
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-except ImportError:  # pragma: no cover - another torch: split schedules run fused backwards at W
-    stage_backward_input = stage_backward_weight = None
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
     InMemory,
@@ -37,6 +33,18 @@ from pipelines.training.loop import (
     steps_per_epoch,
 )
 from pipelines.training.precision import autocast
+
+def _torch_backward_split():
+    """torch's own split of a backward into input and weight gradients, or None on a torch
+    without it (split schedules then run fused backwards at W). Imported only by split
+    schedules: `torch.distributed.pipelining` costs a stage actor 1.2 s of start-up (it
+    brings sympy and torch.distributed.tensor), which the fused schedules never use."""
+    try:
+        from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    except ImportError:  # pragma: no cover - another torch
+        return None
+    return stage_backward_input, stage_backward_weight
+
 
 ACTIVATION, GRADIENT = 0, 1
 """Message tags: activations flow to the next stage, their gradients to the previous one."""
@@ -65,7 +73,8 @@ class PipelineStage:
         plan = build(self.options.schedule, self.stages, self.options.microbatches)
         self.schedule, self.split = plan[stage], splits(plan)
         self.params = [p for p in self.block.parameters() if p.requires_grad]
-        if self.split and stage_backward_input is None and stage == 0:
+        self.backward_split = _torch_backward_split() if self.split else None
+        if self.split and self.backward_split is None and stage == 0:
             print(f"pipeline: this torch ({torch.__version__}) has no stage_backward_input: "
                   f"{self.options.schedule}'s backwards run whole at W", flush=True)
 
@@ -192,9 +201,10 @@ class PipelineStage:
         """B of a split backward: x's gradient, keeping what W needs. The first stage's input
         needs no gradient, and a torch without `stage_backward_input` has no split: both
         run the whole backward at W instead (said in the log once)."""
-        if self.first or stage_backward_input is None:
+        if self.first or self.backward_split is None:
             return (grad, None)
-        _, groups = stage_backward_input([out], None if grad is None else [grad], [x], self.params)
+        backward_input, _ = self.backward_split
+        _, groups = backward_input([out], None if grad is None else [grad], [x], self.params)
         return (grad, groups)
 
     def _backward_weight(self, out: torch.Tensor, grad: torch.Tensor | None, groups) -> None:
@@ -202,7 +212,7 @@ class PipelineStage:
         if groups is None:
             out.backward(grad)  # the whole backward: no B ran before it
         else:
-            stage_backward_weight(self.params, groups)
+            self.backward_split[1](self.params, groups)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block's output, its products under `optim.precision`'s autocast; float32 on
