@@ -79,7 +79,8 @@ class AllreduceStrategy(Strategy):
         # A Tune trial: Ray Train forwards each epoch's report to Tune.
         callbacks = [context.reporter.ray_train_callback()] if context.reporter else []
         _start_autoscaling_coordinator()
-        trainer = trainer_class(cleaner=context.reporter is not None or not driver_owns_ray())(
+        trainer = trainer_class(cleaner=context.reporter is not None or not driver_owns_ray(),
+                                datasets=data.stream is not None)(
             _train_worker,
             train_loop_config={
                 # A reference, so that only the workers (whose runtime_env carries a user's
@@ -166,13 +167,21 @@ def driver_owns_ray() -> bool:
 def _cleaner_callback():
     """Ray Train's placement-group cleaner callback class, where this Ray has the seam it is
     left out through; else None."""
+    return _default_callback("placement_group_callback", "PlacementGroupCleanerCallback")
+
+
+def _default_callback(module: str, name: str):
+    """One of Ray Train V2's default callback classes, where this Ray has the seam callbacks
+    are left out through (`_create_default_callbacks`); else None."""
+    import importlib
+
     from ray.train.torch import TorchTrainer
 
     try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
+        found = getattr(importlib.import_module(f"ray.train.v2._internal.callbacks.{module}"), name)
+    except (ImportError, AttributeError):
         return None
-    return PlacementGroupCleanerCallback if hasattr(TorchTrainer, "_create_default_callbacks") else None
+    return found if hasattr(TorchTrainer, "_create_default_callbacks") else None
 
 
 def cleaner_can_be_left_out() -> bool:
@@ -189,8 +198,9 @@ def cleaner_can_be_left_out() -> bool:
     return module.is_file()
 
 
-def trainer_class(cleaner: bool):
-    """`TorchTrainer`, without its placement-group cleaner unless `cleaner`.
+def trainer_class(cleaner: bool, datasets: bool = True):
+    """`TorchTrainer`, without its placement-group cleaner unless `cleaner`, and without its
+    datasets callback unless `datasets`.
 
     The cleaner is a detached actor that removes the worker group's placement group if Ray
     Train's controller dies while the cluster lives on (a Tune trial stopped, a job driver
@@ -198,18 +208,25 @@ def trainer_class(cleaner: bool):
     cleaner would guard nothing, and it is a third process to start beside the two workers
     (2.4 s of the controller's start on 2 cores) which needs the dashboard's state API (11
     more processes at `ray.init`).
+
+    The datasets callback starts a DatasetManager actor for every worker group, datasets or
+    none (1.5 s of CPU on 2 cores); in-memory data gives Ray Train no dataset, and a worker
+    without the callback's shard provider only cannot call `get_dataset_shard`, which its
+    loop then never does.
     """
     from ray.train.torch import TorchTrainer
 
-    callback = _cleaner_callback()
-    if cleaner or callback is None:
+    left_out = tuple(c for c in (None if cleaner else _cleaner_callback(),
+                                 None if datasets else _default_callback("datasets", "DatasetsCallback"))
+                     if c is not None)
+    if not left_out:
         return TorchTrainer
 
-    class TorchTrainerWithoutCleaner(TorchTrainer):
+    class TorchTrainerWithoutCallbacks(TorchTrainer):
         def _create_default_callbacks(self):
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, callback)]
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, left_out)]
 
-    return TorchTrainerWithoutCleaner
+    return TorchTrainerWithoutCallbacks
 
 
 def _train_worker(config: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ from torch import nn
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
-
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
     InMemory,
@@ -33,6 +32,7 @@ from pipelines.training.loop import (
     steps_per_epoch,
 )
 from pipelines.training.precision import autocast
+
 
 def _torch_backward_split():
     """torch's own split of a backward into input and weight gradients, or None on a torch
