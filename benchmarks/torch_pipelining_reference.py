@@ -1,7 +1,9 @@
 """The torch.distributed.pipelining side of `benchmarks/pipeline.py` (run under torchrun).
 
 Same run config, same model and initial weights, same layer cut, same mini-batches; a
-`PipelineStage` per process and `ScheduleGPipe` / `Schedule1F1B`, gloo. Prints one JSON line
+`PipelineStage` per process (V of them, stages rank, rank + P, ..., for interleaving) and
+`ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleavedZeroBubble` /
+`ScheduleInterleaved1F1B`, gloo. Prints one JSON line
 from the last rank: samples/s of each epoch (timed from the epoch's first step to its last).
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ def main() -> None:
         PipelineStage,
         Schedule1F1B,
         ScheduleGPipe,
+        ScheduleInterleaved1F1B,
         ScheduleInterleavedZeroBubble,
     )
 
@@ -39,21 +42,27 @@ def main() -> None:
     data = datasets.load(run.data, run.seed)
     model = build_model(run, data)
     layers = model.pipeline_layers()
-    a, b = spec["bounds"][rank]
-    block = nn.Sequential(*layers[a:b])
+    v = spec.get("virtual_stages", 1)
     micro = run.data.batch_size // spec["microbatches"]
-    example = data.x_train[:micro]
-    with torch.no_grad():
-        for layer in layers[:a]:
-            example = layer(example)
-    stage = PipelineStage(block, rank, world, torch.device("cpu"), input_args=(example,))
+    stages, blocks = [], []
+    for index in range(rank, world * v, world):  # model stages rank, rank + P, ...
+        a, b = spec["bounds"][index]
+        block = nn.Sequential(*layers[a:b])
+        example = data.x_train[:micro]
+        with torch.no_grad():
+            for layer in layers[:a]:
+                example = layer(example)
+        stages.append(PipelineStage(block, index, world * v, torch.device("cpu"), input_args=(example,)))
+        blocks.append(block)
     loss = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
     if spec["schedule"] == "zb-h1":  # torch's zero-bubble runtime with one stage per rank
-        schedule = ScheduleInterleavedZeroBubble([stage], spec["microbatches"], loss_fn=loss)
+        schedule = ScheduleInterleavedZeroBubble(stages, spec["microbatches"], loss_fn=loss)
+    elif spec["schedule"] == "interleaved-1f1b":
+        schedule = ScheduleInterleaved1F1B(stages, spec["microbatches"], loss_fn=loss)
     else:
         schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]](
-            stage, spec["microbatches"], loss_fn=loss)
-    optimizer = make_optimizer(run.optim, block.parameters())
+            stages[0], spec["microbatches"], loss_fn=loss)
+    optimizer = make_optimizer(run.optim, [p for block in blocks for p in block.parameters()])
     rates = []
     for epoch in range(run.optim.epochs):
         began, samples = time.perf_counter(), 0

@@ -50,7 +50,7 @@ RUN_FLAGS = {
     "--staleness": "strategy.staleness",
     "--ps-device": "strategy.device",
     "--stages": "strategy.stages",
-    "--microbatches": "strategy.microbatches",
+    "--microbatches": "strategy.microbatches", "--virtual-stages": "strategy.virtual_stages",
     "--schedule": "strategy.schedule", "--replicas": "strategy.replicas",
     "--sync-every": "strategy.sync_every", "--outer-lr": "strategy.outer_lr",
     "--outer-momentum": "strategy.outer_momentum",

@@ -5,28 +5,33 @@ from pipelines.strategies.pipeline_parallel import schedules
 from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, WEIGHT, Action
 
 SIZES = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
+PLANS = [(name, p, m, v) for name in sorted(schedules.SCHEDULES) for p, m in SIZES
+         for v in ((2, 3) if name in schedules.INTERLEAVED else (1,))
+         if name not in schedules.INTERLEAVED or m % p == 0]
+"""Every schedule at every size it takes: interleaving with 2 and 3 chunks per actor, where
+the micro-batches come in whole groups of P."""
 
 
-@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
-@pytest.mark.parametrize("stages, microbatches", SIZES)
-def test_every_schedule_is_complete_ordered_and_runs_without_deadlock(name, stages, microbatches):
-    schedule = schedules.build(name, stages, microbatches)
-    assert len(schedule) == stages
+@pytest.mark.parametrize("name, stages, microbatches, virtual", PLANS)
+def test_every_schedule_is_complete_ordered_and_runs_without_deadlock(name, stages, microbatches, virtual):
+    schedule = schedules.build(name, stages, microbatches, virtual)
+    assert len(schedule) == stages and schedules.chunks(schedule) == virtual
     schedules.validate(schedule, microbatches)
     slots = schedules.simulate(schedule)
-    assert len(slots) == (3 if schedules.splits(schedule) else 2) * stages * microbatches
-    end = {(s.stage, s.action): s.end for s in slots}
-    start = {(s.stage, s.action): s.start for s in slots}
+    assert len(slots) == (3 if schedules.splits(schedule) else 2) * stages * microbatches * virtual
+    # keyed by model stage (chunk c of actor a is stage c*P + a), kind and micro-batch
+    end = {(s.action.chunk * stages + s.stage, s.action.kind, s.action.microbatch): s.end for s in slots}
+    last = stages * virtual - 1
     for s in slots:  # the data each action needs was produced before it started
-        i = s.action.microbatch
-        if s.action.kind == FORWARD and s.stage > 0:
-            assert start[(s.stage, s.action)] >= end[(s.stage - 1, s.action)]
+        i, here = s.action.microbatch, s.action.chunk * stages + s.stage
+        if s.action.kind == FORWARD and here > 0:
+            assert s.start >= end[(here - 1, FORWARD, i)]
         if s.action.kind == BACKWARD:
-            assert start[(s.stage, s.action)] >= end[(s.stage, Action(FORWARD, i))]
-            if s.stage < stages - 1:
-                assert start[(s.stage, s.action)] >= end[(s.stage + 1, s.action)]
+            assert s.start >= end[(here, FORWARD, i)]
+            if here < last:
+                assert s.start >= end[(here + 1, BACKWARD, i)]
         if s.action.kind == WEIGHT:  # after the same stage's input gradient of its micro-batch
-            assert start[(s.stage, s.action)] >= end[(s.stage, Action(BACKWARD, i))]
+            assert s.start >= end[(here, BACKWARD, i)]
 
 
 @pytest.mark.parametrize("stages, microbatches", SIZES)
@@ -88,7 +93,8 @@ def test_zb_h1_is_never_longer_than_1f1b_and_holds_what_it_holds(stages, microba
 
 @pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
 def test_a_schedule_round_trips_through_its_text(name):
-    plan = schedules.build(name, 3, 4)
+    virtual = 2 if name in schedules.INTERLEAVED else 1
+    plan = schedules.build(name, 3, 6 if virtual > 1 else 4, virtual)
     text = schedules.to_text(plan)
     assert text.splitlines()[0].split()[0] == "0F0"
     assert schedules.from_text("# saved\n" + text + "\n\n") == plan
@@ -114,7 +120,9 @@ def test_the_executors_split_backward_gives_the_fused_backwards_gradients():
 
     from pipelines.strategies.pipeline_parallel import stage
 
-    assert stage.stage_backward_input is not None, "this torch cannot split backwards"
+    split = stage._torch_backward_split()
+    assert split is not None, "this torch cannot split backwards"
+    stage_backward_input, stage_backward_weight = split
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     x, grad = torch.randn(4, 6), torch.randn(4, 3)
@@ -124,11 +132,42 @@ def test_the_executors_split_backward_gives_the_fused_backwards_gradients():
     block.zero_grad(set_to_none=True)
     split_x = x.clone().requires_grad_()
     params = list(block.parameters())
-    _, groups = stage.stage_backward_input([block(split_x)], [grad], [split_x], params)
+    _, groups = stage_backward_input([block(split_x)], [grad], [split_x], params)
     assert all(p.grad is None for p in params)  # B computed no weight gradient
     # the same products of the same saved gradients: equal to within a float32 rounding of
     # these O(1) values (an ulp at 1 is 1.2e-7); a missing or doubled term is off by O(1)
     torch.testing.assert_close(split_x.grad, fused_x.grad, rtol=0, atol=1e-7)
-    stage.stage_backward_weight(params, groups)
+    stage_backward_weight(params, groups)
     for p, expected in zip(params, fused):
         torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("stages, microbatches, virtual", [(2, 4, 2), (2, 8, 2), (3, 6, 2), (4, 8, 2), (4, 8, 4)])
+def test_interleaving_fills_the_pipeline_v_times_faster(stages, microbatches, virtual):
+    """With a chunk's forward 1/v and its backward 2/v of a stage's (a chunk holds 1/v of the
+    layers), interleaved 1F1B's bubble is the paper's (P-1)/(vM + P-1) on every actor,
+    1F1B's (P-1)/(M + P-1) shrunk v-fold in the pipeline's fill, for the activations of
+    up to (P - a - 1) x 2 + (v - 1) x P + 1 chunks on actor a, each 1/v of a stage's."""
+    plan = schedules.interleaved_1f1b(stages, microbatches, virtual)
+    slots = schedules.simulate(plan, 1.0 / virtual, 2.0 / virtual)
+    expected = (stages - 1) / (virtual * microbatches + stages - 1)
+    assert schedules.theoretical_bubble(stages, microbatches, virtual) == pytest.approx(expected)
+    for fraction in schedules.bubble_fraction(slots, stages):
+        assert fraction == pytest.approx(expected)
+    one = schedules.bubble_fraction(schedules.simulate(schedules.one_f_one_b(stages, microbatches)), stages)
+    assert max(one) > expected
+    for actor, actions in enumerate(plan):
+        warmup = min((stages - actor - 1) * 2 + (virtual - 1) * stages, microbatches * virtual)
+        assert schedules.peak_activations(actions) == min(warmup + 1, microbatches * virtual)
+
+
+def test_interleaving_names_what_it_needs_in_one_line():
+    with pytest.raises(ValueError, match=r"strategy.microbatches \(3\) must be a multiple of 2"):
+        schedules.build("interleaved-1f1b", 2, 3, 2)
+    with pytest.raises(ValueError, match="1f1b holds one chunk per actor: strategy.virtual_stages 2 needs"):
+        schedules.build("1f1b", 2, 4, 2)
+    text = schedules.to_text(schedules.interleaved_1f1b(2, 4, 2))
+    assert text.splitlines()[1].split()[:3] == ["1F0", "1F1", "3F0"]  # actor 1's chunk 1 is stage 3
+    with pytest.raises(ValueError, match="holds 2 chunk"):
+        schedules.build(text, 2, 4, 1)
+    assert schedules.build(text, 2, 4, 2) == schedules.interleaved_1f1b(2, 4, 2)

@@ -93,11 +93,15 @@ def balanced_partition(costs: list[float], parts: int) -> list[int]:
     return starts[::-1]
 
 
-def check(model: nn.Module, name: str, stages: int, split: list[int] | None = None) -> list[tuple[int, int]]:
-    """The model's blocks, once it is clear they can make `stages` stages (split as given)."""
+def check(model: nn.Module, name: str, stages: int, split: list[int] | None = None,
+          virtual: int = 1) -> list[tuple[int, int]]:
+    """The model's blocks, once it is clear they can make `stages` stages (split as given);
+    with `virtual` chunks per actor, `stages` counts the chunks of all actors."""
     spans = blocks(layers_of(model, name))
     if stages > len(spans):
-        raise CannotCut(f"strategy.stages ({stages}) exceeds the {len(spans)} cuttable blocks of "
+        asked = (f"strategy.stages x virtual_stages ({stages // virtual} x {virtual} = {stages})"
+                 if virtual > 1 else f"strategy.stages ({stages})")
+        raise CannotCut(f"{asked} exceeds the {len(spans)} cuttable blocks of "
                         f"model {name} (a block is a layer with parameters and the bare layers after it)")
     if split is not None:
         starts = [0, *split]
@@ -108,8 +112,10 @@ def check(model: nn.Module, name: str, stages: int, split: list[int] | None = No
 
 
 def cut(model: nn.Module, name: str, stages: int, example: torch.Tensor,
-        split: list[int] | None = None) -> Cut:
-    spans = check(model, name, stages, split)
+        split: list[int] | None = None, virtual: int = 1) -> Cut:
+    """`stages` contiguous parts of balanced cost: with interleaving, the P x v chunks, each
+    of about 1/(Pv) of the cost, so that each actor's v chunks hold about 1/P of it."""
+    spans = check(model, name, stages, split, virtual)
     layers = model.pipeline_layers()
     was_training = model.training
     model.train()

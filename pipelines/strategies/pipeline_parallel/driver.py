@@ -35,14 +35,17 @@ class PipelineRun:
         self.model = build_model(run, data)
         micro = run.data.batch_size // (self.options.microbatches * self.options.replicas)
         example = data.x_train[:micro] if data.stream is None else data.sample(micro)[0]  # streamed: held-out rows
-        self.cut = cut(self.model, run.model.name, self.options.stages, example, self.options.split)
+        o = self.options
+        self.cut = cut(self.model, run.model.name, o.stages * o.virtual_stages, example, o.split, o.virtual_stages)
         self.shapes = self._shapes(example)
+        """Per model stage (P x v with interleaving), the activation entering it."""
         self.restarts = 0
         self.actors: list = []
         self.timeline: dict[str, float] = {}
         """Wall-clock times of the latest start's marks (stages_ready, process_group)."""
         costs = ", ".join(f"{c * 1e3:.2f}" for c in self.cut.costs)
-        tracker.say(f"pipeline: {self.options.stages} stages at layers {list(self.cut.bounds)}, "
+        chunks = f" x {o.virtual_stages} chunks (stage s holds chunks s, s+{o.stages}, ...)" if o.virtual_stages > 1 else ""
+        tracker.say(f"pipeline: {o.stages} stages{chunks} at layers {list(self.cut.bounds)}, "
                     f"measured forward+backward ms per micro-batch: {costs}")
 
     def _shapes(self, example: torch.Tensor) -> list[tuple[int, ...]]:
@@ -66,21 +69,27 @@ class PipelineRun:
         layers = self.model.pipeline_layers()
         saved = state["optimizer"]["stages"] if state else []
         starts = []
-        for s, (a, b) in enumerate(self.cut.bounds):
+        for s in range(o.stages):
             # Weights come from the driver's model (the checkpoint's, on a restart); optimizer
             # state only where the stage holds the same layers as when it was saved.
-            same = s < len(saved) and tuple(saved[s]["bounds"]) == (a, b)
-            starts.append({"block": nn.Sequential(*layers[a:b]).state_dict(),
+            bounds = self._bounds(s)
+            same = s < len(saved) and _chunk_bounds(saved[s]["bounds"]) == bounds
+            starts.append({"blocks": [nn.Sequential(*layers[a:b]).state_dict() for a, b in bounds],
                            "optimizer": saved[s]["optimizer"] if same else None})
         self.actors = [
             remote.options(name=f"{prefix}stage-{s}-replica-{k}-{self.restarts}", max_restarts=0,
                            num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
                            **self.place.at(k * o.stages + s)).remote(
-                s, k, self.run, data, self.cut.bounds[s], self.shapes, starts[s])
+                s, k, self.run, data, self._bounds(s), self.shapes, starts[s])
             for k in range(o.replicas) for s in range(o.stages)]
         host, port = ray.get(self.actors[0].address.remote())
         ready = ray.get([a.join.remote(host, port) for a in self.actors])
         self.timeline = {"stages_ready": max(ready), "process_group": time.time()}
+
+    def _bounds(self, stage: int) -> list[tuple[int, int]]:
+        """The layers of each chunk actor `stage` holds: model stages stage, stage + P, ..."""
+        o = self.options
+        return [self.cut.bounds[c * o.stages + stage] for c in range(o.virtual_stages)]
 
     def _stop(self) -> None:
         import ray
@@ -176,8 +185,8 @@ class PipelineRun:
         """Load replica 0's stages into the driver's whole model."""
         layers = self.model.pipeline_layers()
         for state in states:
-            a, b = state["bounds"]
-            nn.Sequential(*layers[a:b]).load_state_dict(state["block"])
+            for (a, b), block in zip(_chunk_bounds(state["bounds"]), state["blocks"]):
+                nn.Sequential(*layers[a:b]).load_state_dict(block)
 
     def _metrics(self, reports: list[dict], wall: float) -> dict:
         o = self.options
@@ -185,7 +194,7 @@ class PipelineRun:
         steps = sum(r["steps"] for r in last)
         metrics = {"train_loss": sum(r["loss_sum"] for r in last) / max(steps, 1),
                    "samples_per_s": sum(r["samples"] for r in last) / wall,
-                   "bubble_theoretical": theoretical_bubble(o.stages, o.microbatches)}
+                   "bubble_theoretical": theoretical_bubble(o.stages, o.microbatches, o.virtual_stages)}
         for stage in range(o.stages):
             mine = [r for r in reports if r["stage"] == stage]
             metrics[f"bubble_stage{stage}"] = sum(1 - r["busy"] / r["wall"] for r in mine) / len(mine)
@@ -200,3 +209,11 @@ class PipelineRun:
             figure = figures.pipeline_timeline([rows[s] for s in sorted(rows)])
             self.tracker.log_figure(figure, "pipeline_timeline.png")
             figures.close(figure)
+
+
+def _chunk_bounds(saved) -> list[tuple[int, int]]:
+    """A stage's saved bounds as a list of chunks' (a checkpoint of before interleaving
+    saved one pair)."""
+    if len(saved) == 2 and all(isinstance(v, int) for v in saved):
+        return [tuple(saved)]
+    return [tuple(b) for b in saved]

@@ -47,32 +47,40 @@ def _torch_backward_split():
 
 
 ACTIVATION, GRADIENT = 0, 1
-"""Message tags: activations flow to the next stage, their gradients to the previous one."""
+"""Message tags, 2L + kind on the link from model stage L to L + 1: activations flow to the
+next stage, their gradients to the previous one; with interleaving two actors share several
+links (chunk 0 to 1 and chunk 1 to 2 both go from actor 0 to 1 when P = 2)."""
 
 
 class PipelineStage:
     def __init__(self, stage: int, replica: int, run: RunConfig, data: Dataset,
-                 bounds: tuple[int, int], shapes: list[tuple[int, ...]], state: dict):
+                 bounds: list[tuple[int, int]], shapes: list[tuple[int, ...]], state: dict):
         self.stage, self.replica, self.run_config = stage, replica, run
         self.options = run.strategy.options
         self.stages, self.replicas = self.options.stages, self.options.replicas
+        self.virtual = len(bounds)
+        """Chunks this actor holds (strategy.virtual_stages): chunk c is model stage c*P + stage."""
         self.device = torch.device("cuda" if run.resources.gpus_per_worker > 0 else "cpu")
         self.model = build_model(run, data)
         self.layers = self.model.pipeline_layers()
         self.first, self.last = stage == 0, stage == self.stages - 1
-        self.bounds = bounds
-        self.block = nn.Sequential(*self.layers[bounds[0]:bounds[1]]).to(self.device)
+        """Whether this actor holds the model's first (it reads the inputs) or last stage (the labels)."""
+        self.bounds = [tuple(b) for b in bounds]
+        self.blocks = [nn.Sequential(*self.layers[a:b]).to(self.device) for a, b in self.bounds]
         self.model.to(self.device)  # output_loss may use the model's own modules
         self.shapes = shapes
-        """shapes[s]: the activation entering stage s, per micro-batch (without batch size)."""
-        self.optimizer = make_optimizer(run.optim, self.block.parameters(), run_steps_per_epoch(run, data))
-        self.block.load_state_dict(state["block"])
+        """shapes[L]: the activation entering model stage L, per micro-batch (without batch size)."""
+        every = [p for block in self.blocks for p in block.parameters()]
+        self.optimizer = make_optimizer(run.optim, every, run_steps_per_epoch(run, data))
+        for block, weights in zip(self.blocks, state["blocks"]):
+            block.load_state_dict(weights)
         if state["optimizer"] is not None:
             restore_optimizer(self.optimizer, state["optimizer"], run.optim)
         self.rows, self.stream_rows = self._rows(data), data.stream.rows if data.stream else 0
-        plan = build(self.options.schedule, self.stages, self.options.microbatches)
+        plan = build(self.options.schedule, self.stages, self.options.microbatches, self.virtual)
         self.schedule, self.split = plan[stage], splits(plan)
-        self.params = [p for p in self.block.parameters() if p.requires_grad]
+        self.params = [[p for p in block.parameters() if p.requires_grad] for block in self.blocks]
+        """Per chunk, the weights a split backward's W computes gradients for."""
         self.backward_split = _torch_backward_split() if self.split else None
         if self.split and self.backward_split is None and stage == 0:
             print(f"pipeline: this torch ({torch.__version__}) has no stage_backward_input: "
@@ -111,7 +119,8 @@ class PipelineStage:
     def train_epoch(self, epoch: int) -> dict:
         run = self.run_config
         torch.manual_seed(run.seed * 1009 + self.rank(self.stage, self.replica) + epoch * 7919)
-        self.block.train()
+        for block in self.blocks:
+            block.train()
         began = time.perf_counter()
         busy, loss_sum, steps, samples, peak = 0.0, 0.0, 0, 0, 0
         first_step_at = None
@@ -139,86 +148,93 @@ class PipelineStage:
 
     def _run_schedule(self, micro: tuple[torch.Tensor, ...], began: float, timeline: list):
         o = self.options
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
+        final = self.stages * self.virtual - 1  # the model's last stage
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        """Keyed by (micro-batch, chunk)."""
         sends: list = []
-        rng: dict[int, torch.Tensor] = {}
-        weights: dict[int, tuple] = {}
+        rng: dict[tuple[int, int], torch.Tensor] = {}
+        weights: dict[tuple[int, int], tuple] = {}
         """Per micro-batch between its B and W: what the weights' gradient is computed from."""
         busy, loss_total, live, peak = 0.0, 0.0, 0, 0
         for action in self.schedule:
-            i = action.microbatch
+            i, chunk = action.microbatch, action.chunk
+            key, here = (i, chunk), chunk * self.stages + self.stage  # `here`: the model stage
             if action.kind == FORWARD:
-                x = self._input(micro[i])
+                x = self._input(micro[i], here)
                 start = time.perf_counter()
                 if o.activation_checkpointing:
-                    rng[i] = torch.get_rng_state()  # the recomputation must draw the same dropout
+                    rng[key] = torch.get_rng_state()  # the recomputation must draw the same dropout
                     with torch.no_grad():
-                        out = self._forward(x)
+                        out = self._forward(x, chunk)
                 else:
-                    out = self._forward(x)
-                if self.last:
+                    out = self._forward(x, chunk)
+                if here == final:
                     out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
                     loss_total += float(out.detach())
                 busy += self._stamp(timeline, "F", start, began)
-                inputs[i], outputs[i] = x, out
+                inputs[key], outputs[key] = x, out
                 live += _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 peak = max(peak, live)
-                if not self.last:
-                    sends.append(dist.isend(out.detach().contiguous(), self._peer(+1), tag=ACTIVATION))
+                if here != final:
+                    sends.append(dist.isend(out.detach().contiguous(), self._peer(here + 1),
+                                            tag=2 * here + ACTIVATION))
             elif action.kind == BACKWARD:
-                grad = None if self.last else self._receive(self._peer(+1), outputs[i].shape, GRADIENT)
+                grad = None if here == final else self._receive(self._peer(here + 1), outputs[key].shape,
+                                                                2 * here + GRADIENT)
                 start = time.perf_counter()
-                x, out = inputs[i], outputs[i]
+                x, out = inputs[key], outputs[key]
                 if o.activation_checkpointing:
                     now = torch.get_rng_state()
-                    torch.set_rng_state(rng.pop(i))
-                    out = self._forward(x)
+                    torch.set_rng_state(rng.pop(key))
+                    out = self._forward(x, chunk)
                     torch.set_rng_state(now)
-                    if self.last:
+                    if here == final:
                         out = self.model.output_loss(out, self._batch(micro[i])) / o.microbatches
                 if self.split:
                     # the input's gradient only, sent upstream at once; W takes the weights'
-                    outputs[i], weights[i] = out, self._backward_input(out, grad, x)
+                    outputs[key], weights[key] = out, self._backward_input(out, grad, x, here, chunk)
                 else:
                     out.backward(grad)
-                    del inputs[i], outputs[i]
+                    del inputs[key], outputs[key]
                     live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 busy += self._stamp(timeline, "B", start, began)
-                if not self.first:
-                    sends.append(dist.isend(x.grad.contiguous(), self._peer(-1), tag=GRADIENT))
+                if here > 0:
+                    sends.append(dist.isend(x.grad.contiguous(), self._peer(here - 1),
+                                            tag=2 * (here - 1) + GRADIENT))
             else:  # WEIGHT
                 start = time.perf_counter()
-                x, out = inputs.pop(i), outputs.pop(i)
-                self._backward_weight(out, *weights.pop(i))
+                x, out = inputs.pop(key), outputs.pop(key)
+                self._backward_weight(out, *weights.pop(key), chunk)
                 busy += self._stamp(timeline, "W", start, began)
                 live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
         for work in sends:
             work.wait()
         return busy, loss_total, peak
 
-    def _backward_input(self, out: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor) -> tuple:
+    def _backward_input(self, out: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor,
+                        here: int, chunk: int) -> tuple:
         """B of a split backward: x's gradient, keeping what W needs. The first stage's input
         needs no gradient, and a torch without `stage_backward_input` has no split: both
         run the whole backward at W instead (said in the log once)."""
-        if self.first or self.backward_split is None:
+        if here == 0 or self.backward_split is None:
             return (grad, None)
         backward_input, _ = self.backward_split
-        _, groups = backward_input([out], None if grad is None else [grad], [x], self.params)
+        _, groups = backward_input([out], None if grad is None else [grad], [x], self.params[chunk])
         return (grad, groups)
 
-    def _backward_weight(self, out: torch.Tensor, grad: torch.Tensor | None, groups) -> None:
+    def _backward_weight(self, out: torch.Tensor, grad: torch.Tensor | None, groups, chunk: int) -> None:
         """W: the weights' gradients, added to .grad, from what B kept."""
         if groups is None:
             out.backward(grad)  # the whole backward: no B ran before it
         else:
-            self.backward_split[1](self.params, groups)
+            self.backward_split[1](self.params[chunk], groups)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's output, its products under `optim.precision`'s autocast; float32 on
+    def _forward(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """The chunk's output, its products under `optim.precision`'s autocast; float32 on
         the wire, the dtype the next stage's buffers and this stage's gradient buffers hold."""
         with autocast(self.run_config.optim.precision, self.device):
-            return self.block(x).float()
+            return self.blocks[chunk](x).float()
 
     def _rows(self, data: Dataset):
         """Where this stage's rows come from: memory, or, for a streamed table, a stream of
@@ -247,12 +263,14 @@ class PipelineStage:
         for _ in range(steps_per_epoch(self.stream_rows, run.data.batch_size, run.optim.steps_per_epoch)):
             yield [(None, range(k)) for k in sizes]
 
-    def _input(self, micro: tuple) -> torch.Tensor:
-        if self.first:  # a denoising model corrupts what its first layer sees
+    def _input(self, micro: tuple, here: int) -> torch.Tensor:
+        """What model stage `here` forwards: the inputs for the first, else what the stage
+        before sent."""
+        if here == 0:  # a denoising model corrupts what its first layer sees
             x = micro[0]
             return self.model.training_input(x) if hasattr(self.model, "training_input") else x
-        shape = (len(micro[1]), *self.shapes[self.stage])
-        return self._receive(self._peer(-1), shape, ACTIVATION).requires_grad_()
+        shape = (len(micro[1]), *self.shapes[here])
+        return self._receive(self._peer(here - 1), shape, 2 * (here - 1) + ACTIVATION).requires_grad_()
 
     @staticmethod
     def _batch(micro: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,13 +281,14 @@ class PipelineStage:
         dist.recv(buffer, peer, tag=tag)
         return buffer
 
-    def _peer(self, offset: int) -> int:
-        return self.rank(self.stage + offset, self.replica)
+    def _peer(self, model_stage: int) -> int:
+        """The rank holding `model_stage` in this replica."""
+        return self.rank(model_stage % self.stages, self.replica)
 
     def _average_over_replicas(self) -> None:
         if self.replicas == 1:
             return
-        grads = [p.grad for p in self.block.parameters() if p.grad is not None]
+        grads = [p.grad for block in self.blocks for p in block.parameters() if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=self.replica_group)
         unflatten_into(grads, flat / self.replicas)
@@ -283,7 +302,9 @@ class PipelineStage:
     # --- state ---------------------------------------------------------------------------
 
     def state(self) -> dict:
-        return {"block": {k: v.detach().cpu().clone() for k, v in self.block.state_dict().items()},
+        """Per chunk, its layers' bounds and weights; the optimizer of all of them."""
+        return {"blocks": [{k: v.detach().cpu().clone() for k, v in block.state_dict().items()}
+                           for block in self.blocks],
                 "optimizer": self.optimizer.state_dict(), "bounds": self.bounds}
 
 

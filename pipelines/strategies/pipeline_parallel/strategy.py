@@ -1,4 +1,4 @@
-"""`pipeline`: pipeline model parallelism over Ray actors (GPipe and 1F1B schedules).
+"""`pipeline`: pipeline model parallelism over Ray actors (GPipe, 1F1B, interleaved 1F1B, ZB-H1).
 
 The model is cut into P stages balanced by measured cost (`cut`); each stage is
 an actor (`stage`) holding its layers and optimizer, and R replicas of the whole
@@ -43,10 +43,14 @@ class PipelineOptions:
     microbatches: int = 4
     """Micro-batches M per mini-batch (`--microbatches`)."""
     schedule: str = "1f1b"
-    """gpipe, 1f1b or zb-h1 (`--schedule`): zb-h1 splits each backward into the input's
+    """gpipe, 1f1b, interleaved-1f1b or zb-h1 (`--schedule`): interleaved-1f1b gives each
+    stage `virtual_stages` chunks of the model; zb-h1 splits each backward into the input's
     gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits. Or a
     schedule of your own as text, one line of actions per stage ("0F0 0F1 0B0 ..."; a
     saved file: `--set strategy.schedule="$(cat my_schedule.txt)"`), checked before Ray starts."""
+    virtual_stages: int = 1
+    """Chunks v per stage actor (`--virtual-stages`), for interleaved-1f1b: the model is cut
+    into P x v parts, actor s holding parts s, s + P, ...; bubble (P-1)/(vM + P-1)."""
     replicas: int = 1
     """Pipelines R on disjoint data shards, allreducing per stage (`--replicas`)."""
     split: Optional[list[int]] = None
@@ -61,7 +65,8 @@ class PipelineStrategy(Strategy):
     name = "pipeline"
     streams = True
     options = PipelineOptions
-    description = "pipeline model parallelism: stages on actors, GPipe, 1F1B or ZB-H1 (or a schedule of your own), x data replicas"
+    description = ("pipeline model parallelism: stages on actors, GPipe, 1F1B, interleaved 1F1B or ZB-H1 "
+                   "(or a schedule of your own), x data replicas")
 
     def validate(self, run: RunConfig) -> None:
         o: PipelineOptions = run.strategy.options
@@ -73,6 +78,9 @@ class PipelineStrategy(Strategy):
             (run.optim.precision != "fp16", "pipeline stages would each scale their own part of one loss: "
                                             "optim.precision fp16 is refused under pipeline, use bf16"),
             (o.microbatches >= 1, f"strategy.microbatches must be >= 1, got {o.microbatches}"),
+            (o.virtual_stages >= 1, f"strategy.virtual_stages must be >= 1, got {o.virtual_stages}"),
+            (o.virtual_stages == 1 or o.stages >= 2,
+             "strategy.virtual_stages > 1 interleaves chunks over several stage actors: it needs strategy.stages >= 2"),
             (o.replicas >= 1, f"strategy.replicas must be >= 1, got {o.replicas}"),
             (o.microbatches * o.replicas <= batch,
              f"strategy.microbatches x replicas ({o.microbatches} x {o.replicas}) exceeds "
@@ -85,7 +93,7 @@ class PipelineStrategy(Strategy):
         require(checks)
         if o.stages >= 1 and o.microbatches >= 1:
             try:  # a name, or a schedule written out as text (`schedules.to_text`)
-                build(o.schedule, o.stages, o.microbatches)
+                build(o.schedule, o.stages, o.microbatches, o.virtual_stages)
             except ValueError as e:
                 raise ConfigError(f"strategy.schedule: {e}") from None
 
@@ -99,7 +107,7 @@ class PipelineStrategy(Strategy):
     def check_model(self, run: RunConfig, model: nn.Module, data: Dataset) -> None:
         o: PipelineOptions = run.strategy.options
         try:
-            check(model, run.model.name, o.stages, o.split)
+            check(model, run.model.name, o.stages * o.virtual_stages, o.split, o.virtual_stages)
         except CannotCut as e:
             raise ConfigError(str(e)) from None
 
@@ -114,17 +122,26 @@ class PipelineStrategy(Strategy):
 def schedule_grid(run: RunConfig) -> str:
     """The run's schedule drawn as a grid (forward 1 unit, backward 2), with its bubble."""
     o: PipelineOptions = run.strategy.options
-    plan = build(o.schedule, o.stages, o.microbatches)
-    slots = simulate(plan, 1.0, 2.0)
+    v = o.virtual_stages
+    plan = build(o.schedule, o.stages, o.microbatches, v)
+    slots = simulate(plan, 1.0 / v, 2.0 / v)  # a chunk holds 1/v of the stage's layers
     bubbles = bubble_fraction(slots, o.stages)
     costs = ("B: input gradient, 1 unit; W: weight gradient, 1 unit" if splits(plan) else "B: backward, 2 units")
     name = o.schedule if o.schedule in SCHEDULES else "the given"  # a name, or a schedule's text
-    lines = [f"{name} schedule, {o.stages} stages x {o.microbatches} micro-batches "
-             f"(F: forward, 1 unit; {costs}; .: idle)", render(slots, o.stages), ""]
+    chunks = (f" x {v} chunks each (a, b, ...: the chunk; each action 1/{v} of the stage's)"
+              if v > 1 else "")
+    lines = [f"{name} schedule, {o.stages} stages{chunks} x {o.microbatches} micro-batches "
+             f"(F: forward, 1 unit; {costs}; .: idle)", render(slots, o.stages, 1.0 / v), ""]
     for stage in range(o.stages):
         lines.append(f"stage {stage}: bubble {bubbles[stage]:.3f}, peak activations "
                      f"{peak_activations(plan[stage])} micro-batches")
-    lines.append(f"GPipe and 1F1B's theoretical bubble (P-1)/(M+P-1) = {theoretical_bubble(o.stages, o.microbatches):.3f}")
+    if v > 1:
+        lines.append(f"interleaved 1F1B's theoretical bubble (P-1)/(vM+P-1) = "
+                     f"{theoretical_bubble(o.stages, o.microbatches, v):.3f} (peak activations count chunks, "
+                     f"each 1/{v} of a stage's)")
+    else:
+        lines.append(f"GPipe and 1F1B's theoretical bubble (P-1)/(M+P-1) = "
+                     f"{theoretical_bubble(o.stages, o.microbatches):.3f}")
     return "\n".join(lines)
 
 
