@@ -9,6 +9,7 @@ further process cost ~100 s more on 2 cores).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -90,11 +91,20 @@ class TwoNodes:
         self._until(lambda: self._answers(), "the head's Jobs server")
         # Its own temp dir too: on one machine two nodes would otherwise unpack the job's
         # working_dir into the same folder, each deleting it under the other's processes.
-        node_temp = tempfile.mkdtemp(prefix="rdk", dir="/tmp")
-        self.temps.append(node_temp)
-        self._spawn("node", [RAY, "start", f"--address=127.0.0.1:{self.gcs}",
-                             f"--temp-dir={node_temp}", *common()])
-        self._until(lambda: self.alive_nodes() == 2, "the second node")
+        # Ray waits a fixed 30 s for a new node's raylet to register with the GCS and then
+        # exits; on a 2-core machine busy with the other pytest process that happened once in
+        # a fresh-clone run (2026-12-07): such a node is started once more.
+        for attempt in range(2):
+            node_temp = tempfile.mkdtemp(prefix="rdk", dir="/tmp")
+            self.temps.append(node_temp)
+            self._spawn("node", [RAY, "start", f"--address=127.0.0.1:{self.gcs}",
+                                 f"--temp-dir={node_temp}", *common()])
+            if self._until(lambda: self.alive_nodes() == 2, "the second node", last=attempt == 1):
+                return
+            node = self.processes.pop()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=10)
 
     def _spawn(self, name: str, command: list[str]) -> None:
         log = open(Path(self.temp) / f"{name}.out", "w")
@@ -117,17 +127,21 @@ class TwoNodes:
                          headers={"Authorization": f"Bearer {self.token}"})
         return sum(1 for n in r.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE")
 
-    def _until(self, ok, what: str, timeout: float = 90) -> None:
+    def _until(self, ok, what: str, timeout: float = 90, last: bool = True) -> bool:
+        """True once `ok()`; False if a process ended or time ran out and this is not the
+        `last` try; else the cluster is stopped and the test fails with the nodes' logs."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if any(p.poll() is not None for p in self.processes):
                 break
             try:
                 if ok():
-                    return
+                    return True
             except Exception:
                 pass
             time.sleep(0.5)
+        if not last:
+            return False
         logs = "".join(p.read_text()[-1500:] for p in Path(self.temp).glob("*.out"))
         self.stop()
         pytest.fail(f"{what} did not come up:\n{logs}")
