@@ -60,6 +60,8 @@ def runs(ray_session, tmp_path_factory, bucket):
     # A Ray this process started ends with it: Ray Train's placement-group cleaner would
     # guard nothing, and is not started (one process less before the first step).
     assert not live_actor_pids(ray_session, class_name="PlacementGroupCleaner")
+    # In-memory data gives Ray Train no dataset: no DatasetManager actor was started for it.
+    assert not live_actor_pids(ray_session, class_name="DatasetManager")
     os.kill(pids[-1], signal.SIGKILL)
     return common, local, training.result()
 

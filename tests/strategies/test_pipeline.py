@@ -202,6 +202,8 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     (["--schedule", "zigzag"],
      "strategy.schedule: unknown schedule 'zigzag' (known: gpipe, 1f1b, zb-h1, interleaved-1f1b, or"),
     (["--virtual-stages", "2"], "1f1b holds one chunk per actor: strategy.virtual_stages 2 needs schedule"),
+    (["--schedule", "interleaved-1f1b"], "interleaved-1f1b gives each stage several chunks of the model: set "
+                                         "strategy.virtual_stages (--virtual-stages) >= 2, got 1"),
     (["--schedule", "interleaved-1f1b", "--virtual-stages", "2"],
      "strategy.stages x virtual_stages (2 x 2 = 4) exceeds the 3 cuttable blocks of model mlp"),
     (["--schedule", "interleaved-1f1b", "--virtual-stages", "2", "--stages", "1"],

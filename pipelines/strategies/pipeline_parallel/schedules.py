@@ -163,6 +163,9 @@ def build(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
     chunks per actor (`virtual`)."""
     if name in SCHEDULES:
         if name in INTERLEAVED:
+            if virtual < 2:  # one chunk per actor would be 1F1B, and say nothing
+                raise ValueError(f"{name} gives each stage several chunks of the model: set "
+                                 f"strategy.virtual_stages (--virtual-stages) >= 2, got {virtual}")
             return SCHEDULES[name](stages, microbatches, virtual)
         if virtual != 1:
             raise ValueError(f"{name} holds one chunk per actor: strategy.virtual_stages {virtual} needs "
@@ -194,13 +197,13 @@ def validate(schedule: Schedule, microbatches: int) -> None:
     kinds = (FORWARD, BACKWARD, WEIGHT) if splits(schedule) else (FORWARD, BACKWARD)
     v = chunks(schedule)
     for stage, actions in enumerate(schedule):
+        position = {a: i for i, a in enumerate(actions)}
         for chunk in range(v):
             where = f"stage {stage}" + (f" chunk {chunk}" if v > 1 else "")
             for kind in kinds:
                 seen = sorted(a.microbatch for a in actions if a.kind == kind and a.chunk == chunk)
                 if seen != list(range(microbatches)):
                     raise ValueError(f"{where}: {kind} of micro-batches {seen}, want 0..{microbatches - 1}")
-            position = {a: i for i, a in enumerate(actions)}
             for i in range(microbatches):
                 for before, after in zip(kinds, kinds[1:]):
                     if position[Action(after, i, chunk)] < position[Action(before, i, chunk)]:
