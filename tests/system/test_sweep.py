@@ -118,7 +118,10 @@ def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_
         os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
         first.wait()
     (parent,) = sweeps(store)
-    assert 1 <= len(children(store, parent.info.run_id)) < 3
+    # Work was left: a trial not started yet, or one killed running (on a quiet machine the
+    # second trial can end and the third start between two looks at the store).
+    cut = children(store, parent.info.run_id)
+    assert 1 <= len(cut) < 3 or any(r.info.status == "RUNNING" for r in cut), [r.info.status for r in cut]
 
     done = run_cli("tune", str(path), "--num-cpus", "2", "--resume", cwd=workdir)
     assert done.returncode == 0, done.stderr[-2000:]
