@@ -79,6 +79,13 @@ class RunContext:
             self.reporter.epoch_done(epoch, metrics, saved)
         return saved
 
+    def epoch_logged(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Epoch `epoch` ended where the strategy has no state to save (inside one of
+        diloco's rounds that span epochs): logged and kept in the history, but neither
+        checkpointed, watched by early stopping, nor reported to a Tune trial."""
+        self.tracker.log_epoch(epoch, metrics, timestamp=now_ms())
+        self.history.append(metrics)
+
 
 def epoch_record(tracker: Tracker, metrics: dict[str, float]) -> dict[str, Any]:
     """What a checkpoint holds of the tracking: its epoch's metrics, the time they are

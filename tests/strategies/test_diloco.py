@@ -39,13 +39,21 @@ def test_one_step_rounds_of_plain_averaging_take_locals_steps(ray_session, store
     assert [h["syncs"] for h in averaged.history] == [4, 4]
     assert [h["bytes_sent_per_worker"] for h in averaged.history] == [4 * numel * 4] * 2
     assert averaged.metrics["bytes_saved_vs_allreduce"] == 1.0  # 2 workers: ring allreduce sends 1 gradient
-    # Rounds of 4 steps in bfloat16: 2 bytes a parameter once per 4 steps, against 4 bytes
-    # in every step.
-    compressed = pipelines.train(small_run(**common, **{
-        "strategy.name": "diloco", "resources.workers": 2, "strategy.sync_every": 4,
+    # Rounds of 8 steps in bfloat16 over epochs of 4 span two epochs: 3 epochs are cut into
+    # rounds of 2 and 1 (no short last round of a fraction of an epoch). The epoch inside a
+    # round is logged with its training figures only, and is not checkpointed: 2 bytes a
+    # parameter twice in 12 steps, against 4 bytes in every step.
+    spanning = {**PLAIN_SGD, "tracking.uri": store, "optim.epochs": 3, "tracking.run_name": "spanning"}
+    compressed = pipelines.train(small_run(**spanning, **{
+        "strategy.name": "diloco", "resources.workers": 2, "strategy.sync_every": 8,
         "strategy.push_dtype": "bfloat16"}))
-    assert [h["syncs"] for h in compressed.history] == [1, 1]
-    assert compressed.metrics["bytes_saved_vs_allreduce"] == 8.0
+    assert [h["syncs"] for h in compressed.history] == [0, 1, 1]
+    assert [h["bytes_sent_per_worker"] for h in compressed.history] == [0, numel * 2, numel * 2]
+    assert "val_loss" not in compressed.history[0] and "val_loss" in compressed.history[1]
+    assert [h["train_loss"] for h in compressed.history][2] < compressed.history[0]["train_loss"]
+    assert compressed.metrics["bytes_saved_vs_allreduce"] == 12.0
+    saved = sorted(p.name for p in compressed.run_dir.glob("checkpoint_epoch_*"))
+    assert saved == ["checkpoint_epoch_00001", "checkpoint_epoch_00002"], saved
 
 
 def test_mlp_and_cnn_meet_their_bars_syncing_every_16_steps_and_a_killed_worker_is_replaced(

@@ -5,12 +5,9 @@ A round is H inner steps on every worker, then one synchronisation: the driver a
 the pseudo-gradients of the workers that answered (a worker lost mid-round is left out of
 that round, and replaced or not as `on_worker_failure` says), hands the mean to the outer
 optimizer as the gradient of the global parameters, and sends the result out with the next
-round. Rounds never span two epochs: every epoch ends synchronised, validated on the
-driver and checkpointed, its S steps cut into ceil(S / H) rounds of equal length (within
-one step): a short last round would take a full outer step, momentum and all, for a
-fraction of the work (measured: H = 16 over 20 steps an epoch, rounds of 16 and 4 left an
-MLP 4 points lower than rounds of 10 and 10, one run each). An H longer than an epoch means
-one synchronisation per epoch.
+round. Which steps a round takes is `plan`'s: an epoch that ends with a synchronisation is
+validated on the driver and checkpointed; one that ends inside a round (H longer than an
+epoch) is logged with its training figures only.
 """
 from __future__ import annotations
 
@@ -24,6 +21,7 @@ from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.errors import first_line, raise_task_cause
 from pipelines.strategies.base import FitResult
+from pipelines.strategies.diloco.plan import run_rounds
 from pipelines.strategies.diloco.worker import DiLoCoWorker
 from pipelines.training import placement
 from pipelines.training.epochs import driver_model
@@ -32,14 +30,6 @@ from pipelines.training.loop import evaluate_sums, mean_metrics, steps_per_epoch
 
 if TYPE_CHECKING:
     from pipelines.strategies.diloco.strategy import DiLoCoOptions
-
-
-def rounds(steps: int, sync_every: int) -> list[tuple[int, int]]:
-    """An epoch's steps [0, steps) cut into ceil(steps / sync_every) rounds of equal
-    length within one step, as (start, stop)."""
-    count = -(-steps // sync_every)
-    edges = [round(i * steps / count) for i in range(count + 1)] if count else [0]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 class DiLoCo:
@@ -65,6 +55,8 @@ class DiLoCo:
         self.first_step_s: float | None = None
         self.bytes_sent = 0
         self.steps_total = 0
+        self.epoch_tally: dict[int, dict] = {}
+        """The open epochs' figures, summed over rounds and workers until each ends."""
 
     def _start_worker(self, rank: int):
         import ray
@@ -84,8 +76,8 @@ class DiLoCo:
             for rank in range(self.run.resources.workers):
                 self._start_worker(rank)
             steps = steps_per_epoch(len(self.data.y_train), self.run.data.batch_size, self.run.optim.steps_per_epoch)
-            for epoch in range(self.start_epoch, self.run.optim.epochs):
-                self._epoch(epoch, steps)
+            for segments in run_rounds(self.run.optim.epochs, steps, self.options.sync_every, self.start_epoch):
+                self._round(segments, steps)
                 if self.context.should_stop:  # optim.early_stopping
                     break
         finally:
@@ -98,38 +90,53 @@ class DiLoCo:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return FitResult(state, self.context.history, summary)
 
-    def _epoch(self, epoch: int, steps: int) -> None:
-        loss_sum, step_count, samples, syncs, sent = 0.0, 0, 0, 0, 0
-        began = ended = None
-        for start, stop in rounds(steps, self.options.sync_every):
-            answers = self._round(epoch, start, stop)
-            if self.first_step_s is None and epoch == 0 and start == 0:
-                self.tracker.startup("actors_ready", at=max(a["began"] for a in answers))
-                self.first_step_s = self.tracker.first_step(at=min(a["ended"] for a in answers))
-            began = min([a["began"] for a in answers] + ([began] if began else []))
-            ended = max(a["ended"] for a in answers)
-            loss_sum += sum(a["loss_sum"] for a in answers)
-            step_count += sum(a["steps"] for a in answers)
-            samples += sum(a["samples"] for a in answers)
-            sent += answers[0]["delta"].nbytes
-            syncs += 1
-        self.bytes_sent += sent
-        self.steps_total += steps
+    def _round(self, segments: list[tuple[int, int, int]], steps: int) -> None:
+        """One round on every live worker, the outer step, and the epochs it ended."""
+        answers = self._exchange(segments)
+        if self.first_step_s is None:
+            self.tracker.startup("actors_ready", at=max(a["began"] for a in answers))
+            self.first_step_s = self.tracker.first_step(at=min(a["first_step_at"] for a in answers))
+        began = min(a["began"] for a in answers)
+        for i, (epoch, start, stop) in enumerate(segments):
+            figures = [a["segments"][i] for a in answers]
+            ended = max(f["ended"] for f in figures)
+            tally = self.epoch_tally.setdefault(epoch, {"loss_sum": 0.0, "steps": 0, "samples": 0, "began": began,
+                                                        "syncs": 0, "sent": 0, "global_steps": 0})
+            tally["global_steps"] += stop - start
+            tally["loss_sum"] += sum(f["loss_sum"] for f in figures)
+            tally["steps"] += sum(f["steps"] for f in figures)
+            tally["samples"] += sum(f["samples"] for f in figures)
+            tally["ended"] = ended
+            synced = i == len(segments) - 1
+            if synced:
+                tally["syncs"] += 1
+                tally["sent"] += answers[0]["delta"].nbytes
+            if stop == steps:
+                self._epoch_ended(epoch, self.epoch_tally.pop(epoch), synced)
+            began = ended
+
+    def _epoch_ended(self, epoch: int, tally: dict, synced: bool) -> None:
+        self.bytes_sent += tally["sent"]
+        self.steps_total += tally["global_steps"]
+        metrics = {"train_loss": tally["loss_sum"] / max(tally["steps"], 1),
+                   "samples_per_s": tally["samples"] / max(tally["ended"] - tally["began"], 1e-9),
+                   "syncs": float(tally["syncs"]), "bytes_sent_per_worker": float(tally["sent"])}
+        if not synced:  # inside a round that spans epochs: no global model to validate here
+            self.context.epoch_logged(epoch, metrics)
+            return
         load_parameters(self.model, self.theta.detach())
         if self.buffers is not None:
             load_buffers(self.model, torch.from_numpy(self.buffers))
-        sums = evaluate_sums(self.model, self.data.x_val, self.data.y_val)
-        metrics = {"train_loss": loss_sum / max(step_count, 1), "samples_per_s": samples / max(ended - began, 1e-9),
-                   "syncs": float(syncs), "bytes_sent_per_worker": float(sent), **mean_metrics(sums, "val")}
+        metrics.update(mean_metrics(evaluate_sums(self.model, self.data.x_val, self.data.y_val), "val"))
         self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
                                 optimizer={"outer": self.outer.state_dict()})
 
-    def _round(self, epoch: int, start: int, stop: int) -> list[dict]:
-        """One round on every live worker, then the outer step; the answers that arrived."""
+    def _exchange(self, segments: list[tuple[int, int, int]]) -> list[dict]:
+        """The round on every live worker, then the outer step; the answers that arrived."""
         import ray
 
         theta = ray.put(self.theta.detach().numpy().copy())
-        calls = {rank: w.round.remote(theta, self.buffers, epoch, start, stop) for rank, w in self.workers.items()}
+        calls = {rank: w.round.remote(theta, self.buffers, segments) for rank, w in self.workers.items()}
         answers: dict[int, dict] = {}
         for rank in sorted(calls):
             try:
@@ -139,7 +146,7 @@ class DiLoCo:
             except ray.exceptions.RayTaskError as e:
                 raise_task_cause(e)
         if not answers:
-            raise RuntimeError(f"every diloco worker died in epoch {epoch + 1}")
+            raise RuntimeError(f"every diloco worker died in epoch {segments[0][0] + 1}")
         # Rank order, float64: the same mean whichever worker answered first.
         total = None
         for rank in sorted(answers):

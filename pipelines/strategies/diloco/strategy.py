@@ -34,7 +34,8 @@ from pipelines.training.placement import worker_bundle
 @dataclass
 class DiLoCoOptions:
     sync_every: int = 16
-    """Inner steps between synchronisations, H (`--sync-every`)."""
+    """Inner steps between synchronisations, H (`--sync-every`); longer than an epoch,
+    rounds span whole epochs (`plan`)."""
     outer_lr: float = 0.7
     """The outer optimizer's learning rate (`--outer-lr`): 1 with no momentum averages the models."""
     outer_momentum: float = 0.5

@@ -4,7 +4,8 @@ to round (the paper's inner AdamW state stays on the worker).
 
 A round starts from the global parameters the driver sends and ends by sending back the
 pseudo-gradient, the start minus where the H steps led: the outer optimizer treats it as a
-gradient of the global parameters.
+gradient of the global parameters. A round may span several epochs (`plan`): it takes each
+epoch's steps in turn and reports them apart.
 """
 from __future__ import annotations
 
@@ -46,26 +47,34 @@ class DiLoCoWorker:
         self.position: tuple[int, int] | None = None
         """(epoch, step) the open epoch's batches stand at; None: none open."""
         self.batches = None
+        self.first_step_at: float | None = None
+        """When the open round's first step ended."""
 
-    def round(self, theta: np.ndarray, buffers: np.ndarray | None, epoch: int, start: int, stop: int) -> dict:
-        """Steps [start, stop) of `epoch` from `theta`; the pseudo-gradient and the round's figures."""
+    def round(self, theta: np.ndarray, buffers: np.ndarray | None, segments: list[tuple[int, int, int]]) -> dict:
+        """The round's segments (epoch, start, stop) from `theta`, in order; the
+        pseudo-gradient and each segment's figures."""
         run = self.run_config
         began = time.time()
+        epoch, start, _ = segments[0]
         torch.manual_seed(run.seed * 1009 + self.rank * 7919 + epoch * 104_729 + start)  # dropout: per round
         start_flat = torch.tensor(theta, device=self.device)  # the object store hands out read-only views
         load_parameters(self.model, start_flat)
         if self.has_buffers and buffers is not None:
             load_buffers(self.model, torch.from_numpy(buffers).to(self.device))
-        # The shared loop's steps (clipping, a loss that is not finite) on this round's batches.
-        mean_loss, samples = train_epoch(Objective(self.model), self.optimizer, self._steps(epoch, start, stop),
-                                         run.optim.grad_clip, precision=run.optim.precision,
-                                         loss_scaler=self.loss_scaler)
+        self.first_step_at = None
+        figures = []
+        for epoch, start, stop in segments:
+            # The shared loop's steps (clipping, a loss that is not finite) on these batches.
+            mean_loss, samples = train_epoch(Objective(self.model), self.optimizer, self._steps(epoch, start, stop),
+                                             run.optim.grad_clip, precision=run.optim.precision,
+                                             loss_scaler=self.loss_scaler)
+            figures.append({"epoch": epoch, "loss_sum": mean_loss * (stop - start), "steps": stop - start,
+                            "samples": samples, "ended": time.time()})
         delta = start_flat - flat_parameters(self.model)
         options = run.strategy.options
-        return {"delta": to_wire(delta.cpu(), options.push_dtype),
+        return {"delta": to_wire(delta.cpu(), options.push_dtype), "segments": figures,
                 "buffers": flat_buffers(self.model).cpu().numpy() if self.has_buffers else None,
-                "loss_sum": mean_loss * (stop - start), "steps": stop - start, "samples": samples,
-                "began": began, "ended": time.time()}
+                "began": began, "first_step_at": self.first_step_at or time.time(), "ended": time.time()}
 
     def _steps(self, epoch: int, start: int, stop: int):
         """This worker's share of the global batches [start, stop) of `epoch`, continuing
@@ -79,3 +88,5 @@ class DiLoCoWorker:
         for step in range(start, stop):
             self.position = (epoch, step + 1)
             yield next(self.batches)
+            if self.first_step_at is None:  # asked for the next batch: the round's first step is done
+                self.first_step_at = time.time()
