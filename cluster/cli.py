@@ -32,7 +32,7 @@ RUN_FLAGS = {
     "--num-cpus": "resources.num_cpus",
     "--address": "resources.address",
     "--storage-path": "resources.storage_path",
-    "--pack": "resources.pack",
+    "--pack": "resources.pack", "--link-mbps": "resources.link_mbps",
     "--epochs": "optim.epochs",
     "--lr": "optim.lr", "--lr-schedule": "optim.schedule",
     "--optimizer": "optim.name", "--warmup-epochs": "optim.warmup_epochs",

@@ -101,6 +101,10 @@ class ResourcesSection:
     """The user vouches that `storage_path` and a SQLite tracking URI are on storage every
     node of a multi-node cluster sees (an NFS mount); without it raydeep refuses a local path
     on more than one node instead of losing checkpoints on a worker's disk."""
+    link_mbps: float = 0.0
+    """A slow link between the data-parallel workers, in megabits per second, made real on
+    one machine (`pipelines.training.link`): allreduce, ps and diloco wait the time their
+    bytes would take over it. 0: no throttle."""
     pack: bool = False
     """Place a strategy's actors with PACK (fewest nodes) instead of SPREAD (one per node
     where it fits): SPREAD survives a node's loss and uses every node's NIC, PACK keeps
@@ -309,6 +313,11 @@ def validate(config: RunConfig) -> None:
     need(r.gpus_per_worker >= 0, f"resources.gpus_per_worker must be >= 0, got {r.gpus_per_worker}")
     need(r.num_cpus is None or r.num_cpus >= 1, f"resources.num_cpus must be >= 1, got {r.num_cpus}")
     need(r.keep_checkpoints >= 1, f"resources.keep_checkpoints must be >= 1, got {r.keep_checkpoints}")
+    need(r.link_mbps >= 0, f"resources.link_mbps must be >= 0 (0: no throttle), got {r.link_mbps}")
+    throttled = [n for n in registry.names() if registry.get(n).sends_over_link]
+    need(r.link_mbps == 0 or config.strategy.name in throttled,
+         f"resources.link_mbps throttles the workers' exchanges of {', '.join(throttled[:-1])} and {throttled[-1]}; "
+         f"{config.strategy.name} has none it models")
     need(r.storage_path.strip() != "", "resources.storage_path must not be empty (default: raydeep_runs)")
     need(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     need(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")

@@ -43,6 +43,7 @@ class AllreduceOptions:
 
 class AllreduceStrategy(Strategy):
     name = "allreduce"
+    sends_over_link = True
     options = AllreduceOptions
     description = "synchronous data parallelism: Ray Train TorchTrainer + DDP (gloo/NCCL)"
     bundles_in_trial = False  # Ray Train reserves its worker group itself
@@ -240,7 +241,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     data: Dataset = ray.get(config["data"])
     timeline = {"worker_started": started, "data_on_worker": time.time()}
     tracker = config["tracker"]
-    comm = ddp_collective()
+    comm = ddp_collective(run.resources.link_mbps)
     _say_placement(run, tracker, comm)
     state = _restore(config)
     start = state["epoch"] + 1 if state else 0
@@ -291,11 +292,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     train_epochs(run, data, tracker, comm, state, after_epoch, first_step, source)
 
 
-def ddp_collective() -> Collective:
-    """This Ray Train worker's rank, device, DDP wrapping and sum over the workers."""
+def ddp_collective(link_mbps: float = 0.0) -> Collective:
+    """This Ray Train worker's rank, device, DDP wrapping (its buckets throttled to
+    `link_mbps`, `training.link`) and sum over the workers."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
+
+    from pipelines.training.link import Link, throttle_ddp
 
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -311,8 +315,11 @@ def ddp_collective() -> Collective:
             total += part
         return total.tolist()
 
+    def wrap(model):
+        return throttle_ddp(ray.train.torch.prepare_model(model), Link(link_mbps), context.get_world_size())
+
     return Collective(rank=context.get_world_rank(), world=context.get_world_size(), device=device,
-                      wrap=ray.train.torch.prepare_model, sum=all_sum)
+                      wrap=wrap, sum=all_sum)
 
 
 def _say_placement(run: RunConfig, tracker, comm: Collective) -> None:

@@ -41,6 +41,8 @@ class Strategy:
     streams: bool = False
     """Whether it trains on a streamed table (`data.stream`: `fit` takes its batches from
     `pipelines.streaming.Streamed` rather than from `Dataset.x_train`)."""
+    sends_over_link: bool = False
+    """Whether its workers' exchanges wait on `resources.link_mbps` (`training.link`)."""
     bundles_in_trial: bool = True
     """Whether a Tune trial reserves `actor_bundles` in its own placement group (False where
     the strategy's framework reserves its workers itself, as Ray Train does)."""

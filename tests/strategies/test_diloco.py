@@ -59,7 +59,7 @@ def test_one_step_rounds_of_plain_averaging_take_locals_steps(ray_session, store
 def test_mlp_and_cnn_meet_their_bars_syncing_every_16_steps_and_a_killed_worker_is_replaced(
         ray_session, workdir, store):
     done = run_cli("run", "--strategy", "diloco", "--workers", "2", "--sync-every", "16", "--outer-lr", "0.7",
-                   "--outer-momentum", "0.5", "--run-name", "mlp", "--tracking-uri", store, "--set",
+                   "--outer-momentum", "0.5", "--run-name", "mlp", "--link-mbps", "1000", "--tracking-uri", store, "--set",
                    "tracking.log_model=false", "--set", "tracking.figures=false", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(store)
@@ -69,6 +69,9 @@ def test_mlp_and_cnn_meet_their_bars_syncing_every_16_steps_and_a_killed_worker_
     # allreduce's (the main job's 0.97 for the MLP; the CNN's 0.98 under pipeline).
     assert mlp.info.status == "FINISHED" and mlp.data.metrics["test_accuracy"] >= 0.97
     assert mlp.data.metrics["bytes_saved_vs_allreduce"] >= 8  # 20 steps an epoch in 2 rounds: 10x
+    # --link-mbps: each pseudo-gradient waited its time over a 1 Gbit/s link before it left
+    sent = mlp.data.metrics["bytes_sent_per_worker_total"]
+    assert mlp.data.metrics["link_wait_s_per_worker"] == pytest.approx(sent * 8 / 1e9, rel=1e-9)
     cnn = pipelines.train(small_run(**{"tracking.uri": store, "model.name": "cnn", "optim.epochs": 10,
                                        "strategy.name": "diloco", "resources.workers": 2,
                                        "strategy.sync_every": 16}))

@@ -50,6 +50,33 @@ def train_every_family(config: dict) -> None:
     # The same training twice gives the same bits: DDP's gradient buckets and the metric
     # sums are reduced in a fixed order, never in the order the parts arrive.
     assert torch.equal(trained["mlp"], trained["mlp-again"]), "the same allreduce run gave other bits"
+    check_throttled_buckets(comm)
+
+
+def check_throttled_buckets(comm) -> None:
+    """`resources.link_mbps` under DDP: each bucket waits for a ring allreduce's bytes of it
+    (2 (W - 1) / W of the bucket) and is then averaged as DDP's own allreduce does."""
+    import ray.train.torch
+    import torch
+
+    from pipelines.training.link import Link, throttle_ddp, transfer_seconds
+
+    def replica():
+        torch.manual_seed(0)
+        return ray.train.torch.prepare_model(torch.nn.Linear(64, 10))
+
+    link = Link(1000.0)
+    plain, throttled = replica(), throttle_ddp(replica(), link, comm.world)
+    torch.manual_seed(comm.rank)  # each rank its own batch: the average is not any one of them
+    x = torch.randn(8, 64)
+    for model in (plain, throttled):
+        model(x).square().sum().backward()
+    numel = sum(p.numel() for p in plain.parameters())
+    # one bucket or several: their waits add up to the whole gradient's (within float rounding)
+    assert math.isclose(link.waited_s, transfer_seconds(2 * (comm.world - 1) / comm.world * numel * 4, 1000.0),
+                        rel_tol=1e-9), link.waited_s
+    for a, b in zip(plain.parameters(), throttled.parameters()):
+        assert torch.equal(a.grad, b.grad), "the throttled bucket was reduced otherwise"
 
 
 def test_every_family_trains_in_one_allreduce_worker_group(ray_session, store):

@@ -55,6 +55,8 @@ class DiLoCo:
         self.first_step_s: float | None = None
         self.bytes_sent = 0
         self.steps_total = 0
+        self.link_wait_s: dict[int, float] = {}
+        """Each rank's seconds waited on `resources.link_mbps` (its newest answer's)."""
         self.epoch_tally: dict[int, dict] = {}
         """The open epochs' figures, summed over rounds and workers until each ends."""
 
@@ -85,6 +87,8 @@ class DiLoCo:
                 ray.kill(actor)
         summary = {"worker_restarts": float(self.restarts), "bytes_sent_per_worker_total": float(self.bytes_sent),
                    **self._allreduce_comparison()}
+        if self.run.resources.link_mbps > 0 and self.link_wait_s:
+            summary["link_wait_s_per_worker"] = max(self.link_wait_s.values())
         if self.first_step_s is not None:
             summary["time_to_first_step_s"] = self.first_step_s
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -154,6 +158,8 @@ class DiLoCo:
             total = delta if total is None else total + delta
         self.theta.grad = (total / len(answers)).float()
         self.outer.step()
+        for rank, answer in answers.items():
+            self.link_wait_s[rank] = answer["link_wait_s"]
         last = answers[max(answers)]
         if last["buffers"] is not None:  # running statistics: the highest rank's, as ps keeps the last push's
             self.buffers = np.asarray(last["buffers"])

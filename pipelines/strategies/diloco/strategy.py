@@ -52,6 +52,7 @@ class DiLoCoOptions:
 
 class DiLoCoStrategy(Strategy):
     name = "diloco"
+    sends_over_link = True
     options = DiLoCoOptions
     description = "local SGD with an outer optimizer (DiLoCo): H local steps per synchronisation"
 

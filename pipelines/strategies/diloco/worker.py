@@ -25,6 +25,7 @@ from pipelines.training.flat import (
     to_wire,
     trainable,
 )
+from pipelines.training.link import Link
 from pipelines.training.loop import (
     InMemory,
     Objective,
@@ -44,6 +45,7 @@ class DiLoCoWorker:
         self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
         self.loss_scaler = precision.scaler(run.optim.precision, self.device)
         self.has_buffers = flat_buffers(self.model).numel() > 0
+        self.link = Link(run.resources.link_mbps)
         self.position: tuple[int, int] | None = None
         """(epoch, step) the open epoch's batches stand at; None: none open."""
         self.batches = None
@@ -71,10 +73,12 @@ class DiLoCoWorker:
             figures.append({"epoch": epoch, "loss_sum": mean_loss * (stop - start), "steps": stop - start,
                             "samples": samples, "ended": time.time()})
         delta = start_flat - flat_parameters(self.model)
-        options = run.strategy.options
-        return {"delta": to_wire(delta.cpu(), options.push_dtype), "segments": figures,
+        wire = to_wire(delta.cpu(), run.strategy.options.push_dtype)
+        self.link.send(wire.nbytes)
+        return {"delta": wire, "segments": figures,
                 "buffers": flat_buffers(self.model).cpu().numpy() if self.has_buffers else None,
-                "began": began, "first_step_at": self.first_step_at or time.time(), "ended": time.time()}
+                "began": began, "first_step_at": self.first_step_at or time.time(), "ended": time.time(),
+                "link_wait_s": self.link.waited_s}
 
     def _steps(self, epoch: int, start: int, stop: int):
         """This worker's share of the global batches [start, stop) of `epoch`, continuing

@@ -65,6 +65,7 @@ class ParameterServerOptions:
 
 class ParameterServerStrategy(Strategy):
     name = "ps"
+    sends_over_link = True
     streams = True
     options = ParameterServerOptions
     description = "asynchronous parameter server (Downpour): sharded servers, bounded staleness"

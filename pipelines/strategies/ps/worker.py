@@ -31,6 +31,7 @@ from pipelines.training.flat import (
     to_wire,
     trainable,
 )
+from pipelines.training.link import Link
 from pipelines.training.loop import InMemory, build_model
 from pipelines.training.precision import autocast
 
@@ -47,6 +48,7 @@ class PSWorker:
                  shards: list, coordinator, layout: ShardLayout, device: str):
         self.rank, self.world, self.run_config = rank, world, run
         self.options = run.strategy.options
+        self.link = Link(run.resources.link_mbps)
         self.device = torch.device(device)
         self.model = build_model(run, data).to(self.device)
         self.model.load_state_dict(initial)
@@ -138,6 +140,7 @@ class PSWorker:
         if self.world > 1:  # W pushes of 1/W of a global batch each move the weights as one step
             accrued = accrued.div_(self.world)
         slices = [to_wire(part, self.options.push_dtype) for part in self.layout.split(accrued)]
+        self.link.send(sum(part.nbytes for part in slices))
         buffers = flat_buffers(self.model).cpu().numpy() if self.has_buffers else None
         bounded = self.options.staleness is not None
         fuse = fetch_next and not bounded
