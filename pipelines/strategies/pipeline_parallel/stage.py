@@ -4,8 +4,8 @@ Stages pass activations forward and their gradients backward with torch.distribu
 point-to-point (gloo on CPU, NCCL between GPU stages); Ray only starts the stages and asks
 each for one epoch at a time, so no per-micro-batch call goes through Ray. Every stage
 runs its own list of actions from the schedule (`schedules`); sends are
-asynchronous and receives block, so any schedule that `schedules.simulate` accepts runs
-without deadlock. Gradients are accumulated over the micro-batches (each loss scaled by
+asynchronous and receives are posted a little ahead but waited for where the action needs
+them (`inbox`), so any schedule that `schedules.simulate` accepts runs without deadlock. Gradients are accumulated over the micro-batches (each loss scaled by
 1/M), averaged over the R replicas of the stage, and applied once per mini-batch: one
 step equals a single-process step on the whole mini-batch.
 """
@@ -21,6 +21,7 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
+from pipelines.strategies.pipeline_parallel.inbox import Inbox
 from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
@@ -157,11 +158,13 @@ class PipelineStage:
         weights: dict[tuple[int, int], tuple] = {}
         """Per micro-batch between its B and W: what the weights' gradient is computed from."""
         busy, loss_total, live, peak = 0.0, 0.0, 0, 0
-        for action in self.schedule:
+        inbox = Inbox(self._wanted(micro), self.device)
+        for k, action in enumerate(self.schedule):
             i, chunk = action.microbatch, action.chunk
             key, here = (i, chunk), chunk * self.stages + self.stage  # `here`: the model stage
+            inbox.before(k)
             if action.kind == FORWARD:
-                x = self._input(micro[i], here)
+                x = self._input(micro[i], here, inbox, k)
                 start = time.perf_counter()
                 if o.activation_checkpointing:
                     rng[key] = torch.get_rng_state()  # the recomputation must draw the same dropout
@@ -180,8 +183,7 @@ class PipelineStage:
                     sends.append(dist.isend(out.detach().contiguous(), self._peer(here + 1),
                                             tag=2 * here + ACTIVATION))
             elif action.kind == BACKWARD:
-                grad = None if here == final else self._receive(self._peer(here + 1), outputs[key].shape,
-                                                                2 * here + GRADIENT)
+                grad = None if here == final else inbox.take(k)
                 start = time.perf_counter()
                 x, out = inputs[key], outputs[key]
                 if o.activation_checkpointing:
@@ -210,7 +212,23 @@ class PipelineStage:
                 live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
         for work in sends:
             work.wait()
+        assert inbox.drained(), "a posted receive was never used"
         return busy, loss_total, peak
+
+    def _wanted(self, micro: tuple) -> list:
+        """Per action of the schedule, (peer, shape, tag) of what it receives, or None: a
+        forward receives its input from the stage before (but the model's first), a backward
+        its output's gradient from the stage after (but the model's last)."""
+        final, wanted = self.stages * self.virtual - 1, []
+        for action in self.schedule:
+            here, rows = action.chunk * self.stages + self.stage, len(micro[action.microbatch][1])
+            if action.kind == FORWARD and here > 0:
+                wanted.append((self._peer(here - 1), (rows, *self.shapes[here]), 2 * (here - 1) + ACTIVATION))
+            elif action.kind == BACKWARD and here != final:
+                wanted.append((self._peer(here + 1), (rows, *self.shapes[here + 1]), 2 * here + GRADIENT))
+            else:
+                wanted.append(None)
+        return wanted
 
     def _backward_input(self, out: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor,
                         here: int, chunk: int) -> tuple:
@@ -263,23 +281,17 @@ class PipelineStage:
         for _ in range(steps_per_epoch(self.stream_rows, run.data.batch_size, run.optim.steps_per_epoch)):
             yield [(None, range(k)) for k in sizes]
 
-    def _input(self, micro: tuple, here: int) -> torch.Tensor:
+    def _input(self, micro: tuple, here: int, inbox: Inbox, k: int) -> torch.Tensor:
         """What model stage `here` forwards: the inputs for the first, else what the stage
         before sent."""
         if here == 0:  # a denoising model corrupts what its first layer sees
             x = micro[0]
             return self.model.training_input(x) if hasattr(self.model, "training_input") else x
-        shape = (len(micro[1]), *self.shapes[here])
-        return self._receive(self._peer(here - 1), shape, 2 * (here - 1) + ACTIVATION).requires_grad_()
+        return inbox.take(k).requires_grad_()
 
     @staticmethod
     def _batch(micro: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         return micro
-
-    def _receive(self, peer: int, shape, tag: int) -> torch.Tensor:
-        buffer = torch.empty(shape, device=self.device)
-        dist.recv(buffer, peer, tag=tag)
-        return buffer
 
     def _peer(self, model_stage: int) -> int:
         """The rank holding `model_stage` in this replica."""
