@@ -1,6 +1,7 @@
 """Training on a streamed table (`data.stream`): Ray Data reads the training rows in every
 epoch, under `local` on the driver, under `allreduce` as Ray Train's dataset shards, in each
-`ps` worker (its own part) and in a pipeline's first and last stages."""
+`ps` worker (its own part), in a pipeline's first and last stages and in every `diloco`
+worker (the whole stream, its share of each global batch)."""
 import math
 
 import pytest
@@ -76,7 +77,7 @@ STAGED = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32, 
           "model.width": 32, "data.stream": True, "optim.lr": 0.1}
 
 
-def test_a_ps_worker_and_pipeline_stages_stream_what_local_streams(ray_session, digits_parts, store):
+def test_a_ps_worker_pipeline_stages_and_diloco_workers_stream_what_local_streams(ray_session, digits_parts, store):
     common = {**STAGED, "tracking.uri": store, "data.source": str(digits_parts)}
     reference = pipelines.train(small_run(**common))
     losses = [h["train_loss"] for h in reference.history]
@@ -90,9 +91,18 @@ def test_a_ps_worker_and_pipeline_stages_stream_what_local_streams(ray_session, 
                                                    "strategy.microbatches": 4})).model.state_dict()
     served = pipelines.train(small_run(**common, **{"strategy.name": "ps", "resources.workers": 1,
                                                     "strategy.staleness": 0})).model.state_dict()
+    # Two diloco workers reading the whole stream, each its half of every global batch, and
+    # averaging after every step: SGD with momentum is linear in the gradients, so the mean of
+    # their steps is local's step on the whole batch (the bound of test_diloco.py's in-memory
+    # case: the workers' and driver's roundings of theta - delta, a few u per step).
+    averaged = pipelines.train(small_run(**common, **{
+        "strategy.name": "diloco", "resources.workers": 2, "strategy.sync_every": 1,
+        "strategy.outer_lr": 1.0, "strategy.outer_momentum": 0.0}))
+    assert [h["syncs"] for h in averaged.history] == [4, 4], (averaged.metrics, averaged.history)
     for key, value in local.items():
         torch.testing.assert_close(piped[key], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(served[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(averaged.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digits_parts, store, workdir):

@@ -426,8 +426,6 @@ DATA = [
     (["--data", "{root}/inftarget.parquet"], "label column 'label' holds infinite values"),
     (["--stream"], "data.stream needs data.source to be a table (Parquet or CSV files): digits is generated"),
     (["--stream", "maybe"], "config key 'data.stream' expects bool, got 'maybe'"),
-    (["--data", "{root}/good.parquet", "--stream", "--strategy", "diloco"],
-     "data.stream works under allreduce, lbfgs, local, pipeline and ps; diloco reads its training rows from memory"),
     (["--data", "{root}/good.parquet", "--stream", "--strategy", "lbfgs", "--set", "strategy.batch_size=32"],
      "lbfgs on a streamed table (data.stream) takes every training row as its objective"),
     (["--data", "{root}/norows.parquet", "--stream"], "has no rows"),

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import data, streaming
+from pipelines import data, registry, streaming
 from pipelines.config import DataSection, load
 from pipelines.errors import DataError
 
@@ -113,12 +113,16 @@ def test_a_streamed_float_label_is_a_target_with_the_training_rows_scale(tmp_pat
     assert streamed.y_test.tolist() == y[which == 2].tolist()
 
 
-def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path):
+def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path, monkeypatch):
     with pytest.raises(Exception, match="data.stream needs data.source to be a table"):
         load(overrides={"data.stream": True})
+    # Every built-in strategy streams; a user's registered strategy may read from memory only.
+    monkeypatch.setattr(registry.get("diloco"), "streams", False)
     with pytest.raises(Exception, match="data.stream works under allreduce, lbfgs, local, pipeline and ps; "
                                         "diloco reads"):
         load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "diloco"})
+    monkeypatch.undo()
+    assert load(overrides={"data.stream": True, "data.source": str(shifted), "strategy.name": "diloco"}).data.stream
     empty = tmp_path / "empty"
     empty.mkdir()
     pq.write_table(pa.table({"a": pa.array([], pa.float64()), "label": pa.array([], pa.int64())}), empty / "a.parquet")

@@ -77,7 +77,7 @@ class DiLoCo:
         try:
             for rank in range(self.run.resources.workers):
                 self._start_worker(rank)
-            steps = steps_per_epoch(len(self.data.y_train), self.run.data.batch_size, self.run.optim.steps_per_epoch)
+            steps = steps_per_epoch(self.data.train_rows, self.run.data.batch_size, self.run.optim.steps_per_epoch)
             for segments in run_rounds(self.run.optim.epochs, steps, self.options.sync_every, self.start_epoch):
                 self._round(segments, steps)
                 if self.context.should_stop:  # optim.early_stopping

@@ -53,6 +53,7 @@ class DiLoCoOptions:
 class DiLoCoStrategy(Strategy):
     name = "diloco"
     sends_over_link = True
+    streams = True  # every worker reads the whole stream and keeps its share (`worker._rows`)
     options = DiLoCoOptions
     description = "local SGD with an outer optimizer (DiLoCo): H local steps per synchronisation"
 

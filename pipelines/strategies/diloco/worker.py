@@ -42,7 +42,7 @@ class DiLoCoWorker:
         self.device = torch.device(device)
         self.model = build_model(run, data).to(self.device)
         self.optimizer = make_optimizer(run.optim, trainable(self.model), run_steps_per_epoch(run, data))
-        self.rows = InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        self.rows = self._rows(data)
         self.loss_scaler = precision.scaler(run.optim.precision, self.device)
         self.has_buffers = flat_buffers(self.model).numel() > 0
         self.link = Link(run.resources.link_mbps)
@@ -79,6 +79,18 @@ class DiLoCoWorker:
                 "buffers": flat_buffers(self.model).cpu().numpy() if self.has_buffers else None,
                 "began": began, "first_step_at": self.first_step_at or time.time(), "ended": time.time(),
                 "link_wait_s": self.link.waited_s}
+
+    def _rows(self, data: Dataset):
+        """In memory, or a streamed table's every training row, of whose global batches this
+        worker takes its rows (`Streamed(whole=True)`, as a pipeline's replicas): each worker
+        reads the whole stream, W times the reads of `ps`'s own parts, so that an epoch has the
+        same known number of global batches on every worker (a round is H steps of all of
+        them) and H = 1 averaging takes `local`'s steps on a streamed table too."""
+        if data.stream is None:
+            return InMemory(data.x_train.to(self.device), data.y_train.to(self.device))
+        from pipelines.streaming import Streamed
+
+        return Streamed(table=data.stream, whole=True)
 
     def _steps(self, epoch: int, start: int, stop: int):
         """This worker's share of the global batches [start, stop) of `epoch`, continuing
