@@ -1,12 +1,15 @@
 """Training on a streamed table (`data.stream`): Ray Data reads the training rows in every
 epoch, under `local` on the driver, under `allreduce` as Ray Train's dataset shards, in each
 `ps` worker (its own part), in a pipeline's first and last stages and in every `diloco`
-worker (the whole stream, its share of each global batch)."""
+worker (the whole stream, its share of each global batch); `lbfgs` portions read their files.
+The same files lie on a local disk and on an S3 bucket (a moto server): every strategy
+streams from the bucket in one of these tests, the tests of order and of accuracy against
+in-memory data read the disk."""
 import math
 
 import pytest
 import torch
-from helpers import digits_table, float32_iterate_tolerance, run_cli, small_run
+from helpers import digits_table, float32_iterate_tolerance, moto_bucket, run_cli, small_run
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -20,6 +23,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def digits_parts(tmp_path_factory):
     return digits_table(tmp_path_factory.mktemp("stream"))
+
+
+@pytest.fixture(scope="module")
+def digits_on_bucket(tmp_path_factory, digits_parts):
+    """`s3://...` of the same Parquet files on a moto S3 server."""
+    pytest.importorskip("moto")
+    with moto_bucket(tmp_path_factory.mktemp("moto")) as (uri, fs):
+        for path in sorted(digits_parts.glob("*.parquet")):
+            with fs.open_output_stream(f"runs/tables/digits/{path.name}") as out:
+                out.write(path.read_bytes())
+        yield uri.replace("runs/raydeep?", "runs/tables/digits/?")
 
 
 def test_an_epochs_batches_follow_the_seed_and_change_with_the_epoch(ray_session, digits_parts):
@@ -42,7 +56,8 @@ def test_an_epochs_batches_follow_the_seed_and_change_with_the_epoch(ray_session
     assert min(map(len, parts)) > 0 and sorted(parts[0] + parts[1]) == rows(table.training_dataset(5, True))
 
 
-def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_ps_and_allreduce(ray_session, digits_parts, store):
+def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_ps_and_allreduce(
+        ray_session, digits_parts, digits_on_bucket, store):
     common = {"tracking.uri": store, "data.source": str(digits_parts), "optim.epochs": 2, "optim.lr": 0.1}
     whole = pipelines.train(small_run(**common))
     local = pipelines.train(small_run(**common, **{"data.stream": True}))
@@ -61,8 +76,9 @@ def test_a_streamed_table_trains_to_the_in_memory_accuracy_under_local_ps_and_al
     assert theirs.metrics["test_accuracy"] >= whole.metrics["test_accuracy"] - margin, theirs.metrics
     run = MlflowClient(store).get_run(theirs.run_id)
     assert run.data.tags["raydeep.data"] == "ray.data.Dataset" and run.data.params["data.stream"] == "True"
-    # allreduce: two workers, each its share of every epoch through get_dataset_shard
-    result = run_cli("run", "--strategy", "allreduce", "--data", str(digits_parts), "--stream", "--epochs", "2",
+    # allreduce: two workers, each its share of every epoch through get_dataset_shard, read
+    # from the bucket by Ray Data's tasks
+    result = run_cli("run", "--strategy", "allreduce", "--data", digits_on_bucket, "--stream", "--epochs", "2",
                      "--lr", "0.1", "--tracking-uri", store, "--run-name", "streamed", "--set",
                      "tracking.log_model=false", "--set", "tracking.figures=false", cwd=digits_parts.parent)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,8 +93,10 @@ STAGED = {"optim.epochs": 2, "optim.steps_per_epoch": 4, "data.batch_size": 32, 
           "model.width": 32, "data.stream": True, "optim.lr": 0.1}
 
 
-def test_a_ps_worker_pipeline_stages_and_diloco_workers_stream_what_local_streams(ray_session, digits_parts, store):
-    common = {**STAGED, "tracking.uri": store, "data.source": str(digits_parts)}
+def test_a_ps_worker_pipeline_stages_and_diloco_workers_stream_what_local_streams(ray_session, digits_on_bucket,
+                                                                                   store):
+    """All of them, and the reference, from the bucket."""
+    common = {**STAGED, "tracking.uri": store, "data.source": digits_on_bucket}
     reference = pipelines.train(small_run(**common))
     losses = [h["train_loss"] for h in reference.history]
     assert losses[1] < losses[0], losses  # the weights moved: the comparison proves something
@@ -105,8 +123,9 @@ def test_a_ps_worker_pipeline_stages_and_diloco_workers_stream_what_local_stream
         torch.testing.assert_close(averaged.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digits_parts, store, workdir):
-    """Each L-BFGS evaluation reads its portion's files (every other file of four) chunk by
+def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digits_parts, digits_on_bucket, store,
+                                                               workdir):
+    """Each L-BFGS evaluation reads its portion's files (every other file of four, on the bucket) chunk by
     chunk; torch.optim.LBFGS over the same rows summed in the same order is the reference,
     within the float32 bound of test_lbfgs.py (the portions' gradients are added in another
     association than one .grad accumulating them all). Two workers or one: the very same bits."""
@@ -119,7 +138,7 @@ def test_lbfgs_portions_read_their_files_and_take_torchs_steps(ray_session, digi
     from pipelines.training.loop import build_model
 
     def run_for(workers):
-        return small_run(**{"tracking.uri": store, "data.source": str(digits_parts), "data.stream": True,
+        return small_run(**{"tracking.uri": store, "data.source": digits_on_bucket, "data.stream": True,
                             "strategy.name": "lbfgs", "resources.workers": workers, "strategy.portions": 2,
                             "strategy.shards": 1, "strategy.iterations_per_epoch": 3,
                             "strategy.max_evals_per_epoch": 250, "model.width": 16, "model.depth": 1})
