@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipelines.errors import DataError
+from pipelines.row_split import part_of_hashes, row_hash, split_of, split_of_hashes
 
 TASK_CPUS = 0.25
 """Logical CPUs each Ray Data read/prepare task asks for: training actors may hold every
@@ -34,41 +35,6 @@ DATA_CPUS = 1
 workers holding every CPU, Ray Data would otherwise wait forever for one."""
 BATCH_ROWS = 65_536
 """Rows per batch the driver's scan reads at once."""
-
-_PRIME = np.uint64(0x100000001B3)
-
-
-def row_hash(x: np.ndarray, labels) -> np.ndarray:
-    """Each row's 64-bit hash of its float32 features' bits and its label (an array as
-    arrow's `to_numpy` gives it): integer arithmetic, the same on every machine."""
-    import pandas as pd
-
-    bits = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.uint32).astype(np.uint64)
-    h = np.full(len(x), 0xCBF29CE484222325, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for column in bits.T:  # FNV-1a over 32-bit words, then SplitMix64's finaliser
-            h = (h ^ column) * _PRIME
-        values = np.asarray(labels)
-        h ^= pd.util.hash_array(values.astype(object) if values.dtype.kind in "USO" else values).astype(np.uint64)
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return h
-
-
-def split_of(x: np.ndarray, labels, test_fraction: float, val_fraction: float) -> np.ndarray:
-    """Each row's split (0 train, 1 validation, 2 test), from the top 53 bits of its hash."""
-    u = (row_hash(x, labels) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
-    return np.where(u < test_fraction, 2, np.where(u < test_fraction + (1 - test_fraction) * val_fraction, 1, 0))
-
-
-def part_of(x: np.ndarray, labels, parts: int) -> np.ndarray:
-    """Each row's part of `parts` (a `ps` worker's own rows), from the 11 low bits of its
-    hash, which the split does not use: every part holds the same share of each split."""
-    return ((row_hash(x, labels) & np.uint64(0x7FF)) % np.uint64(parts)).astype(np.int64)
-
 
 @dataclass
 class Moments:
@@ -158,12 +124,13 @@ class _Prepare:
         from pipelines import labels, rows
 
         t = self.table
-        x = rows.features(t.source, batch, t.features)
+        x = rows.feature_view(t.source, batch, t.features)  # made row-major once, of the kept rows
         values = label_array(batch, t.label)
-        keep = split_of(x, values, t.test_fraction, t.val_fraction) == 0
+        hashes = row_hash(x, values)
+        keep = split_of_hashes(hashes, t.test_fraction, t.val_fraction) == 0
         rank, parts = self.part
         if parts > 1:
-            keep &= part_of(x, values, parts) == rank
+            keep &= part_of_hashes(hashes, parts) == rank
         x, values = x[keep], values[keep]
         y = (values.astype(np.float32) if t.task == "regression" else labels.encode(values, t.classes))
         if t.mean is not None:

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import data, registry, streaming
+from pipelines import data, registry, row_split, streaming
 from pipelines.config import DataSection, load
 from pipelines.errors import DataError
 
@@ -41,26 +41,26 @@ def test_a_rows_split_depends_on_its_values_only_and_meets_the_fractions():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20_000, 3)).astype(np.float32)
     labels = list(rng.integers(0, 5, size=20_000))
-    which = streaming.split_of(x, labels, 0.2, 0.1)
+    which = row_split.split_of(x, labels, 0.2, 0.1)
     order = rng.permutation(len(x))
-    assert np.array_equal(streaming.split_of(x[order], [labels[i] for i in order], 0.2, 0.1), which[order])
+    assert np.array_equal(row_split.split_of(x[order], [labels[i] for i in order], 0.2, 0.1), which[order])
     n = len(x)
     for k, p in ((2, 0.2), (1, 0.8 * 0.1), (0, 0.8 * 0.9)):
         # a binomial count: within 5 standard deviations of its mean, with room to spare
         assert abs((which == k).sum() - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, (k, (which == k).sum())
-    twins = streaming.split_of(np.repeat(x[:50], 2, axis=0), [v for v in labels[:50] for _ in (0, 1)], 0.2, 0.1)
+    twins = row_split.split_of(np.repeat(x[:50], 2, axis=0), [v for v in labels[:50] for _ in (0, 1)], 0.2, 0.1)
     assert np.array_equal(twins[0::2], twins[1::2])  # a duplicated row lands beside its twin
-    assert (streaming.split_of(x, labels, 0.0, 0.0) == 0).all()
+    assert (row_split.split_of(x, labels, 0.0, 0.0) == 0).all()
 
 
 def test_a_workers_part_of_the_rows_is_balanced_and_independent_of_the_split():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(30_000, 3)).astype(np.float32)
     labels = rng.integers(0, 5, size=30_000)
-    which, part = streaming.split_of(x, labels, 0.2, 0.1), streaming.part_of(x, labels, 3)
+    which, part = row_split.split_of(x, labels, 0.2, 0.1), row_split.part_of(x, labels, 3)
     assert set(np.unique(part)) == {0, 1, 2}
     order = rng.permutation(len(x))
-    assert np.array_equal(streaming.part_of(x[order], labels[order], 3), part[order])  # values only
+    assert np.array_equal(row_split.part_of(x[order], labels[order], 3), part[order])  # values only
     for k in (0, 1, 2):  # each split spread evenly over the parts: binomial counts within 5 sd
         for split in (0, 2):
             n = (which == split).sum()
@@ -87,7 +87,7 @@ def test_a_streamed_scan_gives_the_whole_reads_statistics_classes_and_held_out_r
     whole = pq.read_table(sorted(shifted.glob("*.parquet")))
     x = np.stack([whole.column(f"c{i}").to_numpy() for i in range(4)], axis=1).astype(np.float32)
     labels = whole.column("label").to_pylist()
-    which = streaming.split_of(x, labels, 0.2, 0.1)
+    which = row_split.split_of(x, labels, 0.2, 0.1)
     assert streamed.stream.rows == (which == 0).sum() and streamed.x_train.shape == (0, 4)
     assert streamed.class_names == ["down", "up"] and streamed.task == "classification"
     train = x[which == 0].astype(np.float64)
@@ -106,7 +106,7 @@ def test_a_streamed_float_label_is_a_target_with_the_training_rows_scale(tmp_pat
     root = write_parts(tmp_path / "t", {"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "label": 300 + 40 * x[:, 0]}, 4)
     streamed = data.load(DataSection(source=str(root), stream=True))
     y = (300 + 40 * x[:, 0]).astype(np.float32)
-    which = streaming.split_of(x.astype(np.float32), list(300 + 40 * x[:, 0]), 0.2, 0.1)
+    which = row_split.split_of(x.astype(np.float32), list(300 + 40 * x[:, 0]), 0.2, 0.1)
     assert streamed.task == "regression" and streamed.num_outputs == 1
     assert streamed.target_mean == pytest.approx(y[which == 0].astype(np.float64).mean(), rel=1e-12)
     assert streamed.target_std == pytest.approx(y[which == 0].astype(np.float64).std(), rel=1e-9)
