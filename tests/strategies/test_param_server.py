@@ -175,7 +175,8 @@ def test_bad_ps_options_are_one_line_errors(workdir, flags, message):
 
 def test_ps_run_from_the_command_line(ray_session, workdir):
     done = run_cli("run", "--strategy", "ps", "--workers", "2", "--shards", "2", "--staleness", "1",
-                   "--epochs", "2", "--num-cpus", "4", "--set", "tracking.log_model=false", cwd=workdir)
+                   "--epochs", "2", "--num-cpus", "4", "--link-mbps", "1000", "--set", "tracking.log_model=false",
+                   cwd=workdir)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "epoch 2/2" in done.stdout
     final = {key: float(value.replace(",", "")) for key, value in (
@@ -186,6 +187,11 @@ def test_ps_run_from_the_command_line(ray_session, workdir):
     assert final["max_clock_gap"] <= 1
     assert final["staleness_max_overall"] <= 1 * (2 * 1 + 1)
     assert final["updates"] > 0 and final["test_accuracy"] > 0.5
+    # Every push (all the float32 gradient, cut over the shards) waited its bytes at 1 Gbit/s
+    # before it left; `updates` counts the pushes of both workers, the busier one made at
+    # least half of them (the terminal prints 4 decimals: 5e-5 either way).
+    all_pushes = final["updates"] * final["num_params"] * 4 * 8 / 1e9
+    assert all_pushes / 2 - 5e-5 <= final["link_wait_s_per_worker"] <= all_pushes + 5e-5, final
 
 
 def test_a_run_whose_driver_died_resumes_from_the_shards_snapshots(ray_session, store, workdir, capfd):

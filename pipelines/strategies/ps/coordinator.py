@@ -56,7 +56,8 @@ class Coordinator:
             stats = {"loss_sum": earlier["loss_sum"] + stats["loss_sum"],
                      "steps": earlier["steps"] + stats["steps"],
                      "samples": earlier["samples"] + stats["samples"],
-                     "began": min(earlier["began"], stats["began"]), "ended": max(earlier["ended"], stats["ended"])}
+                     "began": min(earlier["began"], stats["began"]), "ended": max(earlier["ended"], stats["ended"]),
+                     "link_wait_s": earlier.get("link_wait_s", 0.0) + stats.get("link_wait_s", 0.0)}
         reports[rank] = stats
 
     async def position(self, rank: int) -> tuple[int, int, int] | None:

@@ -61,6 +61,8 @@ class Downpour:
         self.shard_restarts = 0
         self.histogram: Counter[int] = Counter()
         self.first_step_s: float | None = None
+        self.link_wait_s: dict[int, float] = {}
+        """Per worker rank, the seconds its pushes waited on `--link-mbps` in the epochs logged."""
 
     # --- actors ----------------------------------------------------------------------------
 
@@ -208,6 +210,8 @@ class Downpour:
             if next_epoch == 0:
                 self._log_start(list(done.values()), report["first_step_at"])
             self._log_epoch(next_epoch, list(done.values()))
+            for rank, stats in done.items():
+                self.link_wait_s[rank] = self.link_wait_s.get(rank, 0.0) + stats.get("link_wait_s", 0.0)
             next_epoch += 1
         return next_epoch
 
@@ -262,6 +266,8 @@ class Downpour:
             summary["max_clock_gap"] = float(max(report["gaps"]))
         if self.first_step_s is not None:
             summary["time_to_first_step_s"] = self.first_step_s
+        if self.run.resources.link_mbps > 0 and self.link_wait_s:
+            summary["link_wait_s_per_worker"] = max(self.link_wait_s.values())
         if self.histogram and self.run.tracking.figures:
             figure = figures.staleness_histogram(dict(self.histogram))
             self.tracker.log_figure(figure, "staleness_histogram.png")

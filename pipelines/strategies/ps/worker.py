@@ -75,7 +75,7 @@ class PSWorker:
         accrued, local_steps = None, 0
         for e in range(epoch, run.optim.epochs):
             skip = step if e == epoch else 0
-            began, steps, samples = time.time(), 0, 0
+            began, steps, samples, waited = time.time(), 0, 0, self.link.waited_s
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             for s, batch in enumerate(self._batches(e)):
                 if s < skip:  # a replacement resumes the dead worker's data where it was
@@ -111,7 +111,7 @@ class PSWorker:
                 self.pending = []
             self.coordinator.epoch_done.remote(self.rank, e, {
                 "loss_sum": loss_sum.item(), "steps": steps, "samples": samples,
-                "began": began, "ended": time.time()})
+                "began": began, "ended": time.time(), "link_wait_s": self.link.waited_s - waited})
         ray.get(self.coordinator.retire.remote(self.rank))
         return clock
 
