@@ -49,6 +49,47 @@ def run_cli_process(*args: str, cwd: Path, timeout: float = 600, env: dict | Non
         timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
+def kill_process_tree(pid: int, timeout: float = 30) -> None:
+    """SIGKILL process `pid`, its process group and every process descended from it, and
+    wait until all are gone. Ray's workers run in process groups of their own: killing the
+    group of a `raydeep` that started an embedded Ray kills its raylet, while a trial's
+    worker goes on for as long as it takes to notice (seconds on a loaded machine), writing
+    and pruning checkpoints in the run directory a resumed sweep is writing into."""
+    import signal
+    import time
+
+    def children() -> dict[int, list[int]]:
+        tree: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                tree.setdefault(ppid, []).append(int(entry))
+        return tree
+
+    tree, doomed, todo = children(), [], [pid]
+    while todo:
+        doomed.append(todo.pop())
+        todo.extend(tree.get(doomed[-1], []))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for each in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(each, signal.SIGKILL)
+
+    def alive(each: int) -> bool:
+        try:
+            return open(f"/proc/{each}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(alive(each) for each in doomed if each != pid):
+        time.sleep(0.05)
+
+
 def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
     """`raydeep ARGS` through the console script's own entry point, in this process: what it
     prints and its exit code, without a new interpreter importing torch, MLflow and Ray

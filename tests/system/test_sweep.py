@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_cli
+from helpers import REPO, kill_process_tree, run_cli
 from mlflow.tracking import MlflowClient
 
 import pipelines
@@ -115,7 +114,9 @@ def test_a_killed_sweep_resumes_with_one_child_per_trial_and_reports_a_diverged_
             time.sleep(0.2)
         assert first.poll() is None, "the sweep ended before it could be killed"
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the trial processes
+        # The driver, its local Ray and the trial processes, all gone before the resume (a
+        # trial left running a moment longer pruned the resumed trial's fresh checkpoint).
+        kill_process_tree(first.pid)
         first.wait()
     (parent,) = sweeps(store)
     # Work was left: a trial not started yet, or one killed running (on a quiet machine the
