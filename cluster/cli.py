@@ -381,14 +381,14 @@ def _terminate_as_interrupt():
         yield
         return
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    from pipelines import interrupts
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupts.handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _fail(message: str) -> int:

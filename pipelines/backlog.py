@@ -21,7 +21,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from pipelines.errors import ConfigError, TrackingUnreachable, first_line, redact
+from pipelines import interrupts
+from pipelines.errors import ConfigError, TrackingUnreachable, redact
 
 WAIT_ENV = "RAYDEEP_TRACKING_WAIT_S"
 DEFAULT_WAIT_S = 60.0
@@ -81,12 +82,14 @@ def transient(error: BaseException) -> bool:
     return type(error).__name__ in ("OperationalError", "DisconnectionError")  # SQLAlchemy's
 
 
+_AUTOFLUSH = re.compile(r"^\(raised as a result of Query-invoked autoflush;[^)]*\)\s*")
+"""SQLAlchemy's preface to an error in a flush, ahead of the database's own words."""
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
 
 
 def reason(error: BaseException) -> str:
     """What went wrong, in a few words (MLflow's message holds the whole urllib3 chain)."""
-    text = str(error)
+    text = _AUTOFLUSH.sub("", str(error))
     found = _ERRNO.search(text)
     if found:
         return found.group(1).strip()
@@ -94,7 +97,8 @@ def reason(error: BaseException) -> str:
         return "timed out"
     if "too many" in text.lower() and "error responses" in text.lower():
         return "it answers with errors"
-    return first_line(error, 160)
+    lines = text.strip().splitlines()
+    return lines[0][:160] if lines else type(error).__name__
 
 
 def port_probe(uri: str) -> Callable[[], str | None]:
@@ -171,7 +175,8 @@ class Backlog:
             while self.entries:
                 kind, payload = self.entries[0]
                 try:
-                    self.send(kind, payload)
+                    with interrupts.deferred():
+                        self.send(kind, payload)
                 except Exception as e:
                     if not transient(e):
                         self.entries.pop(0)  # a write the store refuses: it would block every later one
@@ -208,7 +213,8 @@ class Backlog:
                 problem = self.probe() if self.down_since is not None else None
                 if problem is None:
                     try:
-                        result = fn()
+                        with interrupts.deferred():
+                            result = fn()
                     except Exception as e:
                         if not transient(e):
                             raise
