@@ -45,6 +45,9 @@ class SweepRecord:
         if found is not None:
             tracker = Tracker.reopen(self.parent.uri, found.info.run_id, epochs)
             tracker.set_tags(tags)  # PBT may have given the trial new values
+            # A trial killed between making its child and logging the params left them out
+            # (or some of them: they go 100 at a time); params, once logged, stay as they are.
+            tracker.log_params({k: v for k, v in params.items() if k not in found.data.params})
             return tracker
         return Tracker.start(
             self.parent.uri, self._experiment_name(), trial_name, params,
