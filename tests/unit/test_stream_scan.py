@@ -138,3 +138,37 @@ def test_what_cannot_stream_is_refused_in_one_line(shifted, tmp_path, monkeypatc
     assert streaming.data_shortfall(run, bundles, {"CPU": 2.0}) == (
         "data.stream: Ray Data needs 1 CPU beside the 2 of the run's actors, and the Ray cluster has 2: "
         "lower resources.workers or cpus_per_worker, or add a node")
+
+
+def test_the_fast_hash_and_feature_view_equal_their_plain_definitions():
+    """The column-major feature view and the hash over contiguous words give the bits of the
+    plain row-major definitions (a user's split must not move with the layout)."""
+    from pipelines import rows
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    columns = {"a": rng.normal(size=n).astype(np.float32), "b": rng.normal(size=n) * 1e3,
+               "c": rng.integers(-500, 500, n), "label": rng.integers(0, 10, n)}
+    batch = pa.table(columns)
+    names = ["a", "b", "c"]
+    plain = np.stack([columns[c] for c in names], axis=1).astype(np.float32)
+    view = rows.feature_view("t", batch, names)
+    assert np.array_equal(view, plain) and np.array_equal(rows.features("t", batch, names), plain)
+    import pandas as pd
+
+    def plain_hash(x, labels):  # FNV-1a row by row over the row-major words, SplitMix64's finaliser
+        words = np.ascontiguousarray(x.reshape(len(x), -1)).view(np.uint32).astype(np.uint64)
+        h = np.full(len(x), 0xCBF29CE484222325, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(words.shape[1]):
+                h = (h ^ words[:, j]) * np.uint64(0x100000001B3)
+            h ^= pd.util.hash_array(np.asarray(labels)).astype(np.uint64)
+            for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+                h ^= h >> np.uint64(shift)
+                h *= np.uint64(factor)
+            h ^= h >> np.uint64(31)
+        return h
+
+    labels = columns["label"]
+    for x in (plain, view, plain.reshape(n, 3, 1)):
+        assert np.array_equal(row_split.row_hash(x, labels), plain_hash(plain, labels))
