@@ -126,10 +126,10 @@ def main() -> None:
 
     import ray
 
-    from cluster.connect import LOCAL_SYSTEM_CONFIG, LOCAL_TRAIN_ENV, filter_worker_logs, quiet_ray_logs
+    from cluster.connect import LOCAL_RAY_ENV, LOCAL_SYSTEM_CONFIG, filter_worker_logs, quiet_ray_logs
 
     quiet_ray_logs()
-    for key, value in LOCAL_TRAIN_ENV.items():  # as `raydeep run`'s embedded Ray
+    for key, value in LOCAL_RAY_ENV.items():  # as `raydeep run`'s embedded Ray
         os.environ.setdefault(key, value)
     ray.init(num_cpus=args.num_cpus, include_dashboard=True, _system_config=LOCAL_SYSTEM_CONFIG)
     filter_worker_logs()

@@ -20,7 +20,7 @@ LOCAL_SYSTEM_CONFIG = {
 }
 """Ray settings of the embedded local Ray."""
 
-LOCAL_TRAIN_ENV = {
+LOCAL_RAY_ENV = {
     # Nothing preempts the nodes of an embedded Ray: the watcher is one more actor process
     # to start before the first step, and it logs a Ray-internal error line when it starts.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
@@ -29,9 +29,18 @@ LOCAL_TRAIN_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # Ray Train's metrics go to Ray's metrics export, which the embedded Ray turns off.
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    # Ray Data lists a Parquet table's files by reading their footers in a pool of actors
+    # (32 by default), started anew by every execution, every epoch of every reader: on 2
+    # cores each is a process importing Ray Data and pyarrow, and a 4-file table's listing
+    # started about 4 of them before it was done and killed them. One actor (128 footer
+    # reads in flight) lists a table on one machine: `test_an_epochs_batches...` of
+    # tests/strategies/test_streaming.py started 29 worker processes and took 19.4 s; 9 and
+    # 15.3 s with one (measured 2026-12-07). A cluster keeps Ray's default.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
 }
-"""Ray Train settings of the embedded local Ray (the driver passes them to Ray Train's
-controller and workers); a value the user set in the environment wins."""
+"""Ray Train and Ray Data settings of the embedded local Ray, set in the environment before
+it starts (its raylet, hence every worker, inherits them; the driver passes Ray Train's to
+its controller and workers); a value the user set in the environment wins."""
 
 VERBOSE_ENV = "RAYDEEP_VERBOSE"
 """Set (to 1) by `--verbose`: Ray's own log lines reach the terminal as Ray prints them."""
@@ -147,7 +156,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
         if address:
             ray.init(address=address, logging_level=level, runtime_env=runtime_env or None)
         else:
-            for key, value in LOCAL_TRAIN_ENV.items():
+            for key, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(key, value)
             # address="local": a Ray of our own whatever else runs or ran here (a cluster
             # started with `ray start` and killed leaves a file that plain ray.init would join).

@@ -25,10 +25,10 @@ def start_session_ray():
     """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
     import ray
 
-    from cluster.connect import LOCAL_SYSTEM_CONFIG, LOCAL_TRAIN_ENV, quiet_ray_logs
+    from cluster.connect import LOCAL_RAY_ENV, LOCAL_SYSTEM_CONFIG, quiet_ray_logs
 
     quiet_ray_logs()
-    for key, value in LOCAL_TRAIN_ENV.items():  # as `raydeep run` sets up its embedded Ray
+    for key, value in LOCAL_RAY_ENV.items():  # as `raydeep run` sets up its embedded Ray
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         # The dashboard serves the state API the tests find actors with (`live_actor_pids`).
