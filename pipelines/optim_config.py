@@ -7,9 +7,14 @@ from typing import Optional
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}
 """`optim.name` -> the `torch.optim` class it builds (`pipelines.training.loop.make_optimizer`)."""
 PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("constant", "cosine", "step")
+SCHEDULES = ("constant", "cosine", "step", "plateau")
 """`optim.schedule`: the learning rate as a function of an optimizer's update count
 (`pipelines.training.schedule`)."""
+
+
+def maximised(metric: str) -> bool:
+    """Whether a metric gets better upwards: accuracies, ELBOs, R² and pseudo-likelihoods."""
+    return any(word in metric for word in ("accuracy", "elbo", "r2", "likelihood"))
 
 
 @dataclass
@@ -24,9 +29,7 @@ class EarlyStoppingSection:
 
     @property
     def maximise(self) -> bool:
-        if self.mode != "auto":
-            return self.mode == "max"
-        return any(word in (self.metric or "") for word in ("accuracy", "elbo", "r2", "likelihood"))
+        return self.mode == "max" if self.mode != "auto" else maximised(self.metric or "")
 
     def problems(self) -> list[str]:
         return [message for bad, message in (
@@ -54,13 +57,23 @@ class OptimSection:
     """constant; cosine (from lr down to `min_lr` over the run, as torch's CosineAnnealingLR);
     step (times `lr_gamma` every `lr_step_epochs`, as StepLR). Each follows the optimizer's
     own update count: a step under local, allreduce and pipeline, a push applied by each ps
-    shard, an inner step of diloco. lbfgs takes no schedule."""
+    shard, an inner step of diloco. plateau (times `lr_gamma` once `plateau_metric` has not
+    improved for more than `lr_patience` epochs, down to `min_lr`, as ReduceLROnPlateau)
+    follows the epochs' validation, under local, allreduce and pipeline. lbfgs takes none."""
     warmup_epochs: float = 0.0
     """Epochs of linear warm-up (from lr / warm-up steps to lr, as LinearLR) before the schedule."""
     min_lr: float = 0.0
-    """Where cosine ends."""
+    """Where cosine ends; plateau's floor."""
     lr_gamma: float = 0.1
+    """step's and plateau's factor."""
     lr_step_epochs: int = 1
+    lr_patience: int = 2
+    """plateau: epochs without an improvement the rate waits through; the next one lowers it."""
+    plateau_metric: str = "val_loss"
+    """plateau: the per-epoch metric watched (better upwards for accuracies, ELBOs, R² and
+    pseudo-likelihoods, downwards otherwise)."""
+    plateau_threshold: float = 1e-4
+    """plateau: the relative change that counts as an improvement (ReduceLROnPlateau's `threshold`)."""
     accumulate: int = 1
     """Global batches whose gradients add up before each optimizer step (the step's batch is
     their union: accumulate x data.batch_size examples), under local and allreduce (DDP
@@ -89,6 +102,9 @@ class OptimSection:
             (not 0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}"),
             (not 0 < self.lr_gamma <= 1, f"optim.lr_gamma must be in (0, 1], got {self.lr_gamma}"),
             (self.lr_step_epochs < 1, f"optim.lr_step_epochs must be >= 1, got {self.lr_step_epochs}"),
+            (self.lr_patience < 0, f"optim.lr_patience must be >= 0, got {self.lr_patience}"),
+            (not 0 <= self.plateau_threshold < 1,
+             f"optim.plateau_threshold must be in [0, 1), got {self.plateau_threshold}"),
             (self.accumulate < 1, f"optim.accumulate must be >= 1, got {self.accumulate}"),
             (self.precision not in PRECISIONS,
              f"optim.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),

@@ -51,6 +51,9 @@ def prepare(config: RunConfig, table: object = None) -> tuple[datasets.Dataset, 
             model.eval()
             reported = [f"val_{k}" for k in model.evaluate(data.sample(2)) if k not in ("count", "steps")]
         early_stopping.check_metric(config.optim.early_stopping, ["train_loss", *reported])
+        if config.optim.schedule == "plateau" and config.optim.plateau_metric not in ["train_loss", *reported]:
+            raise ConfigError(f"optim.plateau_metric {config.optim.plateau_metric} is not reported by this run; "
+                              f"it reports {', '.join(['train_loss', *reported])}")
     except ConfigError:
         raise
     except Exception as e:  # a user's module may raise anything: one line, no traceback

@@ -17,7 +17,7 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
-from pipelines.training import precision
+from pipelines.training import precision, schedule
 from pipelines.training.diagnostics import GradNorms
 from pipelines.training.loop import (
     InMemory,
@@ -92,6 +92,7 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
                    **mean_metrics(dict(zip(keys, totals[3:])), "val")}
         if meter is not None:
             metrics.update(meter.means())  # gradients are already averaged: same on every rank
+        schedule.observe(optimizer.param_groups, run.optim, metrics)  # before the checkpoint that keeps it
         if after_epoch(epoch, metrics, model, optimizer):  # True: stop here (optim.early_stopping)
             break
     return model

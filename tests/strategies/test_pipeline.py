@@ -62,10 +62,16 @@ def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local
 def test_three_interleaved_stages_with_checkpointing_equal_local(ray_session, store):
     """P = 3 actors of 2 chunks each: an MLP of 6 blocks, 3 micro-batches (a whole group of
     P) of 16; stage 5's output comes back from actor 2 as the loss. Tolerance as above: 48
-    examples a step, 2 gamma_48 (6e-6) of the sum of magnitudes, 8 * 10 * 6e-6 = 5e-4 of an
-    update over 8 steps with momentum."""
-    common = {**EQUIVALENCE, "tracking.uri": store, "model.depth": 5, "data.batch_size": 48}
+    examples a step, 2 gamma_48 (6e-6) of the sum of magnitudes, 9 * 10 * 6e-6 = 5.4e-4 of
+    an update over 9 steps with momentum. The rate follows optim.schedule plateau: no epoch
+    counts as better than the first (threshold 0.9), so every stage lowers its rate after
+    the second epoch, judging the driver's validation loss."""
+    common = {**EQUIVALENCE, "tracking.uri": store, "model.depth": 5, "data.batch_size": 48, "optim.epochs": 3,
+              "optim.steps_per_epoch": 3, "optim.schedule": "plateau", "optim.warmup_epochs": 0,
+              "optim.lr_patience": 0, "optim.plateau_threshold": 0.9}
     local = pipelines.train(small_run(**common)).model.state_dict()
+    constant = pipelines.train(small_run(**{**common, "optim.schedule": "constant"})).model.state_dict()
+    assert any(not torch.equal(local[k], constant[k]) for k in local), "plateau never lowered the rate"
     piped = pipelines.train(small_run(**common, **{
         "strategy.name": "pipeline", "strategy.stages": 3, "strategy.microbatches": 3,
         "strategy.schedule": "interleaved-1f1b", "strategy.virtual_stages": 2,

@@ -322,6 +322,9 @@ SET_KEYS = [
     (["--strategy", "allreduce", "--set", "strategy.backend=nccl"], "strategy.backend nccl needs"),
     # Ray Train's FailureConfig would refuse it once the run was up
     (["--strategy", "allreduce", "--set", "strategy.max_failures=-2"], "strategy.max_failures must be >= -1"),
+    (["--lr-schedule", "plateau", "--set", "optim.plateau_metric=val_acc"],
+     "optim.plateau_metric val_acc is not reported by this run; it reports train_loss, val_loss, val_accuracy"),
+    (["--strategy", "ps", "--lr-schedule", "plateau"], "ps shards apply pushes on the workers' own clocks"),
     (["--set", "resources.bogus=1"], "unknown config key 'resources.bogus'"),
     (["--set", "resources.keep_checkpoints=0"], "resources.keep_checkpoints must be >= 1, got 0"),
     (["--link-mbps", "-1"], "resources.link_mbps must be >= 0 (0: no throttle), got -1.0"),

@@ -83,7 +83,9 @@ def test_a_staleness_scale_multiplies_the_scheduled_rate_and_no_count_means_cons
 
 
 @pytest.mark.parametrize("optim, message", [
-    ({"schedule": "linear"}, "optim.schedule must be one of constant, cosine, step, got 'linear'"),
+    ({"schedule": "linear"}, "optim.schedule must be one of constant, cosine, step, plateau, got 'linear'"),
+    ({"schedule": "plateau", "lr_patience": -1}, "optim.lr_patience must be >= 0, got -1"),
+    ({"schedule": "plateau", "plateau_threshold": 1}, r"optim.plateau_threshold must be in \[0, 1\), got 1"),
     ({"warmup_epochs": 10}, r"optim.warmup_epochs must be in \[0, optim.epochs = 10\), got 10"),
     ({"min_lr": 1.0}, r"optim.min_lr must be in \[0, optim.lr\], got 1.0"),
     ({"lr_gamma": 0}, r"optim.lr_gamma must be in \(0, 1\], got 0"),
@@ -91,6 +93,46 @@ def test_a_staleness_scale_multiplies_the_scheduled_rate_and_no_count_means_cons
 def test_bad_schedules_are_one_line(optim, message):
     with pytest.raises(ConfigError, match=message):
         validate(from_dict({"optim": optim}))
+
+
+@pytest.mark.parametrize("metric, values, settings", [
+    # down, flat, back up, nan (never better), a new best: every branch of torch's step
+    ("val_loss", [1.0, 0.9, 0.95, 0.95, 0.94, 0.8, float("nan"), 0.9, 0.9, 0.7, 0.71, 0.72], {}),
+    ("val_accuracy", [0.5, 0.6, 0.6, 0.59, 0.61, 0.61, 0.62, 0.62, 0.62], {"lr_patience": 1}),
+    # patience 0, a floor reached after two cuts, then held there
+    ("val_loss", [1.0] * 7, {"lr_patience": 0, "lr_gamma": 0.5, "min_lr": 0.02}),
+    ("val_loss", [3.0, 2.9999, 2.9999, 2.9, 2.8999], {"lr_patience": 0, "plateau_threshold": 0.01}),
+])
+def test_plateau_lowers_the_rate_as_torchs_reduce_lr_on_plateau_and_resumes_where_it_was(metric, values, settings):
+    from pipelines.training.schedule import observe
+
+    section = OptimSection(lr=0.1, epochs=len(values) + 1, schedule="plateau", plateau_metric=metric, **settings)
+    ours = make_optimizer(section, [torch.nn.Parameter(torch.zeros(3))], updates_per_epoch=PER_EPOCH)
+    reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1, momentum=0.9)
+    scheduler = lr_scheduler.ReduceLROnPlateau(
+        reference_opt, mode="max" if "accuracy" in metric else "min", factor=section.lr_gamma,
+        patience=section.lr_patience, threshold=section.plateau_threshold, min_lr=section.min_lr)
+    expected, seen, half = [], [], len(values) // 2
+    for epoch, value in enumerate(values):
+        if epoch == half:  # resumed from this epoch's checkpoint: the judgement goes on
+            resumed = make_optimizer(section, [torch.nn.Parameter(torch.zeros(3))], updates_per_epoch=PER_EPOCH)
+            restore_optimizer(resumed, ours.state_dict(), section)
+            ours = resumed
+        seen += rates(ours, PER_EPOCH)
+        expected += [reference_opt.param_groups[0]["lr"]] * PER_EPOCH
+        observe(ours.param_groups, section, {metric: value})
+        scheduler.step(value)
+    assert len(set(expected)) > 1, "the reference never lowered the rate: the test would prove nothing"
+    # torch multiplies the lr by the factor; ours multiplies a factor and then the lr: each
+    # cut one float64 rounding more, a few ulps after the handful of cuts here
+    assert seen == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_plateau_is_refused_where_no_epoch_end_judges_it():
+    for strategy, message in (("ps", "ps shards apply pushes on the workers' own clocks"),
+                              ("diloco", "diloco validates only where a round ends with an epoch")):
+        with pytest.raises(ConfigError, match=message):
+            from_dict({"strategy": {"name": strategy}, "optim": {"schedule": "plateau"}})
 
 
 def test_lbfgs_refuses_a_schedule():

@@ -68,6 +68,9 @@ class DiLoCoStrategy(Strategy):
             (0 <= o.outer_momentum < 1, f"strategy.outer_momentum must be in [0, 1), got {o.outer_momentum}"),
             (o.push_dtype in ("float32", "bfloat16"),
              f"strategy.push_dtype must be float32 or bfloat16, got {o.push_dtype!r}"),
+            (run.optim.schedule != "plateau",
+             "diloco validates only where a round ends with an epoch, not after every epoch: "
+             "optim.schedule plateau works under local, allreduce and pipeline (use cosine or step)"),
             *worker_failure_checks(o),
         ])
 

@@ -18,6 +18,7 @@ from pipelines.strategies.pipeline_parallel.cut import cut
 from pipelines.strategies.pipeline_parallel.schedules import theoretical_bubble
 from pipelines.strategies.pipeline_parallel.stage import PipelineStage
 from pipelines.training import placement
+from pipelines.training import schedule as lr_schedule
 from pipelines.training.loop import build_model, evaluate_sums, mean_metrics
 
 if TYPE_CHECKING:
@@ -130,6 +131,12 @@ class PipelineRun:
                 states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
                 self._assemble(states)
                 metrics = self._metrics(reports, wall)
+                # optim.schedule plateau: every stage (replicas too) judges the same metrics,
+                # and the states about to be checkpointed take the same judgement
+                for actor in self.actors:
+                    actor.observe.remote(metrics)
+                for saved in states:
+                    lr_schedule.observe(saved["optimizer"]["param_groups"], self.run.optim, metrics)
                 self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
                                         optimizer={"stages": states})
                 if epoch == self.run.optim.epochs - 1 or self.context.should_stop:

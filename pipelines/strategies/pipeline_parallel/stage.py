@@ -23,6 +23,7 @@ from pipelines.config import RunConfig
 from pipelines.data import Dataset
 from pipelines.strategies.pipeline_parallel.inbox import Inbox
 from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
+from pipelines.training import schedule as lr_schedule
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
     InMemory,
@@ -146,6 +147,10 @@ class PipelineStage:
         return {"stage": self.stage, "replica": self.replica, "loss_sum": loss_sum, "steps": steps,
                 "samples": samples, "busy": busy, "wall": wall, "peak_activation_bytes": peak,
                 "timeline": timeline, "first_step_at": first_step_at}
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        """The epoch's metrics, as the driver computed them (`optim.schedule` plateau)."""
+        lr_schedule.observe(self.optimizer.param_groups, self.run_config.optim, metrics)
 
     def _run_schedule(self, micro: tuple[torch.Tensor, ...], began: float, timeline: list):
         o = self.options

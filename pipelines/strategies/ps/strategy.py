@@ -85,6 +85,9 @@ class ParameterServerStrategy(Strategy):
             (run.optim.early_stopping.metric is None,
              "ps workers run their epochs on their own clocks, with no epoch end to stop all of them at: "
              "optim.early_stopping works under local, allreduce, pipeline, lbfgs and diloco (drop it)"),
+            (run.optim.schedule != "plateau",
+             "ps shards apply pushes on the workers' own clocks, with no epoch end to judge a plateau at: "
+             "optim.schedule plateau works under local, allreduce and pipeline (use cosine or step)"),
             (o.n_push >= 1, f"strategy.n_push must be >= 1, got {o.n_push}"),
             (o.push_dtype in ("float32", "bfloat16"),
              f"strategy.push_dtype must be float32 or bfloat16, got {o.push_dtype!r}"),
