@@ -92,6 +92,7 @@ def train_epochs(run: RunConfig, data: Dataset, tracker, comm: Collective, state
                    **mean_metrics(dict(zip(keys, totals[3:])), "val")}
         if meter is not None:
             metrics.update(meter.means())  # gradients are already averaged: same on every rank
+        metrics["lr"] = optimizer.param_groups[0]["lr"]  # the epoch's last step's: a schedule shows in MLflow
         schedule.observe(optimizer.param_groups, run.optim, metrics)  # before the checkpoint that keeps it
         if after_epoch(epoch, metrics, model, optimizer):  # True: stop here (optim.early_stopping)
             break

@@ -130,7 +130,7 @@ class PipelineRun:
                     first_step_s = self._log_start(reports)
                 states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
                 self._assemble(states)
-                metrics = self._metrics(reports, wall)
+                metrics = {**self._metrics(reports, wall), "lr": states[0]["optimizer"]["param_groups"][0]["lr"]}
                 # optim.schedule plateau: every stage (replicas too) judges the same metrics,
                 # and the states about to be checkpointed take the same judgement
                 for actor in self.actors:
