@@ -50,10 +50,10 @@ def prepare(config: RunConfig, table: object = None) -> tuple[datasets.Dataset, 
         with torch.no_grad():
             model.eval()
             reported = [f"val_{k}" for k in model.evaluate(data.sample(2)) if k not in ("count", "steps")]
-        early_stopping.check_metric(config.optim.early_stopping, ["train_loss", *reported])
-        if config.optim.schedule == "plateau" and config.optim.plateau_metric not in ["train_loss", *reported]:
-            raise ConfigError(f"optim.plateau_metric {config.optim.plateau_metric} is not reported by this run; "
-                              f"it reports {', '.join(['train_loss', *reported])}")
+        optim, reported = config.optim, ["train_loss", *reported]
+        early_stopping.check_metric("optim.early_stopping.metric", optim.early_stopping.metric, reported)
+        early_stopping.check_metric("optim.plateau_metric",
+                                    optim.plateau_metric if optim.schedule == "plateau" else None, reported)
     except ConfigError:
         raise
     except Exception as e:  # a user's module may raise anything: one line, no traceback

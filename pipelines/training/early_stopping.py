@@ -77,8 +77,8 @@ def outcome(state: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor] | Non
     return state["model"], figures, state.get("reason")
 
 
-def check_metric(section: EarlyStoppingSection, reported: list[str]) -> None:
-    """Refuse a metric the run will not report, before anything starts."""
-    if section.metric is not None and section.metric not in reported:
-        raise ConfigError(f"optim.early_stopping.metric {section.metric} is not reported by this run; "
-                          f"it reports {', '.join(reported)}")
+def check_metric(setting: str, metric: str | None, reported: list[str]) -> None:
+    """Refuse a watched metric (`setting`: early stopping's, plateau's) the run will not
+    report, before anything starts."""
+    if metric is not None and metric not in reported:
+        raise ConfigError(f"{setting} {metric} is not reported by this run; it reports {', '.join(reported)}")

@@ -89,8 +89,3 @@ def observe(param_groups: list[dict], section: OptimSection, metrics: dict[str, 
             state["bad"] = 0
         group[PLATEAU_KEY] = state
 
-
-def plateau_factor(param_groups: list[dict]) -> float:
-    """The factor plateau has lowered the rate by so far (1 where it has not, or under any
-    other schedule)."""
-    return param_groups[0].get(PLATEAU_KEY, {}).get("factor", 1.0) if param_groups else 1.0

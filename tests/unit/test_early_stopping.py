@@ -59,7 +59,7 @@ def test_nothing_watched_changes_nothing():
 def test_bad_settings_are_one_line():
     with pytest.raises(ConfigError, match="optim.early_stopping.metric val_acc is not reported by this run; "
                                           "it reports train_loss, val_loss"):
-        check_metric(EarlyStoppingSection(metric="val_acc"), ["train_loss", "val_loss"])
+        check_metric("optim.early_stopping.metric", "val_acc", ["train_loss", "val_loss"])
     with pytest.raises(ConfigError, match="optim.early_stopping.patience must be >= 1, got 0"):
         from_dict({"optim": {"early_stopping": {"metric": "val_loss", "patience": 0}}})
     with pytest.raises(ConfigError, match="ps workers run their epochs on their own clocks"):

@@ -131,12 +131,13 @@ class PipelineRun:
                 states = ray.get([a.state.remote() for a in self.actors[:self.options.stages]])
                 self._assemble(states)
                 metrics = {**self._metrics(reports, wall), "lr": states[0]["optimizer"]["param_groups"][0]["lr"]}
-                # optim.schedule plateau: every stage (replicas too) judges the same metrics,
-                # and the states about to be checkpointed take the same judgement
-                for actor in self.actors:
-                    actor.observe.remote(metrics)
-                for saved in states:
-                    lr_schedule.observe(saved["optimizer"]["param_groups"], self.run.optim, metrics)
+                if self.run.optim.schedule == "plateau":
+                    # every stage (replicas too) judges the same metrics, and the states about
+                    # to be checkpointed take the same judgement
+                    for actor in self.actors:
+                        actor.observe.remote(metrics)
+                    for saved in states:
+                        lr_schedule.observe(saved["optimizer"]["param_groups"], self.run.optim, metrics)
                 self.context.epoch_done(epoch, metrics, model=self.model.state_dict(),
                                         optimizer={"stages": states})
                 if epoch == self.run.optim.epochs - 1 or self.context.should_stop:
