@@ -21,42 +21,7 @@ def _launch_time() -> float:
     step). A second command in the same process (tests, notebooks) starts when it is called."""
     return _IMPORTED_AT.pop() if _IMPORTED_AT else time.time()
 
-# Flags of `raydeep run` and the config keys they set (values are parsed as the key's type).
-RUN_FLAGS = {
-    "--model": "model.name",
-    "--code-dir": "model.code_dir",
-    "--strategy": "strategy.name",
-    "--workers": "resources.workers",
-    "--gpus-per-worker": "resources.gpus_per_worker",
-    "--cpus-per-worker": "resources.cpus_per_worker",
-    "--num-cpus": "resources.num_cpus",
-    "--address": "resources.address",
-    "--storage-path": "resources.storage_path",
-    "--pack": "resources.pack", "--link-mbps": "resources.link_mbps",
-    "--epochs": "optim.epochs",
-    "--lr": "optim.lr", "--lr-schedule": "optim.schedule",
-    "--optimizer": "optim.name", "--warmup-epochs": "optim.warmup_epochs",
-    "--batch-size": "data.batch_size",
-    "--data": "data.source",
-    "--label": "data.label", "--task": "data.task",
-    "--val-data": "data.val_source", "--test-data": "data.test_source",
-    "--input-shape": "data.input_shape",
-    "--stream": "data.stream",
-    "--tracking-uri": "tracking.uri",
-    "--experiment": "tracking.experiment",
-    "--run-name": "tracking.run_name",
-    "--seed": "seed",
-    "--shards": "strategy.shards",
-    "--staleness": "strategy.staleness",
-    "--ps-device": "strategy.device",
-    "--stages": "strategy.stages",
-    "--microbatches": "strategy.microbatches", "--virtual-stages": "strategy.virtual_stages",
-    "--schedule": "strategy.schedule", "--replicas": "strategy.replicas",
-    "--sync-every": "strategy.sync_every", "--outer-lr": "strategy.outer_lr",
-    "--outer-momentum": "strategy.outer_momentum",
-}
-FLAG_ALIASES = {"--shards": ["--ps-shards"]}
-"""Older spellings still taken: `--ps-shards` named `ps`'s shards before `lbfgs` had them too."""
+from cluster.flags import FLAG_ALIASES, RUN_FLAGS  # noqa: E402 (after the launch clock)
 
 
 class UsageError(Exception):
@@ -85,6 +50,7 @@ def build_parser() -> Parser:
                      help="pipeline: print the schedule as a grid and exit without training")
     run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="RUN_NAME",
                      help="continue a run from its last checkpoint (default: the newest run)")
+    run.add_argument("--no-recipe", action="store_true", help="the schema's defaults, not the family's recipe")
     run.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own log lines")
 
     tune = commands.add_parser("tune", help="sweep a tune_configs/*.yaml file with Ray Tune")
@@ -175,7 +141,7 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
     from cluster.connect import quiet_ray_logs
 
     quiet_ray_logs()
-    from pipelines import ConfigError, RunFailed, config, startup, train
+    from pipelines import ConfigError, RunFailed, config, recipes, startup, train
     from pipelines.errors import InterruptedUnmarked, TrackingUnreachable
     from pipelines.run import prepare
 
@@ -193,9 +159,12 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
             for note in notes:
                 print(note)
         else:
-            run_config = config.load(args.config, overrides, args.sets)
+            run_config = config.load(args.config, {**overrides, "recipe": False} if args.no_recipe else overrides,
+                                     args.sets)
         if args.print_schedule:
             return cmd_print_schedule(run_config)
+        if recipes.describe(run_config):  # the defaults it took
+            print(recipes.describe(run_config))
         from pipelines import registry
 
         failed = registry.get(run_config.strategy.name).needs_ray(run_config) and _check_address(args, run_config)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import models
 from models.targets import TASKS
-from pipelines import imported_model, registry
+from pipelines import imported_model, recipes, registry
 from pipelines.errors import ConfigError
 from pipelines.imported_model import looks_like_path
 from pipelines.optim_config import OPTIMIZERS, OptimSection  # noqa: F401 (the schema's, imported from here)
@@ -140,6 +140,9 @@ class RunConfig:
     """Seeds the split, the initial weights and the data order: same seed, same run."""
     resume: Optional[str] = None
     """Continue the named run from its last checkpoint (`latest`: the newest one)."""
+    recipe: Optional[str] = None
+    """The recipe laid under this config by `load` (`pipelines.recipes`), as family/strategy;
+    None: the schema's defaults (a user's module, `recipe: false`, a config built by `from_dict`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -270,8 +273,12 @@ def parse_set(assignment: str) -> tuple[str, Text]:
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None,
          sets: list[str] | None = None) -> RunConfig:
-    """YAML file (optional), then `overrides` by dotted key, then ``--set`` assignments."""
-    return from_dict(load_raw(path, overrides, sets))
+    """YAML file (optional), then `overrides` by dotted key, then ``--set`` assignments, over
+    the family's recipe (`pipelines.recipes`)."""
+    raw, recipe = recipes.lay_under(load_raw(path, overrides, sets), ModelSection.name, StrategySection.name)
+    config = from_dict(raw)
+    config.recipe = recipe
+    return config
 
 
 def load_raw(path: str | None = None, overrides: dict[str, Any] | None = None,

@@ -41,11 +41,21 @@ def start_session_ray():
     return ray
 
 
-def run_cli_process(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
-                    ) -> subprocess.CompletedProcess:
+def schema_defaults(args: tuple[str, ...], recipe: bool) -> list[str]:
+    """A test's `raydeep run` trains with the schema's defaults (`--no-recipe`): its flags were
+    chosen for them (a `--lr` for sgd), and strategies are compared on the same optimizer.
+    Tests of the recipes themselves pass `recipe=True`."""
+    args = list(args)
+    if not recipe and args[:1] == ["run"]:
+        args.insert(1, "--no-recipe")
+    return args
+
+
+def run_cli_process(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None,
+                    recipe: bool = False) -> subprocess.CompletedProcess:
     """`raydeep ARGS` as a user would type it, in its own process (its own Ray, if any)."""
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "cluster.cli", *schema_defaults(args, recipe)], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
 
 
@@ -90,7 +100,7 @@ def kill_process_tree(pid: int, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, recipe: bool = False, **_) -> subprocess.CompletedProcess:
     """`raydeep ARGS` through the console script's own entry point, in this process: what it
     prints and its exit code, without a new interpreter importing torch, MLflow and Ray
     again (seconds per call). A run that needs Ray joins the session's; tests that start
@@ -105,7 +115,7 @@ def run_cli(*args: str, cwd: Path, **_) -> subprocess.CompletedProcess:
     try:
         sys.__stdout__ = out
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(args))
+            code = cli.main(schema_defaults(args, recipe))
     finally:
         sys.__stdout__ = real_stdout
         os.chdir(here)
@@ -118,7 +128,7 @@ def small_run(**overrides):
     from pipelines import config
 
     base = {"strategy.name": "local", "optim.epochs": 2, "tracking.log_model": False,
-            "tracking.figures": False}
+            "tracking.figures": False, "recipe": False}  # the schema's defaults (`schema_defaults`)
     base.update(overrides)
     return config.load(overrides=base)
 

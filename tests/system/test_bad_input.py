@@ -189,7 +189,7 @@ def _marker(strategy: str = "local") -> str:
 
     from pipelines import config
 
-    saved = config.load(overrides={"strategy.name": strategy, "optim.epochs": 1})
+    saved = config.load(overrides={"strategy.name": strategy, "optim.epochs": 1, "recipe": False})
     return json.dumps({"mlflow_run_id": "0" * 32, "tracking_uri": "sqlite:///mlflow.db",
                        "config": saved.to_dict()})
 

@@ -91,11 +91,15 @@ def test_diverging_run_fails_cleanly_and_is_marked_failed(tmp_path):
 
 @pytest.mark.slow
 def test_main_job_mlp_allreduce_reaches_097_and_is_recorded(tmp_path):
-    """The README's main job, through the CLI with its embedded Ray and local MLflow store."""
-    result = run_cli_process("run", "--model", "mlp", "--strategy", "allreduce", "--workers", "2",
-                             "--epochs", "10", "--lr", "0.1", "--num-cpus", "2", cwd=tmp_path)
+    """The README's main job, through the CLI with its embedded Ray and local MLflow store,
+    with its defaults: the MLP's recipe under allreduce (tune_configs/recipes/mlp.yaml)."""
+    from pipelines import recipes
+
+    epochs = recipes.settings("mlp", "allreduce")["optim"]["epochs"]
+    result = run_cli_process("run", "--num-cpus", "2", cwd=tmp_path, recipe=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "epoch 10/10" in result.stdout + result.stderr
+    assert f"epoch {epochs}/{epochs}" in result.stdout + result.stderr
+    assert "recipe mlp/allreduce (tune_configs/recipes/mlp.yaml): " in result.stdout
     # A quiet terminal: Ray's C++ lines, its note on token authentication and MLflow's
     # database set-up stay in their log files.
     for noise in (".cc:", "Token authentication", "Creating initial MLflow database tables"):
@@ -109,8 +113,8 @@ def test_main_job_mlp_allreduce_reaches_097_and_is_recorded(tmp_path):
     assert "test_accuracy" in result.stdout
     for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s", "test_loss"):
         assert len(client.get_metric_history(run.info.run_id, key)) >= 1, key
-    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 10
-    assert run.data.params["resources.workers"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == epochs
+    assert run.data.params["resources.workers"] == "2" and run.data.params["recipe"] == "mlp/allreduce"
     import mlflow.pytorch
     import torch
 
