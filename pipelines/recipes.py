@@ -82,13 +82,13 @@ def lay_under(given: dict[str, Any], family: str, strategy: str) -> tuple[dict[s
     `family` and `strategy` are the schema's defaults, for a `given` that names neither."""
     given = dict(given)
     wanted = given.pop("recipe", True)
-    model, strategy = given.get("model") or {}, given.get("strategy") or {}
-    if not isinstance(model, dict) or not isinstance(strategy, dict):
+    model, section = given.get("model") or {}, given.get("strategy") or {}
+    if not isinstance(model, dict) or not isinstance(section, dict):
         return given, None  # from_dict names the bad section
     if wanted is False or str(wanted).strip().lower() in ("false", "0", "no", "off"):
         return given, None  # (a config written out names its recipe: it is laid again, changing nothing)
     family = str(model.get("name", family)).strip()
-    strategy_name = str(strategy.get("name", strategy)).strip()
+    strategy_name = str(section.get("name", strategy)).strip()
     if "class_path" in model:
         return given, None
     recipe = settings(family, strategy_name)

@@ -22,6 +22,7 @@ def test_the_recipe_lies_under_what_the_user_gives():
     assert plain.optim.name == recipe["optim"]["name"] and plain.optim.lr == recipe["optim"]["lr"]
     assert plain.model.params.dropout == recipe["model"]["dropout"]
     assert plain.flat()["recipe"] == "mlp/local"  # logged as an MLflow param with the rest
+    assert config.load().recipe == "mlp/allreduce"  # the main job: the schema's family and strategy
     mine = config.load(overrides={"model.name": "mlp", "strategy.name": "local", "optim.lr": 0.5,
                                   "optim.epochs": 3}, sets=["model.dropout=0.0"])
     assert (mine.optim.lr, mine.optim.epochs, mine.model.params.dropout) == (0.5, 3, 0.0)
