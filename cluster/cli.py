@@ -163,8 +163,9 @@ def cmd_run(args: argparse.Namespace, launched_at: float) -> int:
                                      args.sets)
         if args.print_schedule:
             return cmd_print_schedule(run_config)
-        if recipes.describe(run_config):  # the defaults it took
-            print(recipes.describe(run_config))
+        took = recipes.describe(run_config)  # the defaults it took, if a recipe gave any
+        if took:
+            print(took)
         from pipelines import registry
 
         failed = registry.get(run_config.strategy.name).needs_ray(run_config) and _check_address(args, run_config)

@@ -20,7 +20,7 @@ from pipelines.imported_model import looks_like_path
 from pipelines.optim_config import OPTIMIZERS, OptimSection  # noqa: F401 (the schema's, imported from here)
 from pipelines.sequence_config import SOURCES as SEQUENCE_SOURCES
 from pipelines.sequence_config import SequenceSection, family_problems
-from pipelines.values import Text, coerce
+from pipelines.values import Text, coerce, flat_keys  # noqa: F401 (flat_keys: the schema's, imported from here)
 from pipelines.yaml_files import load_yaml
 
 
@@ -291,18 +291,6 @@ def load_raw(path: str | None = None, overrides: dict[str, Any] | None = None,
     for assignment in sets or []:
         apply_override(raw, *parse_set(assignment))
     return raw
-
-
-def flat_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{dotted key: value} of a nested dict (a list is one value)."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            out.update(flat_keys(value, dotted))
-        else:
-            out[dotted] = value
-    return out
 
 
 # --- checks ----------------------------------------------------------------------------

@@ -5,12 +5,12 @@ epochs trains an MLP to 0.972 on digits and a DBN to 0.70. A recipe is what a fa
 best with on its own, found by a sweep over its own settings, and what each strategy changes
 in it (an asynchronous `ps` wants Adagrad, `lbfgs` no schedule). `tune_configs/recipes/<family>.yaml`:
 
-    chosen_by: {sweep: tune_configs/recipes/sweeps/mlp.yaml, parent_run: 02ea..., best: ...}
+    chosen_by: {sweep: tune_configs/recipes/sweeps/mlp.yaml, parent_run: 130f..., best: ...}
     recipe:                     # under every strategy: keys of the run config
-      optim: {name: adamw, lr: 0.048, epochs: 30, schedule: cosine}
-      model: {dropout: 0.2}
+      optim: {name: adamw, lr: 0.0237, weight_decay: 0.01, epochs: 30, schedule: cosine}
+      model: {dropout: 0.3}
     strategies:                 # a strategy's changes, over the family's recipe
-      ps: {optim: {name: adagrad, lr: 0.05}}
+      ps: {optim: {name: adagrad, lr: 0.0163}, model: {dropout: 0.0}}
 
 `config.load` (the CLI's `raydeep run` and the Python API) lays the recipe under what the user
 gives: a key set in the YAML file, by a flag or by `--set` wins. An optimizer's settings come
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import ConfigError
+from pipelines.values import flat_keys, merged
 from pipelines.yaml_files import load_yaml
 
 RECIPES = Path(__file__).resolve().parents[1] / "tune_configs" / "recipes"
@@ -61,11 +62,10 @@ def settings(family: str, strategy: str) -> dict[str, Any] | None:
     raw = read(family)
     if raw is None:
         return None
-    merged = copy.deepcopy(raw.get("recipe") or {})
-    changes = copy.deepcopy((raw.get("strategies") or {}).get(strategy) or {})
-    _drop_group(merged.get("optim") or {}, changes.get("optim") or {})
-    _merge_under(merged, changes, over=True)
-    return merged
+    family_settings = copy.deepcopy(raw.get("recipe") or {})
+    changes = (raw.get("strategies") or {}).get(strategy) or {}
+    _drop_group(family_settings.get("optim") or {}, changes.get("optim") or {})
+    return merged(family_settings, copy.deepcopy(changes))
 
 
 def _drop_group(optim: dict[str, Any], over: dict[str, Any]) -> None:
@@ -81,12 +81,11 @@ def lay_under(given: dict[str, Any], family: str, strategy: str) -> tuple[dict[s
     and the recipe's name (`mlp/ps`), or `given` itself and None when no recipe applies.
     `family` and `strategy` are the schema's defaults, for a `given` that names neither."""
     given = dict(given)
-    wanted = given.pop("recipe", True)
+    if not _wanted(given.pop("recipe", None)):
+        return given, None
     model, section = given.get("model") or {}, given.get("strategy") or {}
     if not isinstance(model, dict) or not isinstance(section, dict):
         return given, None  # from_dict names the bad section
-    if wanted is False or str(wanted).strip().lower() in ("false", "0", "no", "off"):
-        return given, None  # (a config written out names its recipe: it is laid again, changing nothing)
     family = str(model.get("name", family)).strip()
     strategy_name = str(section.get("name", strategy)).strip()
     if "class_path" in model:
@@ -97,26 +96,25 @@ def lay_under(given: dict[str, Any], family: str, strategy: str) -> tuple[dict[s
     optim, ours = given.get("optim") or {}, recipe.get("optim") or {}
     if isinstance(optim, dict):
         _drop_group(ours, optim)
-    merged = copy.deepcopy(given)
-    _merge_under(merged, recipe, over=False)
+    laid = merged(recipe, given)  # the user's keys over the recipe's
     if isinstance(optim, dict) and "warmup_epochs" in ours and "warmup_epochs" not in optim:
         try:  # a run shorter than the recipe's warm-up starts at its full rate
-            if float(str(merged["optim"].get("epochs", ours.get("epochs", 0)))) <= float(ours["warmup_epochs"]):
-                merged["optim"]["warmup_epochs"] = 0.0
+            if float(str(laid["optim"].get("epochs", ours.get("epochs", 0)))) <= float(ours["warmup_epochs"]):
+                laid["optim"]["warmup_epochs"] = 0.0
         except ValueError:
             pass  # from_dict names the bad epochs
-    return merged, f"{family}/{strategy_name}"
+    return laid, f"{family}/{strategy_name}"
 
 
-def _merge_under(target: dict[str, Any], source: dict[str, Any], over: bool) -> None:
-    """Copy `source` into `target`, section by section; a key both hold keeps `target`'s
-    value unless `over`."""
-    for key, value in source.items():
-        mine = target.get(key)
-        if isinstance(mine, dict) and isinstance(value, dict):
-            _merge_under(mine, value, over)
-        elif key not in target or over:
-            target[key] = value
+def _wanted(value: Any) -> bool:
+    """`recipe`: true or unset (lay it), false (the schema's defaults), or the family/strategy
+    a written-out config records (laid again: its keys are all set, so it changes nothing)."""
+    text = str(value).strip().lower()
+    if value is None or value is True or text in ("true", "yes", "on") or (isinstance(value, str) and "/" in text):
+        return True
+    if value is False or text in ("false", "no", "off"):
+        return False
+    raise ConfigError(f"recipe must be true or false (false: the schema's defaults, as --no-recipe), got {value!r}")
 
 
 def describe(config) -> str | None:
@@ -125,15 +123,8 @@ def describe(config) -> str | None:
         return None
     family, strategy = config.recipe.split("/", 1)
     values = config.flat()
-    taken = [f"{key}={value}" for key, value in _flat(settings(family, strategy) or {}).items()
+    taken = [f"{key}={value}" for key, value in flat_keys(settings(family, strategy) or {}).items()
              if values.get(key) == value]
     return (f"recipe {config.recipe} ({path(family).relative_to(RECIPES.parents[1])}): {' '.join(taken)}"
             "  [--no-recipe: the schema's defaults]")
 
-
-def _flat(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in nested.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        out.update(_flat(value, dotted) if isinstance(value, dict) else {dotted: value})
-    return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines import config as configs
+from pipelines import values
 from pipelines.config import ConfigError, RunConfig
 from pipelines.storage import RUN_FILE, Store
 
@@ -41,7 +42,7 @@ def load(path: str | None, overrides: dict[str, Any], sets: list[str]) -> tuple[
             given[section].pop("name")  # said again: not a second way of naming the model
             keys.pop(key)
     base = {k: v for k, v in saved.items() if k not in ("resources", "tracking", "resume")}
-    merged = _merge(base, given)
+    merged = values.merged(base, given)
     config = configs.from_dict(merged)
     before, after = configs.flat_keys(saved), config.flat()
     notes = []
@@ -102,10 +103,3 @@ def store_config(store: Store, name: str, marker: dict[str, Any] | None = None) 
 def _refusal(name: str, key: str, was: Any, asked: Any) -> str:
     return (f"--resume {name}: the run was trained with {key}={was}, this command asks for "
             f"{key}={asked}; drop that setting to continue the run, or start a new run")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out

@@ -79,3 +79,23 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     else:
         return value
     raise ConfigError(f"config key {key!r} expects {want}, got {value!r}")
+
+
+def flat_keys(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested dict (a list is one value)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flat_keys(value, dotted))
+        else:
+            out[dotted] = value
+    return out
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over`'s keys over it, section by section (neither is changed)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -255,6 +255,8 @@ SET_KEYS = [
     (["--set", "optim..lr=1"], "bad config key 'optim..lr'"),
     (["--set", "bogus=1"], "unknown config key 'bogus' (known here: model, data, optim"),
     (["--set", "optim=3"], "config key 'optim' must be a mapping, got '3'"),
+    (["--set", "recipe=flase"], "recipe must be true or false (false: the schema's defaults, as --no-recipe), "
+                                "got 'flase'"),
     (["--set", "seed.x=1"], "config key 'seed' expects int"),
     (["--set", "optim.bogus=1"], "unknown config key 'optim.bogus'"),
     (["--set", "optim.momentum=nan"], "config key 'optim.momentum' must be a finite number"),
