@@ -270,8 +270,11 @@ def print_sweep(result) -> None:
     for t in ranked:
         if t.status == "FAILED":
             print(f"  failed: {t.name}: {t.error or 'no reason recorded'}")
+    for c in result.configurations[:5]:
+        values = " ".join(f"{k}={v}" for k, v in c.values.items())
+        print(f"  configuration {c.mean:.4f} over {len(c.trials)}/{c.seeds} seeds  {values}")
     if result.best_config is not None:
-        print(f"best: {result.best.name} ({result.metric} {result.best.metric:.4f}); "
+        print(f"best: {result.best.name} ({result.best_said}); "
               f"its config: {result.best_config}\n  raydeep run {result.best_config}")
 
 

@@ -16,6 +16,12 @@ Each file under `tune_configs/` holds one:
     search: random               # random (grid axes crossed) or {name: optuna, seed: 0}
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
     trial: {cpus: 1}             # the trial's own process; strategies add their actors
+    seeds: [0, 1, 2]             # optional: each draw trains once per seed, judged by its mean
+
+With `seeds`, a draw of the space is one configuration trained once per seed (the split, the
+initial weights and the data order change with it; the drawn values stay): the best is the
+configuration whose mean metric over its seeds is best, not the luckiest single run. On a
+small validation split one run's metric moves more with the seed than with most settings.
 
 A `choice` may hold lists or whole sections (`strategy: {choice: [{name: ps, shards: 2},
 ...]}`): Tune and Optuna see them as their YAML text, the trial reads them back. Everything
@@ -45,7 +51,9 @@ the space's `optim.*` axes unless `mutate` lists others; `synch` makes every tri
 others at each perturbation, which makes exploits certain at the cost of idle time)."""
 SEARCHES: dict[str, dict[str, Any]] = {"random": {"seed": None}, "optuna": {"seed": 0}}
 TOP_KEYS = ("base", "space", "metric", "mode", "samples", "search", "scheduler", "trial",
-            "max_concurrent", "name")
+            "max_concurrent", "name", "seeds")
+SEED_KEY = "seed"
+"""The run-config key that `seeds` sweeps (a grid axis the sweep adds itself)."""
 
 
 @dataclass
@@ -104,6 +112,13 @@ class SweepConfig:
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
     max_concurrent: int | None = None
+    seeds: list[int] = field(default_factory=list)
+    """Seeds each configuration trains with (`seed` is then the space's last axis, a grid);
+    empty: one run per configuration, at the base's seed."""
+
+    def configuration(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's values under their dotted keys but its seed: what its seeds share."""
+        return {k: v for k, v in self.flat_params(params).items() if not (self.seeds and k == SEED_KEY)}
 
     def run_config(self, params: dict[str, Any]) -> RunConfig:
         """The base config with one trial's sampled values (nested as Tune gives them, or
@@ -174,6 +189,9 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[s
     if not isinstance(space_raw, dict) or not space_raw:
         fail("space must map run-config keys to distributions, e.g. optim.lr: {loguniform: [0.001, 0.1]}")
     space = [_axis(key, spec, fail) for key, spec in space_raw.items()]
+    seeds = _seeds(raw.get("seeds"), space, fail)
+    if seeds:
+        space.append(Axis(SEED_KEY, "grid", seeds))
 
     search_name, search_options = _named(raw.get("search", "random"), "search", SEARCHES, fail)
     if search is not None:
@@ -191,9 +209,22 @@ def load(path: str | Path, overrides: dict[str, Any] | None = None, sets: list[s
         search=search_name, search_options=search_options,
         scheduler=scheduler_name, scheduler_options=scheduler_options,
         trial_cpus=trial.get("cpus", 1.0), trial_gpus=trial.get("gpus", 0.0),
-        max_concurrent=max_concurrent if max_concurrent is not None else raw.get("max_concurrent"))
+        max_concurrent=max_concurrent if max_concurrent is not None else raw.get("max_concurrent"),
+        seeds=seeds)
     _check(sweep, fail)
     return sweep
+
+
+def _seeds(value: Any, space: list[Axis], fail) -> list[int]:
+    if value is None:
+        return []
+    if (not isinstance(value, list) or len(value) < 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            or len(set(value)) != len(value)):
+        fail(f"seeds must list two or more different integers >= 0, got {value!r}")
+    if any(a.key == SEED_KEY for a in space):
+        fail("seed is swept by seeds: drop space.seed (or seeds)")
+    return list(value)
 
 
 def _axis(key: Any, spec: Any, fail) -> Axis:
@@ -253,7 +284,11 @@ def _check(sweep: SweepConfig, fail) -> None:
         fail(f"trial.cpus must be > 0 and trial.gpus >= 0, got {sweep.trial_cpus!r}, {sweep.trial_gpus!r}")
     _check_settings(sweep, fail)
     if sweep.search == "optuna" and any(a.kind == "grid" for a in sweep.space):
-        fail("grid axes need search random (Optuna samples; it does not cross grids)")
+        fail(f"{'seeds' if sweep.seeds else 'grid axes'} need search random (Optuna samples; "
+             "it does not cross grids)")
+    if sweep.seeds and sweep.scheduler != "fifo":
+        fail(f"seeds need scheduler fifo: {sweep.scheduler} stops or copies trials one by one, "
+             "so a configuration's seeds would not all run their course")
     firsts = {a.key: a.probes()[0] for a in sweep.space}
     for axis in sweep.space:
         for value in axis.probes():

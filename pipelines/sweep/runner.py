@@ -23,6 +23,7 @@ from pipelines import figures, registry
 from pipelines.config import ConfigError, RunConfig
 from pipelines.errors import redact
 from pipelines.storage import SWEEP_FILE, Store, timestamped
+from pipelines.sweep.averaging import Configuration, described, ranked_configurations
 from pipelines.sweep.config import SweepConfig
 from pipelines.sweep.record import PARAMS_TAG, SweepRecord
 from pipelines.sweep.trial import TrialContext, run_trial
@@ -55,6 +56,10 @@ class SweepResult:
     best: TrialOutcome | None = None
     best_config: Path | None = None
     interrupted: bool = False
+    configurations: list[Configuration] = field(default_factory=list)
+    """With `seeds`: the configurations, best first (`best` is the best one's best seed)."""
+    best_said: str = ""
+    """How the best was judged: `val_loss 0.1440`, or its mean over the seeds."""
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -233,19 +238,27 @@ def summarise(sweep: SweepConfig, record: SweepRecord, directory: Path) -> Sweep
     best = (finished or ranked or [None])[0]
     result = SweepResult(sweep.name, directory, record.parent.run_id, sweep.metric, sweep.mode,
                          sorted(trials, key=lambda t: t.name), best)
+    params = best.params if best is not None else {}
     if best is not None:
+        result.best_said = f"{sweep.metric} {best.metric:.4f}"
+    if sweep.seeds:
+        result.configurations = ranked_configurations(sweep, trials)
+        if result.configurations:  # the base's seed: the seeds judged the values, not one draw
+            top = result.configurations[0]
+            result.best, params, result.best_said = top.trials[0], top.values, described(sweep, top)
+    if result.best is not None:
         result.best_config = directory / "best_config.yaml"
-        result.best_config.write_text(best_config_yaml(sweep, best))
+        result.best_config.write_text(best_config_yaml(sweep, params, result.best.name, result.best_said))
     return result
 
 
-def best_config_yaml(sweep: SweepConfig, best: TrialOutcome) -> str:
-    """The best trial's full run config, ready for `raydeep run FILE`."""
-    run: RunConfig = sweep.run_config(best.params)
+def best_config_yaml(sweep: SweepConfig, params: dict[str, Any], trial: str, said: str) -> str:
+    """The best configuration's full run config, ready for `raydeep run FILE`."""
+    run: RunConfig = sweep.run_config(params)
     run.tracking.run_name = None
     run.resume = None
-    header = (f"# best trial of sweep {sweep.name} ({sweep.path}): {best.name}, "
-              f"{sweep.metric} = {best.metric:.4f}\n# raydeep run THIS_FILE trains it again\n"
+    header = (f"# best {'configuration' if sweep.seeds else 'trial'} of sweep {sweep.name} ({sweep.path}): "
+              f"{trial}, {said}\n# raydeep run THIS_FILE trains it again\n"
               "# (URI passwords are hidden: give them again with --storage-path / --tracking-uri)\n")
     # logged as an MLflow artifact and uploaded beside the sweep: no secret in clear
     return header + redact(yaml.safe_dump(run.to_dict(), sort_keys=False))
@@ -254,10 +267,12 @@ def best_config_yaml(sweep: SweepConfig, best: TrialOutcome) -> str:
 def _record_result(sweep: SweepConfig, record: SweepRecord, result: SweepResult) -> None:
     parent = record.parent
     counts = {f"trials_{s.lower()}": float(result.count(s)) for s in ("FINISHED", "FAILED", "KILLED")}
+    best = result.configurations[0].mean if result.configurations else getattr(result.best, "metric", None)
     parent.log_metrics({"trials": float(len(result.trials)), **counts,
-                        **({f"best_{sweep.metric}": result.best.metric} if result.best else {})})
+                        **({f"best_{sweep.metric}": best} if result.best else {})})
     if result.best is not None:
-        parent.set_tags({"best_trial": result.best.name, "best_run_id": result.best.run_id})
+        parent.set_tags({"best_trial": result.best.name, "best_run_id": result.best.run_id,
+                         "best": result.best_said})
         scored = [t for t in result.trials if t.metric is not None]
         fig = figures.sweep_scatter([sweep.decoded(t.params) for t in scored], [t.metric for t in scored],
                                     sweep.metric, [a.key for a in sweep.space if a.kind == "loguniform"])
@@ -312,7 +327,10 @@ def _search(sweep: SweepConfig, concurrent: int):
     from ray.tune.search import BasicVariantGenerator
 
     # Tune ignores max_concurrent_trials for a variant generator: it takes its own limit.
-    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent)
+    # With seeds, the random values are drawn before the grids are crossed, so that each
+    # configuration's seeds (a grid) share them.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrent,
+                                 constant_grid_search=bool(sweep.seeds))
 
 
 def _scheduler(sweep: SweepConfig, base: RunConfig):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, kill_process_tree, run_cli
 from mlflow.tracking import MlflowClient
 
@@ -221,9 +222,12 @@ def test_a_family_sweep_file_runs_as_a_tune_sweep(ray_session, workdir, store):
     assert result.best_config is not None and result.best_config.is_file()
 
 
-def test_a_sweep_over_a_users_module_init_args_leaves_a_child_per_trial(ray_session, workdir, store):
+def test_a_sweep_over_a_users_module_init_args_judges_each_configuration_by_its_seeds_mean(
+        ray_session, workdir, store):
     """The trials import the module from the directory it was found in (recorded as
-    model.code_dir): the session's Ray was started without it."""
+    model.code_dir): the session's Ray was started without it. With `seeds`, each width
+    trains once per seed at the same drawn rate, and the best is the width whose mean over
+    its seeds is best: the parent's figure, the printed line and best_config.yaml say it."""
     code = workdir / "project"
     code.mkdir()
     (code / "sweepnet.py").write_text(
@@ -231,19 +235,34 @@ def test_a_sweep_over_a_users_module_init_args_leaves_a_child_per_trial(ray_sess
         "def make(input_shape, num_classes, width: int = 8):\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),\n"
         "                         nn.Linear(width, num_classes))\n")
-    path = sweep_file(workdir, store, "  model.init_args.width: {grid: [4, 12]}", epochs=1,
+    path = sweep_file(workdir, store, "  model.init_args.width: {grid: [4, 12]}\n"
+                                      "  optim.lr: {loguniform: [0.001, 0.01]}", epochs=1, extra="seeds: [0, 1]",
                       base=f"model: {{class_path: 'sweepnet:make', code_dir: '{code}'}}\n"
                            "  strategy: {name: local}")
     done = run_cli("tune", str(path), "--set", "optim.steps_per_epoch=3", cwd=workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     (parent,) = sweeps(store)
     runs = children(store, parent.info.run_id)
-    assert sorted(r.data.params["model.init_args.width"] for r in runs) == ["12", "4"]
+    assert sorted((r.data.params["model.init_args.width"], r.data.params["seed"]) for r in runs) == [
+        ("12", "0"), ("12", "1"), ("4", "0"), ("4", "1")]
+    by_width: dict[str, list] = {}
     for run in runs:
         assert run.info.status == "FINISHED", run.data.tags.get("error")
         assert run.data.tags["raydeep.model_class_path"] == "sweepnet:make"
         assert run.data.metrics["num_params"] == {"4": 4 * 65 + 5 * 10, "12": 12 * 65 + 13 * 10}[
             run.data.params["model.init_args.width"]]
+        by_width.setdefault(run.data.params["model.init_args.width"], []).append(run)
+    for width, pair in by_width.items():  # a configuration's seeds share its drawn rate
+        assert pair[0].data.params["optim.lr"] == pair[1].data.params["optim.lr"], width
+    means = {w: sum(r.data.metrics["val_accuracy"] for r in pair) / 2 for w, pair in by_width.items()}
+    best = max(means, key=means.get)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(means[best], rel=1e-12)
+    assert "(mean of seeds 0, 1: " in parent.data.tags["best"]
+    assert f"model.init_args.width={best} " in done.stdout and f"configuration {means[best]:.4f}" in done.stdout
+    written = done.stdout.split("its config: ")[1].split()[0]
+    config = yaml.safe_load(Path(written).read_text())
+    assert config["model"]["init_args"]["width"] == int(best) and config["seed"] == 0  # the base's seed
+    assert config["optim"]["lr"] == pytest.approx(float(by_width[best][0].data.params["optim.lr"]))
     sys.modules.pop("sweepnet", None)
 
 

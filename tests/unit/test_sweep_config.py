@@ -175,3 +175,31 @@ def test_optuna_draws_configs_the_sweep_accepts():
         run = sweep.run_config(searcher.suggest(f"trial-{i}"))
         assert run.model.params.channels in ([16, 32], [32, 64])
         assert 0.005 <= run.optim.lr <= 0.2
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("seeds: 3", "seeds must list two or more different integers >= 0, got 3"),
+    ("seeds: [0, 0]", "seeds must list two or more different integers >= 0, got [0, 0]"),
+    ("seeds: [0, true]", "seeds must list two or more different integers >= 0, got [0, True]"),
+    ("seeds: [0, -1]", "seeds must list two or more different integers >= 0, got [0, -1]"),
+    ("seeds: [0, 1]\nsearch: optuna", "seeds need search random"),
+    ("seeds: [0, 1]\nscheduler: pbt", "seeds need scheduler fifo: pbt stops or copies trials"),
+])
+def test_bad_seeds_are_refused_before_ray(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(write(tmp_path, GOOD + setting + "\n"))
+
+
+SWEPT_SEED = GOOD.replace("metric:", "  seed: {grid: [0, 1]}\nmetric:")
+
+
+def test_seeds_are_the_spaces_last_grid_and_a_configuration_is_what_its_seeds_share(tmp_path):
+    with pytest.raises(ConfigError, match="seed is swept by seeds: drop space.seed"):
+        load(write(tmp_path, SWEPT_SEED + "seeds: [0, 1]\n"))
+    sweep = load(write(tmp_path, GOOD + "seeds: [4, 2, 9]\n"))
+    assert [(a.key, a.kind, a.values) for a in sweep.space][-1] == ("seed", "grid", [4, 2, 9])
+    params = {"optim": {"lr": 0.02}, "seed": 2}
+    assert sweep.configuration(params) == {"optim.lr": 0.02}
+    assert sweep.run_config(params).seed == 2 and sweep.run_config(sweep.configuration(params)).seed == 0
+    plain = load(write(tmp_path, SWEPT_SEED))  # a swept seed without seeds is a setting
+    assert plain.configuration(params) == {"optim.lr": 0.02, "seed": 2}
