@@ -1,0 +1,95 @@
+"""What the default recipes give over several seeds: each (family, strategy) with no flags
+but `--model` and `--strategy`, as issue 19's table asks (goals in `GOALS`).
+
+    python benchmarks/recipes.py                                   # every row, seeds 0 1 2
+    python benchmarks/recipes.py --rows mlp/local mlp/ps --seeds 0 1 2 3 4 --json out.json
+
+Each row is trained as `raydeep run --model FAMILY --strategy STRATEGY --seed S` trains it
+(`config.load` lays the recipe), in one process on one embedded local Ray, the rows taking
+turns seed by seed so that a noisy minute hits every row alike. A seed changes the split
+(360 test images: one image is 0.28 points), the initial weights and the data order, so the
+spread over seeds is the noise any one figure carries. Printed per row: the test figure's
+median [min-max] and mean over the seeds, the goal, and the seconds one run took.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+GOALS = {"mlp": ("test_accuracy", 0.98), "cnn": ("test_accuracy", 0.99), "rnn": ("test_accuracy", 0.97),
+         "sae": ("test_accuracy", 0.98), "dbn": ("test_accuracy", 0.98),
+         "rbm": ("test_pseudo_likelihood", -14.2), "vae": ("test_elbo", -60.0)}
+"""Issue 19's goal per family: the test metric and the figure it must reach."""
+ROWS = ["mlp/local", "mlp/allreduce", "mlp/pipeline", "mlp/diloco", "mlp/lbfgs", "mlp/ps",
+        "cnn/local", "rnn/local", "sae/local", "dbn/local", "rbm/local", "vae/local"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", nargs="+", default=ROWS, metavar="FAMILY/STRATEGY")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--num-cpus", type=int, default=None, help="the embedded Ray's CPUs (default: as raydeep run)")
+    p.add_argument("--json", type=Path, help="write every run's figures here")
+    return p.parse_args(argv)
+
+
+def train_once(family: str, strategy: str, seed: int, store: str) -> dict:
+    import pipelines
+    from pipelines import config
+
+    run = config.load(overrides={"model.name": family, "strategy.name": strategy, "seed": seed,
+                                 "tracking.uri": store, "tracking.log_model": False,
+                                 "tracking.figures": False})
+    began = time.perf_counter()
+    result = pipelines.train(run)
+    metric = GOALS[family][0]
+    return {"row": f"{family}/{strategy}", "seed": seed, "recipe": run.recipe or "none",
+            metric: result.metrics[metric], "seconds": time.perf_counter() - began}
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} [{min(values):.4f}-{max(values):.4f}]"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cluster.connect import connect
+
+    connect(num_cpus=args.num_cpus)
+    workdir = Path(tempfile.mkdtemp(prefix="raydeep-recipes-"))
+    os.chdir(workdir)  # each run's checkpoints and the store stay out of the caller's directory
+    store = f"sqlite:///{workdir / 'mlflow.db'}"
+    runs = []
+    for seed in args.seeds:
+        for row in args.rows:
+            family, strategy = row.split("/")
+            runs.append(train_once(family, strategy, seed, store))
+            print(f"seed {seed} {row:<14} {runs[-1][GOALS[family][0]]:.4f}  ({runs[-1]['seconds']:.1f} s)",
+                  flush=True)
+    print(f"\nover seeds {', '.join(map(str, args.seeds))}: median [min-max], mean; the goal (issue 19)")
+    print(f"{'row':<14} {'recipe':<16} {'metric':<22} {'median [min-max]':>26} {'mean':>8} {'goal':>7} {'s/run':>6}")
+    for row in args.rows:
+        family = row.split("/")[0]
+        metric, goal = GOALS[family]
+        mine = [r for r in runs if r["row"] == row]
+        values = [r[metric] for r in mine]
+        mean = statistics.fmean(values)
+        print(f"{row:<14} {mine[0]['recipe']:<16} {metric:<22} {spread(values):>26} {mean:>8.4f} "
+              f"{goal:>7g} {statistics.median(r['seconds'] for r in mine):>6.1f}"
+              + ("" if mean >= goal else "  (mean below the goal)"))
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
