@@ -24,6 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from local_sgd import spread  # noqa: E402  (sibling scripts)
 
 GOALS = {"mlp": ("test_accuracy", 0.98), "cnn": ("test_accuracy", 0.99), "rnn": ("test_accuracy", 0.97),
          "sae": ("test_accuracy", 0.98), "dbn": ("test_accuracy", 0.98),
@@ -33,9 +36,16 @@ ROWS = ["mlp/local", "mlp/allreduce", "mlp/pipeline", "mlp/diloco", "mlp/lbfgs",
         "cnn/local", "rnn/local", "sae/local", "dbn/local", "rbm/local", "vae/local"]
 
 
+def _row(text: str) -> str:
+    family, _, strategy = text.partition("/")
+    if family not in GOALS or not strategy:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FAMILY/STRATEGY with a family of {', '.join(GOALS)}")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", nargs="+", default=ROWS, metavar="FAMILY/STRATEGY")
+    p.add_argument("--rows", nargs="+", default=ROWS, metavar="FAMILY/STRATEGY", type=_row)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--num-cpus", type=int, default=None, help="the embedded Ray's CPUs (default: as raydeep run)")
     p.add_argument("--json", type=Path, help="write every run's figures here")
@@ -54,10 +64,6 @@ def train_once(family: str, strategy: str, seed: int, store: str) -> dict:
     metric = GOALS[family][0]
     return {"row": f"{family}/{strategy}", "seed": seed, "recipe": run.recipe or "none",
             metric: result.metrics[metric], "seconds": time.perf_counter() - began}
-
-
-def spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.4f} [{min(values):.4f}-{max(values):.4f}]"
 
 
 def main(argv=None) -> int:
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
         mine = [r for r in runs if r["row"] == row]
         values = [r[metric] for r in mine]
         mean = statistics.fmean(values)
-        print(f"{row:<14} {mine[0]['recipe']:<16} {metric:<22} {spread(values):>26} {mean:>8.4f} "
+        print(f"{row:<14} {mine[0]['recipe']:<16} {metric:<22} {spread(values, '.4f'):>26} {mean:>8.4f} "
               f"{goal:>7g} {statistics.median(r['seconds'] for r in mine):>6.1f}"
               + ("" if mean >= goal else "  (mean below the goal)"))
     if args.json:

@@ -272,7 +272,7 @@ def print_sweep(result) -> None:
             print(f"  failed: {t.name}: {t.error or 'no reason recorded'}")
     for c in result.configurations[:5]:
         values = " ".join(f"{k}={v}" for k, v in c.values.items())
-        print(f"  configuration {c.mean:.4f} over {len(c.trials)}/{c.seeds} seeds  {values}")
+        print(f"  configuration {c.mean:.4f} over {len(c.trials)}/{c.seed_count} seeds  {values}")
     if result.best_config is not None:
         print(f"best: {result.best.name} ({result.best_said}); "
               f"its config: {result.best_config}\n  raydeep run {result.best_config}")

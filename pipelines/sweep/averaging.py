@@ -24,7 +24,7 @@ class Configuration:
     """The drawn values under their dotted keys (as Tune carries them), the seed left out."""
     trials: list["TrialOutcome"]
     """Its trials that finished with a metric, best first."""
-    seeds: int
+    seed_count: int
     """How many seeds the sweep trains each configuration with."""
 
     @property
@@ -34,7 +34,7 @@ class Configuration:
     @property
     def complete(self) -> bool:
         """Every seed finished with a metric: a mean over fewer would flatter it."""
-        return len(self.trials) == self.seeds
+        return len(self.trials) == self.seed_count
 
 
 def ranked_configurations(sweep: "SweepConfig", trials: list["TrialOutcome"]) -> list[Configuration]:
@@ -57,6 +57,6 @@ def described(sweep: "SweepConfig", configuration: Configuration) -> str:
     low = min(t.metric for t in configuration.trials)
     high = max(t.metric for t in configuration.trials)
     seeds = ", ".join(str(s) for s in sweep.seeds)
-    gone = configuration.seeds - len(configuration.trials)
+    gone = configuration.seed_count - len(configuration.trials)
     return (f"{sweep.metric} {configuration.mean:.4f} (mean of seeds {seeds}: {low:.4f}-{high:.4f}"
             + (f"; {gone} seed{'s' if gone > 1 else ''} without a metric)" if gone else ")"))
