@@ -23,8 +23,9 @@ import torch
 
 from pipelines.config import OptimSection
 from pipelines.errors import quiet_numpy_views
+from pipelines.strategies.ps.shard_optimizer import ShardOptimizer
 from pipelines.training.flat import from_wire
-from pipelines.training.loop import make_optimizer, restore_optimizer
+from pipelines.training.loop import restore_optimizer
 
 # Arrays arriving through Ray's object store are read-only views; a shard only reads them.
 quiet_numpy_views()
@@ -41,11 +42,12 @@ class ParameterShard:
         self.snapshot_every = snapshot_every
         self.snapshot_path = snapshot_file(snapshot_dir, index)
         state = torch.load(self.snapshot_path, weights_only=True)  # tensors and plain values only
-        self.param = torch.nn.Parameter(state["param"].clone().to(self.device))
+        self.param = state["param"].clone().to(self.device)
         self.buffers = None if state["buffers"] is None else state["buffers"].clone()
         self.optim = optim
-        # the schedule follows this shard's own count of applied pushes (every worker's)
-        self.optimizer = make_optimizer(optim, [self.param], pushes_per_epoch)
+        # the schedule follows this shard's own count of applied pushes (every worker's);
+        # not torch.optim, whose first step imports torch._dynamo (`shard_optimizer`)
+        self.optimizer = ShardOptimizer(optim, self.param, pushes_per_epoch)
         self.staleness_aware_lr = staleness_aware_lr
         self._restore(state)
         self.incarnation += 1  # 0 on the first start
@@ -64,9 +66,7 @@ class ParameterShard:
         if self.staleness_aware_lr:
             for group in self.optimizer.param_groups:
                 group["lr_scale"] = 1.0 / (staleness + 1)
-        self.param.grad = from_wire(gradient).to(self.device, non_blocking=True)
-        self.optimizer.step()
-        self.param.grad = None
+        self.optimizer.step(from_wire(gradient).to(self.device, non_blocking=True))
         if buffers is not None and self.buffers is not None:
             self.buffers.copy_(torch.from_numpy(buffers))
         self.version += 1
