@@ -263,6 +263,9 @@ class DBNConfig:
     """Epochs of greedy CD pre-training per RBM (0: no pre-training, a plain sigmoid DNN)."""
     cd_k: int = 1
     """Gibbs steps of the contrastive divergence that pre-trains each RBM."""
+    dropout: float = 0.0
+    """Dropout on each hidden layer's activations while fine-tuning (Hinton et al. 2012 fine-tuned
+    pre-trained nets with it); pre-training never sees it."""
 
 
 class DBN(Classifier):
@@ -287,7 +290,9 @@ class DBN(Classifier):
             raise ValueError(f"dbn pretrain_epochs must be >= 0, got {cfg.pretrain_epochs}")
         if cfg.cd_k < 1:
             raise ValueError(f"dbn cd_k must be >= 1, got {cfg.cd_k}")
-        self.pretrain_epochs, self.cd_k = cfg.pretrain_epochs, cfg.cd_k
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dbn dropout must be in [0, 1), got {cfg.dropout}")
+        self.pretrain_epochs, self.cd_k, self.dropout = cfg.pretrain_epochs, cfg.cd_k, cfg.dropout
         size = flat_size(input_shape)
         self.layers = nn.ModuleList()
         for width in cfg.layers:
@@ -296,10 +301,11 @@ class DBN(Classifier):
         self.head = nn.Linear(size, num_classes)
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
-        """The DBN's up-pass: mean-field activations of the top hidden layer."""
+        """The DBN's up-pass: mean-field activations of the top hidden layer (dropped out
+        while training, where `dropout` says)."""
         h = x.flatten(1)
         for layer in self.layers:
-            h = torch.sigmoid(layer(h))
+            h = F.dropout(torch.sigmoid(layer(h)), self.dropout, self.training)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -154,6 +154,21 @@ def test_dbn_phases_train_only_their_rbm_and_fine_tuning_uses_every_parameter():
     assert spec.build(spec.config(layers=[16, 8], pretrain_epochs=0), (1, 8, 8), 10).pretrain_phases() == []
 
 
+def test_dbn_dropout_drops_hidden_units_while_fine_tuning_only():
+    spec = models.get("dbn")
+    torch.manual_seed(0)
+    dbn = spec.build(spec.config(layers=[64, 32], dropout=0.5), (1, 8, 8), 10)
+    x = torch.rand(50, 1, 8, 8)
+    dbn.train()
+    dropped = dbn.up(x)
+    assert 0.3 < (dropped == 0).float().mean() < 0.7  # about half of the top layer's units
+    dbn.eval()
+    torch.testing.assert_close(dbn.up(x), dbn.up(x))  # evaluation: deterministic, nothing dropped
+    assert (dbn.up(x) > 0).all()  # sigmoid activations, none zeroed
+    with pytest.raises(ValueError, match=r"dbn dropout must be in \[0, 1\), got 1.0"):
+        spec.build(spec.config(dropout=1.0), (1, 8, 8), 10)
+
+
 @pytest.mark.slow  # trains to an accuracy bar: seconds of training
 def test_dbn_pretrains_each_layer_then_fine_tunes_to_high_accuracy(store):
     result = pipelines.train(small_run(**{
