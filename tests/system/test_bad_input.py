@@ -309,6 +309,7 @@ SET_KEYS = [
     (["--model", "ssvae", "--set", "model.labelled_fraction=2"], "ssvae labelled_fraction must be in [0, 1]"),
     (["--model", "dae", "--set", "model.corruption=nosuch"], "dae corruption must be one of mask, gaussian"),
     (["--model", "dbn", "--set", "model.layers=[]"], "dbn layers must name at least one RBM"),
+    (["--model", "dbn", "--set", "model.dropout=1"], "dbn dropout must be in [0, 1), got 1.0"),
     (["--set", "strategy.bogus=1"], "unknown config key 'strategy.bogus'"),
     (["--strategy", "ps", "--set", "strategy.push_dtype=float16"], "strategy.push_dtype must be float32"),
     (["--strategy", "ps", "--set", "strategy.on_worker_failure=ignore"], "strategy.on_worker_failure must be"),
