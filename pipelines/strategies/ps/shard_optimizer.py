@@ -6,7 +6,7 @@ Why not `torch.optim`: the first `step()` of a torch optimizer in a process impo
 it unconditionally, and `add_param_group` inside `_disable_dynamo`, which does too): about
 0.85 s of CPU for modules a shard never uses. A shard process does nothing else that needs
 them, and on a 2-core machine its two shards' imports stood between `ps` and its first step
-(8.3 s with torch's optimizers, 7.3 s without: benchmarks/README.md).
+(median 7.75 s with torch's optimizers, 6.65 s with this, taking turns: benchmarks/README.md).
 
 The arithmetic is torch's single-tensor path (what torch runs for a CPU tensor), op for op
 and in the same order, so a shard's iterates equal torch's bit for bit
