@@ -15,6 +15,11 @@ takes `--steps` steps of one epoch: streamed, the table is read as far as they n
 whole, it is loaded first (what the memory columns show).
 
     python benchmarks/ingest.py --sizes 0.5 2 --repeats 3
+    python benchmarks/ingest.py --sizes 0.5 --kinds stream memory --steps 1500 6000
+
+With two step counts each kind also gets its steady-state rate (`steady_state`): the
+difference of two epochs of different lengths leaves out what an epoch spends before its
+data flows, which a short run is mostly made of.
 """
 from __future__ import annotations
 
@@ -185,40 +190,77 @@ def run_one(kind: str, table: Path, workdir: Path, steps: int) -> dict:
     return result
 
 
+GLOBAL_BATCH = 64
+"""Rows per optimizer step in every kind: raydeep's `data.batch_size`, the documented
+pattern's 32 per worker on 2 workers."""
+
+
+def steady_state(short: dict, long: dict, steps: tuple[int, int]) -> tuple[float, float]:
+    """(samples/s once the data flows, seconds the epoch spends before it does) from two runs
+    of one kind that differ only in their step count: an epoch's time is a fixed start (the
+    first block's read and preparation, the workers' first batch) plus its steps at the
+    steady rate, so the difference of two epochs is steps at that rate alone."""
+    (s1, s2), (r1, r2) = steps, (short["samples_per_s"], long["samples_per_s"])
+    t1, t2 = s1 * GLOBAL_BATCH / r1, s2 * GLOBAL_BATCH / r2
+    rate = (s2 - s1) * GLOBAL_BATCH / (t2 - t1) if t2 > t1 else float("inf")
+    return rate, t1 - s1 * GLOBAL_BATCH / rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=float, nargs="+", default=[0.5, 2.0], help="table sizes, GB of float32")
     parser.add_argument("--memory-up-to", type=float, default=0.5, help="largest size read in memory")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", default=["stream", "memory", "documented"])
-    parser.add_argument("--steps", type=int, default=1500,
-                        help="optimizer steps per run (64 rows each): the table is read as far as they take")
+    parser.add_argument("--steps", type=int, nargs="+", default=[1500],
+                        help="optimizer steps per run (64 rows each): the table is read as far as they "
+                             "take; two counts (e.g. 1500 6000) also give each kind's steady-state rate")
     parser.add_argument("--dir", default=None, help="where the tables are written (default: a temp dir)")
     args = parser.parse_args()
+    if len(args.steps) > 2 or len(set(args.steps)) != len(args.steps):
+        parser.error("--steps takes one count, or two different ones")
     root = Path(args.dir or tempfile.mkdtemp(prefix="raydeep-ingest-"))
     for size in args.sizes:
         table = write_table(root, size)
-        for kind in args.kinds:
-            if kind == "memory" and size > args.memory_up_to:
-                continue
-            results = []
-            for repeat in range(args.repeats):
-                workdir = root / f"{kind}-{size:g}-{repeat}"
-                workdir.mkdir(exist_ok=True)
-                results.append(run_one(kind, table, workdir, args.steps))
-            failed = [r["failed"] for r in results if "failed" in r]
+        kinds = [k for k in args.kinds if not (k == "memory" and size > args.memory_up_to)]
+        results: dict[tuple[str, int], list[dict]] = {}
+        for repeat in range(args.repeats):  # kinds and step counts take turns within a repeat
+            for steps in args.steps:
+                for kind in kinds:
+                    workdir = root / f"{kind}-{size:g}-{steps}-{repeat}"
+                    workdir.mkdir(exist_ok=True)
+                    results.setdefault((kind, steps), []).append(run_one(kind, table, workdir, steps))
+        for (kind, steps), runs in results.items():
+            failed = [r["failed"] for r in runs if "failed" in r]
             if failed:
-                print(f"{size:g} GB {kind:<10} FAILED: {failed[0]}")
+                print(f"{size:g} GB {kind:<10} {steps} steps FAILED: {failed[0]}")
                 continue
-
-            def spread(key):
-                values = [r[key] for r in results]
-                return f"{statistics.median(values):,.0f} [{min(values):,.0f}-{max(values):,.0f}]"
-
-            peak = {k: max(r["rss_mib"].get(k, 0) for r in results) for k in results[0]["rss_mib"]}
-            print(f"{size:g} GB {kind:<10} samples/s {spread('samples_per_s')}  first step "
-                  f"{statistics.median(r['first_step_s'] for r in results):.1f} s  peak RSS MiB: "
+            peak = {k: max(r["rss_mib"].get(k, 0) for r in runs) for k in runs[0]["rss_mib"]}
+            print(f"{size:g} GB {kind:<10} {steps} steps  samples/s {_spread([r['samples_per_s'] for r in runs])}"
+                  f"  first step {statistics.median(r['first_step_s'] for r in runs):.1f} s  peak RSS MiB: "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
+        if len(args.steps) == 2:
+            report_steady_state(size, kinds, results, tuple(args.steps))
+
+
+def report_steady_state(size: float, kinds: list[str], results: dict, steps: tuple[int, int]) -> None:
+    steady = {}
+    for kind in kinds:
+        pairs = list(zip(results[(kind, steps[0])], results[(kind, steps[1])]))
+        if any("failed" in a or "failed" in b for a, b in pairs):
+            continue
+        steady[kind] = [steady_state(a, b, steps) for a, b in pairs]
+        print(f"{size:g} GB {kind:<10} steady state ({steps[0]} -> {steps[1]} steps): samples/s "
+              f"{_spread([rate for rate, _ in steady[kind]])}, before the data flows "
+              f"{_spread([fixed for _, fixed in steady[kind]], '.1f')} s", flush=True)
+    for other in ("memory", "documented"):
+        if "stream" in steady and other in steady:  # repeat by repeat: runs close in time
+            ratios = [a[0] / b[0] for a, b in zip(steady["stream"], steady[other])]
+            print(f"{size:g} GB steady-state stream / {other}: {_spread(ratios, '.2f')}")
+
+
+def _spread(values: list[float], form: str = ",.0f") -> str:
+    return f"{statistics.median(values):{form}} [{min(values):{form}}-{max(values):{form}}]"
 
 
 if __name__ == "__main__":
