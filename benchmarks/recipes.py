@@ -3,6 +3,7 @@ but `--model` and `--strategy`, as issue 19's table asks (goals in `GOALS`).
 
     python benchmarks/recipes.py                                   # every row, seeds 0 1 2
     python benchmarks/recipes.py --rows mlp/local mlp/ps --seeds 0 1 2 3 4 --json out.json
+    python benchmarks/recipes.py --rows mlp/local mlp/ps --set optim.precision=bf16
 
 Each row is trained as `raydeep run --model FAMILY --strategy STRATEGY --seed S` trains it
 (`config.load` lays the recipe), in one process on one embedded local Ray, the rows taking
@@ -48,17 +49,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=ROWS, metavar="FAMILY/STRATEGY", type=_row)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--num-cpus", type=int, default=None, help="the embedded Ray's CPUs (default: as raydeep run)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="laid over every row's recipe, as `raydeep run --set` does (repeatable), "
+                        "e.g. optim.precision=bf16")
     p.add_argument("--json", type=Path, help="write every run's figures here")
     return p.parse_args(argv)
 
 
-def train_once(family: str, strategy: str, seed: int, store: str) -> dict:
+def train_once(family: str, strategy: str, seed: int, store: str, sets: list[str] = ()) -> dict:
     import pipelines
     from pipelines import config
 
     run = config.load(overrides={"model.name": family, "strategy.name": strategy, "seed": seed,
                                  "tracking.uri": store, "tracking.log_model": False,
-                                 "tracking.figures": False})
+                                 "tracking.figures": False}, sets=list(sets))
     began = time.perf_counter()
     result = pipelines.train(run)
     metric = GOALS[family][0]
@@ -91,10 +95,11 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for row in args.rows:
             family, strategy = row.split("/")
-            runs.append(train_once(family, strategy, seed, store))
+            runs.append(train_once(family, strategy, seed, store, args.sets))
             print(f"seed {seed} {row:<14} {runs[-1][GOALS[family][0]]:.4f}  ({runs[-1]['seconds']:.1f} s)",
                   flush=True)
-    print(f"\nover seeds {', '.join(map(str, args.seeds))}: median [min-max], mean; the goal (issue 19)")
+    print(f"\nover seeds {', '.join(map(str, args.seeds))}: median [min-max], mean; the goal (issue 19)"
+          + (f"; every row with --set {' --set '.join(args.sets)}" if args.sets else ""))
     print(f"{'row':<14} {'recipe':<16} {'metric':<22} {'median [min-max]':>26} {'mean':>8} {'goal':>7} "
           f"{'s/run':>6} {'vs local':>9}")
     means = {row: statistics.fmean(r[GOALS[row.split('/')[0]][0]] for r in runs if r["row"] == row)
