@@ -53,16 +53,30 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="laid over every row's recipe, as `raydeep run --set` does (repeatable), "
                         "e.g. optim.precision=bf16")
     p.add_argument("--json", type=Path, help="write every run's figures here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from pipelines.errors import ConfigError
+
+    for row in args.rows:  # an unknown strategy or a bad --set: one line, before Ray starts
+        try:
+            row_config(*row.split("/"), seed=0, store="sqlite:///unused.db", sets=args.sets)
+        except (ConfigError, KeyError, ValueError) as error:
+            p.error(f"{row}: {error.args[0] if isinstance(error, KeyError) else error}")  # KeyError quotes its str
+    return args
+
+
+def row_config(family: str, strategy: str, seed: int, store: str, sets: list[str] = ()):
+    """The run `raydeep run --model FAMILY --strategy STRATEGY --seed S [--set ...]` trains."""
+    from pipelines import config
+
+    return config.load(overrides={"model.name": family, "strategy.name": strategy, "seed": seed,
+                                  "tracking.uri": store, "tracking.log_model": False,
+                                  "tracking.figures": False}, sets=list(sets))
 
 
 def train_once(family: str, strategy: str, seed: int, store: str, sets: list[str] = ()) -> dict:
     import pipelines
-    from pipelines import config
 
-    run = config.load(overrides={"model.name": family, "strategy.name": strategy, "seed": seed,
-                                 "tracking.uri": store, "tracking.log_model": False,
-                                 "tracking.figures": False}, sets=list(sets))
+    run = row_config(family, strategy, seed, store, sets)
     began = time.perf_counter()
     result = pipelines.train(run)
     metric = GOALS[family][0]
