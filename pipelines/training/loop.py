@@ -102,8 +102,9 @@ def make_optimizer(section: OptimSection, params, updates_per_epoch: int | None 
     return follow(optimizer, LearningRate(section, updates_per_epoch))
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, section: OptimSection) -> None:
-    """Load a saved optimizer state but train with the config's hyper-parameters.
+def restore_optimizer(optimizer, state: dict, section: OptimSection) -> None:
+    """Load a saved optimizer state (into a `torch.optim.Optimizer` or a ps shard's
+    `ShardOptimizer`, which share the layout) but train with the config's hyper-parameters.
 
     The saved param groups carry the lr they were saved with; a PBT trial restored from
     another trial's checkpoint with a perturbed lr must train with its own.
