@@ -51,16 +51,21 @@ class LearningRate:
         return self.base
 
 
+def advance(group: dict, rate: LearningRate) -> None:
+    """Before a step: the group's lr becomes rate(its update count) times its `lr_scale` (1;
+    a ps shard's staleness-aware rate divides it) and plateau's factor (1 until it first
+    lowers the rate), and the count goes up."""
+    update = group.get("update", 0)
+    group["lr"] = rate(update) * group.get("lr_scale", 1.0) * group.get(PLATEAU_KEY, {}).get("factor", 1.0)
+    group["update"] = update + 1
+
+
 def follow(optimizer: torch.optim.Optimizer, rate: LearningRate) -> torch.optim.Optimizer:
-    """Before each step, every param group's lr becomes rate(its update count) times its
-    `lr_scale` (1; a ps shard's staleness-aware rate divides it) and plateau's factor (1
-    until it first lowers the rate), and the count goes up."""
+    """A torch optimizer whose every param group `advance`s before each step."""
 
     def before_step(opt, args, kwargs):
         for group in opt.param_groups:
-            update = group.get("update", 0)
-            group["lr"] = rate(update) * group.get("lr_scale", 1.0) * group.get(PLATEAU_KEY, {}).get("factor", 1.0)
-            group["update"] = update + 1
+            advance(group, rate)
 
     optimizer.register_step_pre_hook(before_step)
     return optimizer

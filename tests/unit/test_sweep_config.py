@@ -101,8 +101,14 @@ def test_scheduler_settings_are_checked(tmp_path):
     ("scheduler: {name: pbt, synch: maybe}", "scheduler.synch must be true or false"),
     ("search: {name: optuna, seed: abc}", "search.seed must be an integer >= 0, got 'abc'"),
     ("search: {name: random, seed: -1}", "search.seed must be an integer >= 0, got -1"),
+    ("seeds: 3", "seeds must list two or more different integers >= 0, got 3"),
+    ("seeds: [0, 0]", "seeds must list two or more different integers >= 0, got [0, 0]"),
+    ("seeds: [0, true]", "seeds must list two or more different integers >= 0, got [0, True]"),
+    ("seeds: [0, -1]", "seeds must list two or more different integers >= 0, got [0, -1]"),
+    ("seeds: [0, 1]\nsearch: optuna", "seeds need search random"),
+    ("seeds: [0, 1]\nscheduler: pbt", "seeds need scheduler fifo: pbt stops or copies trials"),
 ])
-def test_scheduler_and_search_values_are_checked_before_ray(tmp_path, setting, message):
+def test_scheduler_search_and_seeds_values_are_checked_before_ray(tmp_path, setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(write(tmp_path, GOOD + setting + "\n"))
 
@@ -175,19 +181,6 @@ def test_optuna_draws_configs_the_sweep_accepts():
         run = sweep.run_config(searcher.suggest(f"trial-{i}"))
         assert run.model.params.channels in ([16, 32], [32, 64])
         assert 0.005 <= run.optim.lr <= 0.2
-
-
-@pytest.mark.parametrize("setting, message", [
-    ("seeds: 3", "seeds must list two or more different integers >= 0, got 3"),
-    ("seeds: [0, 0]", "seeds must list two or more different integers >= 0, got [0, 0]"),
-    ("seeds: [0, true]", "seeds must list two or more different integers >= 0, got [0, True]"),
-    ("seeds: [0, -1]", "seeds must list two or more different integers >= 0, got [0, -1]"),
-    ("seeds: [0, 1]\nsearch: optuna", "seeds need search random"),
-    ("seeds: [0, 1]\nscheduler: pbt", "seeds need scheduler fifo: pbt stops or copies trials"),
-])
-def test_bad_seeds_are_refused_before_ray(tmp_path, setting, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load(write(tmp_path, GOOD + setting + "\n"))
 
 
 SWEPT_SEED = GOOD.replace("metric:", "  seed: {grid: [0, 1]}\nmetric:")

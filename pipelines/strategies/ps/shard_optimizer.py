@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from pipelines.optim_config import OptimSection
-from pipelines.training.schedule import PLATEAU_KEY, LearningRate
+from pipelines.training.schedule import LearningRate, advance
 
 HYPERPARAMETERS = {
     "sgd": {"dampening": 0, "nesterov": False},
@@ -33,9 +33,8 @@ STATE_KEYS = {"sgd": {"momentum_buffer"}, "adam": {"step", "exp_avg", "exp_avg_s
 
 
 class ShardOptimizer:
-    """`optim.name`'s update of one flat tensor, its lr set before each step as
-    `schedule.follow` sets a torch optimizer's: rate(update count) x `lr_scale` x plateau's
-    factor, the count kept in the param group."""
+    """`optim.name`'s update of one flat tensor, its lr set before each step by
+    `schedule.advance`, as a torch optimizer's is, the count kept in the param group."""
 
     def __init__(self, section: OptimSection, param: torch.Tensor, updates_per_epoch: int | None = None):
         self.name, self.param = section.name, param
@@ -50,10 +49,7 @@ class ShardOptimizer:
 
     def step(self, grad: torch.Tensor) -> None:
         group = self.param_groups[0]
-        update = group.get("update", 0)
-        group["lr"] = (self.rate(update) * group.get("lr_scale", 1.0)
-                       * group.get(PLATEAU_KEY, {}).get("factor", 1.0))
-        group["update"] = update + 1
+        advance(group, self.rate)  # the schedule as `schedule.follow` runs it for torch's
         with torch.no_grad():
             {"sgd": self._sgd, "adagrad": self._adagrad}.get(self.name, self._adam)(grad, group)
 
