@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from local_sgd import spread  # noqa: E402  (a sibling script: median [min-max])
+
 COLUMNS = 64
 ROWS_PER_FILE = 500_000
 
@@ -236,7 +240,7 @@ def main() -> None:
                 print(f"{size:g} GB {kind:<10} {steps} steps FAILED: {failed[0]}")
                 continue
             peak = {k: max(r["rss_mib"].get(k, 0) for r in runs) for k in runs[0]["rss_mib"]}
-            print(f"{size:g} GB {kind:<10} {steps} steps  samples/s {_spread([r['samples_per_s'] for r in runs])}"
+            print(f"{size:g} GB {kind:<10} {steps} steps  samples/s {spread([r['samples_per_s'] for r in runs], ',.0f')}"
                   f"  first step {statistics.median(r['first_step_s'] for r in runs):.1f} s  peak RSS MiB: "
                   + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
         if len(args.steps) == 2:
@@ -251,16 +255,12 @@ def report_steady_state(size: float, kinds: list[str], results: dict, steps: tup
             continue
         steady[kind] = [steady_state(a, b, steps) for a, b in pairs]
         print(f"{size:g} GB {kind:<10} steady state ({steps[0]} -> {steps[1]} steps): samples/s "
-              f"{_spread([rate for rate, _ in steady[kind]])}, before the data flows "
-              f"{_spread([fixed for _, fixed in steady[kind]], '.1f')} s", flush=True)
+              f"{spread([rate for rate, _ in steady[kind]], ',.0f')}, before the data flows "
+              f"{spread([fixed for _, fixed in steady[kind]], '.1f')} s", flush=True)
     for other in ("memory", "documented"):
         if "stream" in steady and other in steady:  # repeat by repeat: runs close in time
             ratios = [a[0] / b[0] for a, b in zip(steady["stream"], steady[other])]
-            print(f"{size:g} GB steady-state stream / {other}: {_spread(ratios, '.2f')}")
-
-
-def _spread(values: list[float], form: str = ",.0f") -> str:
-    return f"{statistics.median(values):{form}} [{min(values):{form}}-{max(values):{form}}]"
+            print(f"{size:g} GB steady-state stream / {other}: {spread(ratios, '.2f')}")
 
 
 if __name__ == "__main__":
