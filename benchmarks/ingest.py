@@ -16,6 +16,11 @@ whole, it is loaded first (what the memory columns show).
 
     python benchmarks/ingest.py --sizes 0.5 2 --repeats 3
     python benchmarks/ingest.py --sizes 0.5 --kinds stream memory --steps 1500 6000
+    python benchmarks/ingest.py --sizes 0.5 2 --where local s3 --steps 1500 6000
+
+`--where s3` reads the same files from a bucket on moto's S3 server (a real HTTP server
+speaking the S3 API, its own process on a free local port), through the `s3://` URI a
+user gives `--data` (credentials and endpoint in the URI, as `--storage-path` takes them).
 
 With two step counts each kind also gets its steady-state rate (`steady_state`): the
 difference of two epochs of different lengths leaves out what an epoch spends before its
@@ -24,8 +29,10 @@ data flows, which a short run is mostly made of.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -154,14 +161,55 @@ def loop(config):
                                       / (time.time() - began), "first_step_s": first - config["started"]}))
 
 ray.init(num_cpus=3, include_dashboard=False)
+import pyarrow.fs
+filesystem, path = pyarrow.fs.FileSystem.from_uri(sys.argv[1]) if "://" in sys.argv[1] else (None, sys.argv[1])
 trainer = TorchTrainer(loop, train_loop_config={"batch": 32, "started": started, "steps": int(sys.argv[2])},
                        scaling_config=ScalingConfig(num_workers=2),
-                       datasets={"train": ray.data.read_parquet(sys.argv[1])})
+                       datasets={"train": ray.data.read_parquet(path, filesystem=filesystem)})
 trainer.fit()
 '''
 
 
-def run_one(kind: str, table: Path, workdir: Path, steps: int) -> dict:
+@contextlib.contextmanager
+def s3_copies():
+    """A function that puts a table's files in a bucket of a moto S3 server started here
+    and gives their `s3://` URI; the server stops on exit."""
+    import pyarrow.fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 30
+        fs = pyarrow.fs.S3FileSystem(access_key="k", secret_key="s", region="us-east-1", scheme="http",
+                                     endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True)
+        while True:
+            try:
+                fs.create_dir("bench")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.3)
+
+        def upload(table: Path) -> str:
+            for path in sorted(table.glob("*.parquet")):
+                pyarrow.fs.copy_files(str(path), f"bench/{table.name}/{path.name}",
+                                      destination_filesystem=fs)
+            return (f"s3://k:s@bench/{table.name}/?endpoint_override=127.0.0.1:{port}&scheme=http"
+                    "&region=us-east-1")
+
+        yield upload
+    finally:
+        server.kill()
+        server.wait()
+        log.close()
+
+
+def run_one(kind: str, table: str, workdir: Path, steps: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if kind == "documented":
         command = [sys.executable, "-c", DOCUMENTED, str(table), str(steps)]
@@ -220,47 +268,57 @@ def main() -> None:
                         help="optimizer steps per run (64 rows each): the table is read as far as they "
                              "take; two counts (e.g. 1500 6000) also give each kind's steady-state rate")
     parser.add_argument("--dir", default=None, help="where the tables are written (default: a temp dir)")
+    parser.add_argument("--where", nargs="+", choices=["local", "s3"], default=["local"],
+                        help="the tables' files on local disk, and/or on a moto S3 server's bucket")
     args = parser.parse_args()
     if len(args.steps) > 2 or len(set(args.steps)) != len(args.steps):
         parser.error("--steps takes one count, or two different ones")
     root = Path(args.dir or tempfile.mkdtemp(prefix="raydeep-ingest-"))
-    for size in args.sizes:
-        table = write_table(root, size)
-        kinds = [k for k in args.kinds if not (k == "memory" and size > args.memory_up_to)]
-        results: dict[tuple[str, int], list[dict]] = {}
-        for repeat in range(args.repeats):  # kinds and step counts take turns within a repeat
-            for steps in args.steps:
-                for kind in kinds:
-                    workdir = root / f"{kind}-{size:g}-{steps}-{repeat}"
-                    workdir.mkdir(exist_ok=True)
-                    results.setdefault((kind, steps), []).append(run_one(kind, table, workdir, steps))
-        for (kind, steps), runs in results.items():
-            failed = [r["failed"] for r in runs if "failed" in r]
-            if failed:
-                print(f"{size:g} GB {kind:<10} {steps} steps FAILED: {failed[0]}")
-                continue
-            peak = {k: max(r["rss_mib"].get(k, 0) for r in runs) for k in runs[0]["rss_mib"]}
-            print(f"{size:g} GB {kind:<10} {steps} steps  samples/s {spread([r['samples_per_s'] for r in runs], ',.0f')}"
-                  f"  first step {statistics.median(r['first_step_s'] for r in runs):.1f} s  peak RSS MiB: "
-                  + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
-        if len(args.steps) == 2:
-            report_steady_state(size, kinds, results, tuple(args.steps))
+    with contextlib.ExitStack() as stack:
+        upload = stack.enter_context(s3_copies()) if "s3" in args.where else None
+        for size in args.sizes:
+            table = write_table(root, size)
+            for where in args.where:
+                source = str(table) if where == "local" else upload(table)
+                measure(f"{size:g} GB {where:<5}", source, root / f"{where}-{size:g}", args,
+                        [k for k in args.kinds if not (k == "memory" and size > args.memory_up_to)])
 
 
-def report_steady_state(size: float, kinds: list[str], results: dict, steps: tuple[int, int]) -> None:
+def measure(title: str, source: str, root: Path, args, kinds: list[str]) -> None:
+    results: dict[tuple[str, int], list[dict]] = {}
+    for repeat in range(args.repeats):  # kinds and step counts take turns within a repeat
+        for steps in args.steps:
+            for kind in kinds:
+                workdir = root / f"{kind}-{steps}-{repeat}"
+                workdir.mkdir(parents=True, exist_ok=True)
+                results.setdefault((kind, steps), []).append(run_one(kind, source, workdir, steps))
+    for (kind, steps), runs in results.items():
+        failed = [r["failed"] for r in runs if "failed" in r]
+        if failed:
+            print(f"{title} {kind:<10} {steps} steps FAILED: {failed[0]}")
+            continue
+        peak = {k: max(r["rss_mib"].get(k, 0) for r in runs) for k in runs[0]["rss_mib"]}
+        print(f"{title} {kind:<10} {steps} steps  samples/s {spread([r['samples_per_s'] for r in runs], ',.0f')}"
+              f"  first step {statistics.median(r['first_step_s'] for r in runs):.1f} s  peak RSS MiB: "
+              + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
+    if len(args.steps) == 2:
+        report_steady_state(title, kinds, results, tuple(args.steps))
+
+
+def report_steady_state(title: str, kinds: list[str], results: dict, steps: tuple[int, int]) -> None:
     steady = {}
     for kind in kinds:
         pairs = list(zip(results[(kind, steps[0])], results[(kind, steps[1])]))
         if any("failed" in a or "failed" in b for a, b in pairs):
             continue
         steady[kind] = [steady_state(a, b, steps) for a, b in pairs]
-        print(f"{size:g} GB {kind:<10} steady state ({steps[0]} -> {steps[1]} steps): samples/s "
+        print(f"{title} {kind:<10} steady state ({steps[0]} -> {steps[1]} steps): samples/s "
               f"{spread([rate for rate, _ in steady[kind]], ',.0f')}, before the data flows "
               f"{spread([fixed for _, fixed in steady[kind]], '.1f')} s", flush=True)
     for other in ("memory", "documented"):
         if "stream" in steady and other in steady:  # repeat by repeat: runs close in time
             ratios = [a[0] / b[0] for a, b in zip(steady["stream"], steady[other])]
-            print(f"{size:g} GB steady-state stream / {other}: {spread(ratios, '.2f')}")
+            print(f"{title} steady-state stream / {other}: {spread(ratios, '.2f')}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ LOCAL_SYSTEM_CONFIG = {
     "worker_niceness": 0,
     # Nothing scrapes Ray's metrics on an embedded instance; exporting them is work for nothing.
     "enable_metrics_collection": False,
+    # Ray kills a task worker idle for 1 s once there are more workers than CPUs, which a
+    # run's actors alone make: between two streamed epochs (validation, checkpoint) Ray
+    # Data's read workers died and the next epoch started them afresh. Kept for a minute,
+    # the 2nd and 3rd epochs of 1,500 steps on 0.5 GB ran at 18,518 samples/s [17,897-20,389]
+    # (5 runs) instead of 11,078 [9,676-12,825] (2 runs; benchmarks/ingest.py's table). On a
+    # cluster: `ray start ... --system-config='{"idle_worker_killing_time_threshold_ms": 60000}'`.
+    "idle_worker_killing_time_threshold_ms": 60_000,
 }
 """Ray settings of the embedded local Ray."""
 
