@@ -2,16 +2,18 @@
 
     python benchmarks/pipeline.py [--stages 2 --microbatches 8 --batch-size 256 --epochs 4]
 
-In one run: raydeep `pipeline` (GPipe, 1F1B, ZB-H1 and interleaved 1F1B with
-`--virtual-stages` chunks per stage) on an embedded local Ray, then
+In one run: raydeep `pipeline` (GPipe, 1F1B, ZB-H1, interleaved 1F1B with
+`--virtual-stages` chunks per stage, and ZB-V with 2 in a V) on an embedded local Ray, then
 `torch.distributed.pipelining` (`ScheduleGPipe`, `Schedule1F1B`, `ScheduleInterleavedZeroBubble`
-with one stage per rank, `ScheduleInterleaved1F1B`) under `torchrun` with
+with one stage per rank, `ScheduleInterleaved1F1B`, `ScheduleZBVZeroBubble`) under `torchrun` with
 P processes over gloo, one torch thread per stage everywhere, on the same MLP (synthetic
 1x32x32 inputs, 4 hidden layers of 1024), the same stage cut (raydeep's measured one) and
 the same mini-batches. Printed per run: steady samples/s (epochs after the first) and
 raydeep / torch; the schedule's compute-bound ideal, (M + (P-1)/V) x the slowest stage's
 measured forward+backward on one micro-batch (V = 1 but interleaved: a stage's V chunks), and
-the efficiency ideal/measured; raydeep's measured bubble per stage against (P-1)/(VM+P-1);
+the efficiency ideal/measured; raydeep's measured bubble per stage against (P-1)/(VM+P-1)
+(ZB-V, which has no closed form: its simulated bubble with F = B = W, and the ideal
+M x the slowest stage's cost / (1 - that bubble), the same form as the others');
 and the overhead per stage operation, (measured step time - ideal step time) / (2 (VM+P-1))
 operations on the critical path. Goals (reported,
 not enforced): raydeep / torch >= 1.0, efficiency >= 0.9, overhead <= 0.5 ms.
@@ -35,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"])
+    p.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "zb-v"])
     p.add_argument("--virtual-stages", type=int, default=2, help="chunks per stage for interleaved-1f1b")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=256)
@@ -58,9 +60,9 @@ def run_dict(args, workdir: Path, schedule: str) -> dict:
 
 
 def chunks(args, schedule: str) -> int:
-    from pipelines.strategies.pipeline_parallel.schedules import INTERLEAVED
+    from pipelines.strategies.pipeline_parallel.schedules import FIXED_CHUNKS, INTERLEAVED
 
-    return args.virtual_stages if schedule in INTERLEAVED else 1
+    return args.virtual_stages if schedule in INTERLEAVED else FIXED_CHUNKS.get(schedule, 1)
 
 
 def main(argv=None) -> int:
@@ -72,8 +74,9 @@ def main(argv=None) -> int:
     from cluster.connect import connect
     from pipelines import config
     from pipelines import data as datasets
+    from pipelines.strategies.pipeline_parallel.actions import placement_of, stage_of
     from pipelines.strategies.pipeline_parallel.cut import cut
-    from pipelines.strategies.pipeline_parallel.schedules import theoretical_bubble
+    from pipelines.strategies.pipeline_parallel.schedules import build
     from pipelines.training.loop import build_model
 
     connect(num_cpus=max(4, args.stages))
@@ -94,14 +97,17 @@ def main(argv=None) -> int:
             spec = {"config": {**raw, "strategy": {"name": "local"}}, "bounds": the_cut.bounds,
                     "schedule": schedule, "microbatches": args.microbatches, "virtual_stages": v}
             theirs = run_torch(args, spec)
-            # an actor's work per micro-batch: its chunks' (model stages s, s+P, ...)
-            per_actor = [sum(the_cut.costs[c * args.stages + s] for c in range(v)) for s in range(args.stages)]
-            ideal_step = (args.microbatches + (args.stages - 1) / v) * max(per_actor)
+            # an actor's work per micro-batch: its chunks' (model stages s, s+P, ... or a V's)
+            placement = placement_of(build(schedule, args.stages, args.microbatches, v))
+            per_actor = [sum(the_cut.costs[stage_of(s, c, args.stages, placement)] for c in range(v))
+                         for s in range(args.stages)]
+            theory = result.history[-1]["bubble_theoretical"]  # (P-1)/(vM+P-1), or ZB-V's simulated
+            ideal_step = args.microbatches * max(per_actor) / (1 - theory)
             measured_step = args.batch_size / ours
             operations = 2 * (v * args.microbatches + args.stages - 1)
             rows[schedule] = {
                 "raydeep": ours, "torch": theirs, "ideal": args.batch_size / ideal_step,
-                "bubbles": bubbles, "theory": theoretical_bubble(args.stages, args.microbatches, v),
+                "bubbles": bubbles, "theory": theory,
                 "overhead_ms": (measured_step - ideal_step) / operations * 1e3,
                 "costs_ms": [c * 1e3 for c in per_actor]}
     print(f"\nmlp {args.depth}x{args.width} on 1x32x32, batch {args.batch_size}, P={args.stages}, "

@@ -1,10 +1,10 @@
 """The torch.distributed.pipelining side of `benchmarks/pipeline.py` (run under torchrun).
 
 Same run config, same model and initial weights, same layer cut, same mini-batches; a
-`PipelineStage` per process (V of them, stages rank, rank + P, ..., for interleaving) and
-`ScheduleGPipe` / `Schedule1F1B` / `ScheduleInterleavedZeroBubble` /
-`ScheduleInterleaved1F1B`, gloo. Prints one JSON line
-from the last rank: samples/s of each epoch (timed from the epoch's first step to its last).
+`PipelineStage` per process (V of them, stages rank, rank + P, ..., for interleaving; rank
+and 2P - 1 - rank for ZB-V) and `ScheduleGPipe` / `Schedule1F1B` /
+`ScheduleInterleavedZeroBubble` / `ScheduleInterleaved1F1B` / `ScheduleZBVZeroBubble`, gloo.
+Prints one JSON line from the rank holding the loss: samples/s of each epoch (timed from the epoch's first step to its last).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def main() -> None:
         ScheduleGPipe,
         ScheduleInterleaved1F1B,
         ScheduleInterleavedZeroBubble,
+        ScheduleZBVZeroBubble,
     )
 
     from pipelines import config
@@ -45,7 +46,8 @@ def main() -> None:
     v = spec.get("virtual_stages", 1)
     micro = run.data.batch_size // spec["microbatches"]
     stages, blocks = [], []
-    for index in range(rank, world * v, world):  # model stages rank, rank + P, ...
+    held = [rank, 2 * world - 1 - rank] if spec["schedule"] == "zb-v" else range(rank, world * v, world)
+    for index in held:  # model stages rank, rank + P, ... or, in a V, rank and 2P - 1 - rank
         a, b = spec["bounds"][index]
         block = nn.Sequential(*layers[a:b])
         example = data.x_train[:micro]
@@ -59,6 +61,8 @@ def main() -> None:
         schedule = ScheduleInterleavedZeroBubble(stages, spec["microbatches"], loss_fn=loss)
     elif spec["schedule"] == "interleaved-1f1b":
         schedule = ScheduleInterleaved1F1B(stages, spec["microbatches"], loss_fn=loss)
+    elif spec["schedule"] == "zb-v":
+        schedule = ScheduleZBVZeroBubble(stages, spec["microbatches"], loss_fn=loss)
     else:
         schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[spec["schedule"]](
             stages[0], spec["microbatches"], loss_fn=loss)
@@ -69,16 +73,18 @@ def main() -> None:
         for idx in batch_indices(len(data.y_train), run.data.batch_size, seed=run.seed, epoch=epoch,
                                  cap=run.optim.steps_per_epoch):
             optimizer.zero_grad(set_to_none=True)
-            if rank == 0:
+            if spec["schedule"] == "zb-v" and rank == 0:  # the V's first and last stages
+                schedule.step(data.x_train[idx], target=data.y_train[idx])
+            elif rank == 0:
                 schedule.step(data.x_train[idx])
-            elif rank == world - 1:
+            elif rank == world - 1 and spec["schedule"] != "zb-v":
                 schedule.step(target=data.y_train[idx])
             else:
                 schedule.step()
             optimizer.step()
             samples += len(idx)
         rates.append(samples / (time.perf_counter() - began))
-    if rank == world - 1:
+    if rank == (0 if spec["schedule"] == "zb-v" else world - 1):
         print(json.dumps({"samples_per_s": rates}), flush=True)
     dist.destroy_process_group()
 

@@ -33,6 +33,9 @@ def local_reference(tmp_path_factory):
     (3, "zb-h1", {"strategy.activation_checkpointing": True}),
     # two chunks per actor: the 4 blocks as stages 0 and 2 on one actor, 1 and 3 on the other
     (2, "interleaved-1f1b", {"strategy.virtual_stages": 2, "strategy.replicas": 2}),
+    # in a V: stages 0 and 3 on actor 0 (inputs and loss), 1 and 2 on actor 1, which hands
+    # stage 1's output to stage 2 (and stage 2's input gradient back) in memory
+    (2, "zb-v", {"strategy.virtual_stages": 2, "strategy.replicas": 2}),
 ])
 def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local_reference,
                                                         stages, schedule, extra):
@@ -59,9 +62,11 @@ def test_pipeline_equals_local_on_the_same_minibatches(ray_session, store, local
     assert moved, "training did not change the weights: the comparison would prove nothing"
 
 
-def test_three_interleaved_stages_with_checkpointing_equal_local(ray_session, store):
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zb-v"])
+def test_three_stages_of_two_chunks_with_checkpointing_equal_local(ray_session, store, schedule):
     """P = 3 actors of 2 chunks each: an MLP of 6 blocks, 3 micro-batches (a whole group of
-    P) of 16; stage 5's output comes back from actor 2 as the loss. Tolerance as above: 48
+    P) of 16; stage 5's output is the loss on actor 2 (interleaved) or actor 0 (the V, whose
+    3 micro-batches are fewer than the 2P - 1 its order is laid out for). Tolerance as above: 48
     examples a step, 2 gamma_48 (6e-6) of the sum of magnitudes, 9 * 10 * 6e-6 = 5.4e-4 of
     an update over 9 steps with momentum. The rate follows optim.schedule plateau: no epoch
     counts as better than the first (threshold 0.9), so every stage lowers its rate after
@@ -75,7 +80,7 @@ def test_three_interleaved_stages_with_checkpointing_equal_local(ray_session, st
     local = reference.model.state_dict()
     staged = pipelines.train(small_run(**common, **{
         "strategy.name": "pipeline", "strategy.stages": 3, "strategy.microbatches": 3,
-        "strategy.schedule": "interleaved-1f1b", "strategy.virtual_stages": 2,
+        "strategy.schedule": schedule, "strategy.virtual_stages": 2,
         "strategy.activation_checkpointing": True}))
     assert [h["lr"] for h in staged.history] == [h["lr"] for h in reference.history]
     piped = staged.model.state_dict()
@@ -191,10 +196,10 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     assert "theoretical bubble (P-1)/(M+P-1) = 0.333" in done.stdout
     assert not (workdir / "mlflow.db").exists()
     # a schedule saved as text (the actions torch.distributed.pipelining names) runs as its own
-    from pipelines.strategies.pipeline_parallel import schedules
+    from pipelines.strategies.pipeline_parallel import actions, schedules
 
     saved = workdir / "mine.txt"
-    saved.write_text(schedules.to_text(schedules.zb_h1(3, 4)))
+    saved.write_text(actions.to_text(schedules.zb_h1(3, 4)))
     mine = run_cli("run", "--strategy", "pipeline", "--stages", "3", "--microbatches", "4",
                    "--set", f"strategy.schedule={saved.read_text()}", "--print-schedule", cwd=workdir, timeout=120)
     assert mine.returncode == 0, mine.stderr
@@ -209,7 +214,9 @@ def test_print_schedule_draws_the_grid_without_training(workdir):
     (["--microbatches", "0"], "strategy.microbatches must be >= 1"),
     (["--microbatches", "128"], "exceeds data.batch_size (64)"),
     (["--schedule", "zigzag"],
-     "strategy.schedule: unknown schedule 'zigzag' (known: gpipe, 1f1b, zb-h1, interleaved-1f1b, or"),
+     "strategy.schedule: unknown schedule 'zigzag' (known: gpipe, 1f1b, zb-h1, interleaved-1f1b, zb-v, or"),
+    (["--schedule", "zb-v"], "strategy.schedule: zb-v gives each stage 2 chunks of the model, in a V "
+                             "(stage a holds model stages a and 2P-1-a): set strategy.virtual_stages"),
     (["--virtual-stages", "2"], "1f1b holds one chunk per actor: strategy.virtual_stages 2 needs schedule"),
     (["--schedule", "interleaved-1f1b"], "interleaved-1f1b gives each stage several chunks of the model: set "
                                          "strategy.virtual_stages (--virtual-stages) >= 2, got 1"),

@@ -1,29 +1,35 @@
 """Pipeline schedules as data, checked without any process."""
 import pytest
 
-from pipelines.strategies.pipeline_parallel import schedules
-from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, WEIGHT, Action
+from pipelines.strategies.pipeline_parallel import actions, schedules
+from pipelines.strategies.pipeline_parallel import simulation as sim
+from pipelines.strategies.pipeline_parallel.actions import BACKWARD, FORWARD, V_SHAPE, WEIGHT, Action
 
 SIZES = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 4, 8)]
 PLANS = [(name, p, m, v) for name in sorted(schedules.SCHEDULES) for p, m in SIZES
-         for v in ((2, 3) if name in schedules.INTERLEAVED else (1,))
+         for v in ((2, 3) if name in schedules.INTERLEAVED else (schedules.FIXED_CHUNKS.get(name, 1),))
          if name not in schedules.INTERLEAVED or m % p == 0]
 """Every schedule at every size it takes: interleaving with 2 and 3 chunks per actor, where
-the micro-batches come in whole groups of P."""
+the micro-batches come in whole groups of P; ZB-V with its 2."""
 
 
 @pytest.mark.parametrize("name, stages, microbatches, virtual", PLANS)
 def test_every_schedule_is_complete_ordered_and_runs_without_deadlock(name, stages, microbatches, virtual):
     schedule = schedules.build(name, stages, microbatches, virtual)
-    assert len(schedule) == stages and schedules.chunks(schedule) == virtual
+    assert len(schedule) == stages and actions.chunks(schedule) == virtual
     schedules.validate(schedule, microbatches)
-    slots = schedules.simulate(schedule)
-    assert len(slots) == (3 if schedules.splits(schedule) else 2) * stages * microbatches * virtual
-    # keyed by model stage (chunk c of actor a is stage c*P + a), kind and micro-batch
-    end = {(s.action.chunk * stages + s.stage, s.action.kind, s.action.microbatch): s.end for s in slots}
+    slots = sim.simulate(schedule)
+    assert len(slots) == (3 if actions.splits(schedule) else 2) * stages * microbatches * virtual
+    placement = actions.placement_of(schedule)
+
+    def stage(slot) -> int:  # the model stage: chunk c of actor a is stage c*P + a, or in a V's
+        return actions.stage_of(slot.stage, slot.action.chunk, stages, placement)  # odd chunks P-1-a
+
+    end = {(stage(s), s.action.kind, s.action.microbatch): s.end for s in slots}
+    assert sorted({stage(s) for s in slots}) == list(range(stages * virtual))  # every stage held once
     last = stages * virtual - 1
     for s in slots:  # the data each action needs was produced before it started
-        i, here = s.action.microbatch, s.action.chunk * stages + s.stage
+        i, here = s.action.microbatch, stage(s)
         if s.action.kind == FORWARD and here > 0:
             assert s.start >= end[(here - 1, FORWARD, i)]
         if s.action.kind == BACKWARD:
@@ -39,16 +45,16 @@ def test_1f1b_holds_at_most_p_microbatches_where_gpipe_holds_m(stages, microbatc
     gpipe = schedules.gpipe(stages, microbatches)
     one_f_one_b = schedules.one_f_one_b(stages, microbatches)
     for stage in range(stages):
-        assert schedules.peak_activations(gpipe[stage]) == microbatches
-        assert schedules.peak_activations(one_f_one_b[stage]) == min(stages - stage, microbatches)
+        assert sim.peak_activations(gpipe[stage]) == microbatches
+        assert sim.peak_activations(one_f_one_b[stage]) == min(stages - stage, microbatches)
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("stages, microbatches", [(2, 4), (3, 4), (4, 8)])
 def test_bubble_with_equal_costs_is_the_textbook_one(name, stages, microbatches):
-    slots = schedules.simulate(schedules.build(name, stages, microbatches), 1.0, 1.0)
-    expected = schedules.theoretical_bubble(stages, microbatches)
-    for fraction in schedules.bubble_fraction(slots, stages):
+    slots = sim.simulate(schedules.build(name, stages, microbatches), 1.0, 1.0)
+    expected = sim.theoretical_bubble(stages, microbatches)
+    for fraction in sim.bubble_fraction(slots, stages):
         assert fraction == pytest.approx(expected)
 
 
@@ -59,7 +65,7 @@ def test_a_schedule_that_waits_on_itself_is_refused():
     with pytest.raises(ValueError, match="before its forward"):
         schedules.validate(broken, 1)
     with pytest.raises(ValueError, match="deadlocks"):
-        schedules.simulate(broken)
+        sim.simulate(broken)
 
 
 def test_unknown_schedule_and_bad_sizes_name_the_problem():
@@ -70,8 +76,8 @@ def test_unknown_schedule_and_bad_sizes_name_the_problem():
 
 
 def test_render_draws_one_row_per_stage():
-    slots = schedules.simulate(schedules.one_f_one_b(2, 4), 1.0, 1.0)
-    text = schedules.render(slots, 2)
+    slots = sim.simulate(schedules.one_f_one_b(2, 4), 1.0, 1.0)
+    text = sim.render(slots, 2)
     lines = text.splitlines()
     assert len(lines) == 3 and lines[1].split()[1:3] == ["F0", "F1"]
     assert lines[2].split()[1:3] == [".", "F0"]
@@ -82,8 +88,8 @@ def test_zb_h1_is_never_longer_than_1f1b_and_holds_what_it_holds(stages, microba
     """With F = B = W = 1 unit (a fused backward 2), ZB-H1's stages hold 1F1B's micro-batches
     at most, and its makespan lies between the zero-bubble bound and 1F1B's less P-1."""
     zb, one = schedules.zb_h1(stages, microbatches), schedules.one_f_one_b(stages, microbatches)
-    assert [schedules.peak_activations(a) for a in zb] == [schedules.peak_activations(a) for a in one]
-    makespan = {name: max(s.end for s in schedules.simulate(plan)) for name, plan in (("zb", zb), ("1f1b", one))}
+    assert [sim.peak_activations(a) for a in zb] == [sim.peak_activations(a) for a in one]
+    makespan = {name: max(s.end for s in sim.simulate(plan)) for name, plan in (("zb", zb), ("1f1b", one))}
     # No schedule beats a stage's own 3M units plus the P-1 it must wait for its first input;
     # each of the P-1 hops back through the stages waits for a B of 1 unit instead of a fused
     # backward of 2, so ZB-H1 ends at least P-1 units before 1F1B's 3(M+P-1).
@@ -93,15 +99,15 @@ def test_zb_h1_is_never_longer_than_1f1b_and_holds_what_it_holds(stages, microba
 
 @pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
 def test_a_schedule_round_trips_through_its_text(name):
-    virtual = 2 if name in schedules.INTERLEAVED else 1
+    virtual = 2 if name in schedules.INTERLEAVED else schedules.FIXED_CHUNKS.get(name, 1)
     plan = schedules.build(name, 3, 6 if virtual > 1 else 4, virtual)
-    text = schedules.to_text(plan)
+    text = actions.to_text(plan)
     assert text.splitlines()[0].split()[0] == "0F0"
-    assert schedules.from_text("# saved\n" + text + "\n\n") == plan
+    assert actions.from_text("# saved\n" + text + "\n\n") == plan
     with pytest.raises(ValueError, match="'0X1' is not an action like 0F1, 1B0 or 2W3"):
-        schedules.from_text("0F0 0X1")
+        actions.from_text("0F0 0X1")
     with pytest.raises(ValueError, match="'1F0' names stage 1, but line 1 holds stage 0's actions"):
-        schedules.from_text("1F0")
+        actions.from_text("1F0")
     assert str(Action(WEIGHT, 3)) == "W3"
 
 
@@ -149,16 +155,16 @@ def test_interleaving_fills_the_pipeline_v_times_faster(stages, microbatches, vi
     1F1B's (P-1)/(M + P-1) shrunk v-fold in the pipeline's fill, for the activations of
     up to (P - a - 1) x 2 + (v - 1) x P + 1 chunks on actor a, each 1/v of a stage's."""
     plan = schedules.interleaved_1f1b(stages, microbatches, virtual)
-    slots = schedules.simulate(plan, 1.0 / virtual, 2.0 / virtual)
+    slots = sim.simulate(plan, 1.0 / virtual, 2.0 / virtual)
     expected = (stages - 1) / (virtual * microbatches + stages - 1)
-    assert schedules.theoretical_bubble(stages, microbatches, virtual) == pytest.approx(expected)
-    for fraction in schedules.bubble_fraction(slots, stages):
+    assert sim.theoretical_bubble(stages, microbatches, virtual) == pytest.approx(expected)
+    for fraction in sim.bubble_fraction(slots, stages):
         assert fraction == pytest.approx(expected)
-    one = schedules.bubble_fraction(schedules.simulate(schedules.one_f_one_b(stages, microbatches)), stages)
+    one = sim.bubble_fraction(sim.simulate(schedules.one_f_one_b(stages, microbatches)), stages)
     assert max(one) > expected
-    for actor, actions in enumerate(plan):
+    for actor, order in enumerate(plan):
         warmup = min((stages - actor - 1) * 2 + (virtual - 1) * stages, microbatches * virtual)
-        assert schedules.peak_activations(actions) == min(warmup + 1, microbatches * virtual)
+        assert sim.peak_activations(order) == min(warmup + 1, microbatches * virtual)
 
 
 def test_interleaving_names_what_it_needs_in_one_line():
@@ -166,8 +172,45 @@ def test_interleaving_names_what_it_needs_in_one_line():
         schedules.build("interleaved-1f1b", 2, 3, 2)
     with pytest.raises(ValueError, match="1f1b holds one chunk per actor: strategy.virtual_stages 2 needs"):
         schedules.build("1f1b", 2, 4, 2)
-    text = schedules.to_text(schedules.interleaved_1f1b(2, 4, 2))
+    text = actions.to_text(schedules.interleaved_1f1b(2, 4, 2))
     assert text.splitlines()[1].split()[:3] == ["1F0", "1F1", "3F0"]  # actor 1's chunk 1 is stage 3
     with pytest.raises(ValueError, match="holds 2 chunk"):
         schedules.build(text, 2, 4, 1)
     assert schedules.build(text, 2, 4, 2) == schedules.interleaved_1f1b(2, 4, 2)
+
+
+@pytest.mark.parametrize("stages, microbatches", [(2, 4), (2, 8), (3, 6), (4, 8), (4, 16)])
+def test_zb_v_all_but_closes_the_bubble_at_1f1bs_memory(stages, microbatches):
+    """ZB-V with F = B = W (each half a stage's, a chunk holding half its layers): an actor
+    idles only while the first micro-batch comes down the V and its last gradient goes
+    back up, under 1F1B's (P-1)/(M+P-1) and ZB-H1's; each actor holds at most 2P
+    chunk-activations, P stages' worth, 1F1B's peak on its first stage; the model's first
+    and last stages on actor 0, and actor P-1 turning the V (stages P-1 and P)."""
+    plan = schedules.zb_v(stages, microbatches)
+    assert actions.placement_of(plan) == V_SHAPE
+    assert [actions.holder(s, stages, V_SHAPE) for s in (0, 2 * stages - 1, stages - 1, stages)] == [
+        (0, 0), (0, 1), (stages - 1, 0), (stages - 1, 1)]
+    slots = sim.simulate(plan, 0.5, 1.0)
+    makespan = max(s.end for s in slots)
+    busy = 3 * 0.5 * 2 * microbatches  # F, B, W of each micro-batch on each of 2 chunks
+    # the first micro-batch reaches the V's turn after P - 1 chunk forwards, its last
+    # gradient returns in as many steps: at most 2(P - 1) half-units besides the work
+    assert busy <= makespan <= busy + (stages - 1) * 0.5 * 2
+    zb_h1 = sim.bubble_fraction(sim.simulate(schedules.zb_h1(stages, microbatches), 1.0, 2.0), stages)
+    for fraction in sim.bubble_fraction(slots, stages):
+        assert fraction < min(sim.theoretical_bubble(stages, microbatches), max(zb_h1))
+    for actions_of_actor in plan:
+        assert sim.peak_activations(actions_of_actor) <= 2 * stages
+
+
+def test_zb_v_names_what_it_needs_in_one_line_and_reads_back_from_text():
+    with pytest.raises(ValueError, match=r"zb-v gives each stage 2 chunks of the model, in a V .* got 1"):
+        schedules.build("zb-v", 2, 4, 1)
+    text = actions.to_text(schedules.zb_v(2, 4))
+    assert text.splitlines()[0].split()[:4] == ["0F0", "0F1", "0F2", "3F0"]  # actor 0: stages 0 and 3
+    assert text.splitlines()[1].split()[:2] == ["1F0", "2F0"]  # actor 1 turns the V: stage 1, then 2
+    assert schedules.build(text, 2, 4, 2) == schedules.zb_v(2, 4)
+    assert actions.from_text(text).placement == V_SHAPE
+    with pytest.raises(ValueError, match=r"'3F0' names stage 3, but line 1 holds stage 0's actions \(and its "
+                                         r"chunks': stages 0, 2, 4, 6, ... in a loop, or 0, 3, 4, 7, ... in a V\)"):
+        actions.from_text("0F0 2F0 3F0\n1F0")  # stage 2 is actor 0's in a loop, 3 in a V: not both

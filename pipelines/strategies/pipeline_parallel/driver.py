@@ -14,8 +14,10 @@ from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.errors import raise_task_cause
 from pipelines.strategies.base import FitResult
+from pipelines.strategies.pipeline_parallel.actions import V_SHAPE, holder, placement_of, stage_of
 from pipelines.strategies.pipeline_parallel.cut import cut
-from pipelines.strategies.pipeline_parallel.schedules import theoretical_bubble
+from pipelines.strategies.pipeline_parallel.schedules import build
+from pipelines.strategies.pipeline_parallel.simulation import bubble_fraction, simulate, theoretical_bubble
 from pipelines.strategies.pipeline_parallel.stage import PipelineStage
 from pipelines.training import placement
 from pipelines.training import schedule as lr_schedule
@@ -38,6 +40,8 @@ class PipelineRun:
         example = data.x_train[:micro] if data.stream is None else data.sample(micro)[0]  # streamed: held-out rows
         o = self.options
         self.cut = cut(self.model, run.model.name, o.stages * o.virtual_stages, example, o.split, o.virtual_stages)
+        self.plan = build(o.schedule, o.stages, o.microbatches, o.virtual_stages)
+        self.placement = placement_of(self.plan)
         self.shapes = self._shapes(example)
         """Per model stage (P x v with interleaving), the activation entering it."""
         self.restarts = 0
@@ -45,7 +49,8 @@ class PipelineRun:
         self.timeline: dict[str, float] = {}
         """Wall-clock times of the latest start's marks (stages_ready, process_group)."""
         costs = ", ".join(f"{c * 1e3:.2f}" for c in self.cut.costs)
-        chunks = f" x {o.virtual_stages} chunks (stage s holds chunks s, s+{o.stages}, ...)" if o.virtual_stages > 1 else ""
+        held = (f"s and {2 * o.stages - 1}-s" if self.placement == V_SHAPE else f"s, s+{o.stages}, ...")
+        chunks = f" x {o.virtual_stages} chunks (stage s holds chunks {held})" if o.virtual_stages > 1 else ""
         tracker.say(f"pipeline: {o.stages} stages{chunks} at layers {list(self.cut.bounds)}, "
                     f"measured forward+backward ms per micro-batch: {costs}")
 
@@ -88,9 +93,9 @@ class PipelineRun:
         self.timeline = {"stages_ready": max(ready), "process_group": time.time()}
 
     def _bounds(self, stage: int) -> list[tuple[int, int]]:
-        """The layers of each chunk actor `stage` holds: model stages stage, stage + P, ..."""
+        """The layers of each chunk actor `stage` holds (`actions.stage_of`)."""
         o = self.options
-        return [self.cut.bounds[c * o.stages + stage] for c in range(o.virtual_stages)]
+        return [self.cut.bounds[stage_of(stage, c, o.stages, self.placement)] for c in range(o.virtual_stages)]
 
     def _stop(self) -> None:
         import ray
@@ -198,11 +203,17 @@ class PipelineRun:
 
     def _metrics(self, reports: list[dict], wall: float) -> dict:
         o = self.options
-        last = [r for r in reports if r["stage"] == o.stages - 1]
+        v = o.virtual_stages
+        loss_actor = holder(o.stages * v - 1, o.stages, self.placement)[0]  # the model's last stage
+        last = [r for r in reports if r["stage"] == loss_actor]
         steps = sum(r["steps"] for r in last)
+        if self.placement == V_SHAPE:  # no closed form: the plan's own, F = B = W as the paper has it
+            bubble = sum(bubble_fraction(simulate(self.plan, 1.0 / v, 2.0 / v), o.stages)) / o.stages
+        else:
+            bubble = theoretical_bubble(o.stages, o.microbatches, v)
         metrics = {"train_loss": sum(r["loss_sum"] for r in last) / max(steps, 1),
                    "samples_per_s": sum(r["samples"] for r in last) / wall,
-                   "bubble_theoretical": theoretical_bubble(o.stages, o.microbatches, o.virtual_stages)}
+                   "bubble_theoretical": bubble}
         for stage in range(o.stages):
             mine = [r for r in reports if r["stage"] == stage]
             metrics[f"bubble_stage{stage}"] = sum(1 - r["busy"] / r["wall"] for r in mine) / len(mine)

@@ -8,43 +8,28 @@ waits for and which a schedule may defer into what would be idle time. A schedul
 
 With interleaving (Narayanan et al. 2021) each actor holds v chunks of the model, not
 one: the model is cut into P x v stages and actor a holds stages a, a + P, a + 2P, ...,
-so a micro-batch passes every actor v times and the pipeline fills v times faster. An
-action then names its chunk; a schedule is still one list of actions per actor.
+so a micro-batch passes every actor v times and the pipeline fills v times faster. ZB-V
+(Qi et al.) holds two chunks per actor in a V (`actions.V_SHAPE`: stages a and 2P - 1 - a).
+An action then names its chunk; a schedule is still one list of actions per actor.
 
 A schedule says only what each actor does and in which order; one executor can run any of
-them. `simulate` plays a schedule out with given action costs, respecting the data
-dependencies between stages (a stage forwards micro-batch i after the stage before it did;
-it runs the backward of i after the stage after it did), so a schedule's makespan, bubble
-and peak of live activations are known before any process starts, and `render` draws it.
+them, and `simulation.simulate` plays it out before any process starts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-FORWARD, BACKWARD, WEIGHT = "F", "B", "W"
-NAMES = {FORWARD: "forward", BACKWARD: "backward", WEIGHT: "weight gradient"}
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str
-    """`F` (forward), `B` (backward: whole, or the input's gradient where the schedule has
-    `W`s) or `W` (the weights' gradient)."""
-    microbatch: int
-    chunk: int = 0
-    """Which of the actor's chunks (0 without interleaving): chunk c of actor a is stage c*P + a."""
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.microbatch}"
-
-
-Schedule = list[list[Action]]
-"""Index a holds actor a's actions in execution order."""
-
-
-def chunks(schedule: Schedule) -> int:
-    """The chunks v each actor holds (1 without interleaving)."""
-    return 1 + max((a.chunk for actions in schedule for a in actions), default=0)
+from pipelines.strategies.pipeline_parallel.actions import (
+    BACKWARD,
+    FORWARD,
+    NAMES,
+    V_SHAPE,
+    WEIGHT,
+    Action,
+    Schedule,
+    chunks,
+    from_text,
+    splits,
+)
+from pipelines.strategies.pipeline_parallel.simulation import simulate
 
 
 def gpipe(stages: int, microbatches: int) -> Schedule:
@@ -152,9 +137,62 @@ def interleaved_1f1b(stages: int, microbatches: int, virtual: int = 2) -> Schedu
     return schedule
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1, "interleaved-1f1b": interleaved_1f1b}
+def zb_v(stages: int, microbatches: int) -> Schedule:
+    """ZB-V (Qi et al. 2023, section 6; the order of torch's `ScheduleZBVZeroBubble`): two
+    chunks per actor in a V, backwards split into B and W. Actor a warms up with 2(P - a) - 1
+    forwards of chunk 0, then a pairs of chunk 1's and chunk 0's forwards, then P - a rounds of
+    chunk 1's F, B, W; in the steady state each round is chunk 0's F, B, W and chunk 1's F, B,
+    W; the cool-down runs the remaining Bs (both chunks, then chunk 0's with its Ws) and the
+    deferred Ws last. With F = B = W its bubble is near zero at 1F1B's peak of activations
+    (2P chunk-activations, each half a stage's). The order is laid out for at least 2P - 1
+    micro-batches; with fewer, the actions of the ones that do not exist are left out."""
+    _check_sizes(stages, microbatches)
+    laid_out = max(2 * stages - 1, microbatches)
+    return Schedule([[a for a in _zb_v_actor(actor, stages, laid_out) if a.microbatch < microbatches]
+                     for actor in range(stages)], V_SHAPE)
+
+
+def _zb_v_actor(actor: int, stages: int, microbatches: int) -> list[Action]:
+    actions: list[Action] = []
+    count = {(kind, chunk): 0 for kind in (FORWARD, BACKWARD, WEIGHT) for chunk in (0, 1)}
+
+    def take(kind: str, chunk: int) -> None:
+        actions.append(Action(kind, count[(kind, chunk)], chunk))
+        count[(kind, chunk)] += 1
+
+    for _ in range(2 * (stages - actor) - 1):
+        take(FORWARD, 0)
+    for _ in range(actor):
+        take(FORWARD, 1)
+        take(FORWARD, 0)
+    for _ in range(stages - actor):
+        for kind in (FORWARD, BACKWARD, WEIGHT):
+            take(kind, 1)
+    while count[(FORWARD, 1)] < count[(FORWARD, 0)] or count[(FORWARD, 0)] < microbatches:
+        if count[(FORWARD, 0)] < microbatches:
+            take(FORWARD, 0)
+        take(BACKWARD, 0)
+        take(WEIGHT, 0)
+        for kind in (FORWARD, BACKWARD, WEIGHT):
+            take(kind, 1)
+    for _ in range(actor):
+        take(BACKWARD, 0)
+        take(BACKWARD, 1)
+    for _ in range(stages - actor):
+        take(BACKWARD, 0)
+        take(WEIGHT, 0)
+    for chunk in (1, 0):  # the Ws the cool-down deferred
+        while count[(WEIGHT, chunk)] < count[(BACKWARD, chunk)]:
+            take(WEIGHT, chunk)
+    return actions
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "zb-h1": zb_h1, "interleaved-1f1b": interleaved_1f1b,
+             "zb-v": zb_v}
 INTERLEAVED = ("interleaved-1f1b",)
-"""The schedules whose actors hold `strategy.virtual_stages` chunks each; the others hold one."""
+"""The schedules whose actors hold `strategy.virtual_stages` chunks each."""
+FIXED_CHUNKS = {"zb-v": 2}
+"""The schedules whose actors hold a fixed number of chunks; the others hold one."""
 
 
 def build(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
@@ -162,6 +200,12 @@ def build(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
     file and given as `strategy.schedule`), checked against the stages, micro-batches and
     chunks per actor (`virtual`)."""
     if name in SCHEDULES:
+        if name in FIXED_CHUNKS:
+            if virtual != FIXED_CHUNKS[name]:
+                raise ValueError(f"{name} gives each stage {FIXED_CHUNKS[name]} chunks of the model, in a V "
+                                 f"(stage a holds model stages a and 2P-1-a): set strategy.virtual_stages "
+                                 f"(--virtual-stages) to {FIXED_CHUNKS[name]}, got {virtual}")
+            return SCHEDULES[name](stages, microbatches)
         if name in INTERLEAVED:
             if virtual < 2:  # one chunk per actor would be 1F1B, and say nothing
                 raise ValueError(f"{name} gives each stage several chunks of the model: set "
@@ -185,11 +229,6 @@ def build(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedu
     return plan
 
 
-def splits(schedule: Schedule) -> bool:
-    """Whether the schedule splits its backwards into B and W."""
-    return any(a.kind == WEIGHT for actions in schedule for a in actions)
-
-
 def validate(schedule: Schedule, microbatches: int) -> None:
     """Every stage (every chunk of every actor) forwards and backwards each micro-batch
     exactly once (and, in a split schedule, takes its weight gradient once), in the order
@@ -210,135 +249,6 @@ def validate(schedule: Schedule, microbatches: int) -> None:
                         raise ValueError(f"{where}: {NAMES[after]} of micro-batch {i} before its {NAMES[before]}")
         if len(actions) != len(kinds) * microbatches * v:
             raise ValueError(f"stage {stage}: {len(actions)} actions, want {len(kinds) * microbatches * v}")
-
-
-def peak_activations(actions: list[Action]) -> int:
-    """Most micro-batches whose activations one stage holds at once: forwarded and not yet
-    backwarded (in a split schedule: not yet through W, which needs them too)."""
-    release = WEIGHT if any(a.kind == WEIGHT for a in actions) else BACKWARD
-    live = peak = 0
-    for action in actions:
-        live += 1 if action.kind == FORWARD else -1 if action.kind == release else 0
-        peak = max(peak, live)
-    return peak
-
-
-@dataclass(frozen=True)
-class Slot:
-    stage: int
-    action: Action
-    start: float
-    end: float
-
-
-def simulate(schedule: Schedule, forward_cost: float = 1.0, backward_cost: float = 2.0) -> list[Slot]:
-    """When each action would run if every stage ran its actions in order, as soon as their
-    inputs arrived, with the given costs (communication free; a split backward's B and W
-    each half of `backward_cost`). Raises on a deadlock."""
-    stages = len(schedule)
-    split, v = splits(schedule), chunks(schedule)
-    cost = {FORWARD: forward_cost, BACKWARD: backward_cost / 2 if split else backward_cost,
-            WEIGHT: backward_cost / 2}
-    done: dict[tuple[int, str, int], float] = {}
-    """(model stage c*P + a, kind, micro-batch) -> when it ended."""
-    cursor = [0] * stages
-    clock = [0.0] * stages
-    slots: list[Slot] = []
-    remaining = sum(len(a) for a in schedule)
-    while remaining:
-        progressed = False
-        for stage in range(stages):
-            if cursor[stage] == len(schedule[stage]):
-                continue
-            action = schedule[stage][cursor[stage]]
-            needs = _dependency(action.chunk * stages + stage, action, stages * v)
-            if needs is not None and needs not in done:
-                continue
-            ready = done[needs] if needs is not None else 0.0
-            start = max(clock[stage], ready)
-            end = start + cost[action.kind]
-            done[(action.chunk * stages + stage, action.kind, action.microbatch)] = clock[stage] = end
-            slots.append(Slot(stage, action, start, end))
-            cursor[stage] += 1
-            remaining -= 1
-            progressed = True
-        if not progressed:
-            waiting = {s: str(schedule[s][cursor[s]]) for s in range(stages) if cursor[s] < len(schedule[s])}
-            raise ValueError(f"schedule deadlocks: stages wait forever on {waiting}")
-    return slots
-
-
-def _dependency(stage: int, action: Action, stages: int):
-    """What `action` of model stage `stage` (of `stages` in all) waits for, as `done` keys."""
-    i = action.microbatch
-    if action.kind == WEIGHT:  # the stage's own input gradient came first
-        return (stage, BACKWARD, i)
-    if action.kind == FORWARD:
-        return (stage - 1, FORWARD, i) if stage > 0 else None
-    if stage == stages - 1:
-        return (stage, FORWARD, i)
-    return (stage + 1, BACKWARD, i)
-
-
-def bubble_fraction(slots: list[Slot], stages: int) -> list[float]:
-    """Per stage, idle time over the makespan."""
-    makespan = max(s.end for s in slots)
-    busy = [0.0] * stages
-    for s in slots:
-        busy[s.stage] += s.end - s.start
-    return [1 - b / makespan for b in busy]
-
-
-def theoretical_bubble(stages: int, microbatches: int, virtual: int = 1) -> float:
-    """(P-1)/(vM + P-1): GPipe's and 1F1B's with v = 1; interleaving's fills v times faster."""
-    return (stages - 1) / (virtual * microbatches + stages - 1)
-
-
-def render(slots: list[Slot], stages: int, unit: float = 1.0) -> str:
-    """The schedule as a text grid: one row per stage, one column per `unit` of time."""
-    width = int(round(max(s.end for s in slots) / unit))
-    rows = [["  . "] * width for _ in range(stages)]
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    interleaved = any(s.action.chunk for s in slots)
-    for s in slots:
-        label = str(s.action) + (letters[s.action.chunk] if interleaved else "")
-        for t in range(int(round(s.start / unit)), int(round(s.end / unit))):
-            rows[s.stage][t] = f"{label:>4}"
-    header = "stage " + "".join(f"{t:>4}" for t in range(width))
-    return "\n".join([header] + [f"{k:>5} " + "".join(row) for k, row in enumerate(rows)])
-
-
-def to_text(schedule: Schedule) -> str:
-    """One line per actor of actions as torch.distributed.pipelining writes them: "1W3" is
-    model stage 1's weight gradient of micro-batch 3; with interleaving, actor a's chunk c
-    is model stage c*P + a ("3F0" on line 1 of a 2-actor schedule: chunk 1's forward)."""
-    p = len(schedule)
-    return "\n".join(" ".join(f"{a.chunk * p + actor}{a}" for a in actions)
-                     for actor, actions in enumerate(schedule))
-
-
-def from_text(text: str) -> Schedule:
-    """The schedule `to_text` wrote (blank lines and `#` comments ignored); one line per actor."""
-    import re
-
-    lines = [line.split("#")[0].strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
-    p = len(lines)
-    schedule: Schedule = []
-    for number, line in enumerate(lines):
-        actions = []
-        for token in line.split():
-            found = re.fullmatch(r"(\d+)([FBW])(\d+)", token)
-            if not found:
-                raise ValueError(f"schedule line {number + 1}: {token!r} is not an action like 0F1, 1B0 or 2W3")
-            stage = int(found.group(1))
-            if stage % p != number or (p == 1 and stage != 0):
-                raise ValueError(f"schedule line {number + 1}: {token!r} names stage {stage}, but line "
-                                 f"{number + 1} holds stage {number}'s actions"
-                                 + (f" (and its chunks', stages {number} + k x {p})" if p > 1 else ""))
-            actions.append(Action(found.group(2), int(found.group(3)), stage // p))
-        schedule.append(actions)
-    return schedule
 
 
 def _check_sizes(stages: int, microbatches: int) -> None:

@@ -5,7 +5,9 @@ point-to-point (gloo on CPU, NCCL between GPU stages); Ray only starts the stage
 each for one epoch at a time, so no per-micro-batch call goes through Ray. Every stage
 runs its own list of actions from the schedule (`schedules`); sends are
 asynchronous and receives are posted a little ahead but waited for where the action needs
-them (`inbox`), so any schedule that `schedules.simulate` accepts runs without deadlock. Gradients are accumulated over the micro-batches (each loss scaled by
+them (`inbox`), so any schedule that `simulation.simulate` accepts runs without deadlock;
+where one actor holds two consecutive model stages (the turn of a V) the tensor passes
+between its chunks in memory. Gradients are accumulated over the micro-batches (each loss scaled by
 1/M), averaged over the R replicas of the stage, and applied once per mini-batch: one
 step equals a single-process step on the whole mini-batch.
 """
@@ -21,8 +23,16 @@ from torch import nn
 
 from pipelines.config import RunConfig
 from pipelines.data import Dataset
+from pipelines.strategies.pipeline_parallel.actions import (
+    BACKWARD,
+    FORWARD,
+    holder,
+    placement_of,
+    splits,
+    stage_of,
+)
 from pipelines.strategies.pipeline_parallel.inbox import Inbox
-from pipelines.strategies.pipeline_parallel.schedules import BACKWARD, FORWARD, build, splits
+from pipelines.strategies.pipeline_parallel.schedules import build
 from pipelines.training import schedule as lr_schedule
 from pipelines.training.flat import unflatten_into
 from pipelines.training.loop import (
@@ -61,11 +71,16 @@ class PipelineStage:
         self.options = run.strategy.options
         self.stages, self.replicas = self.options.stages, self.options.replicas
         self.virtual = len(bounds)
-        """Chunks this actor holds (strategy.virtual_stages): chunk c is model stage c*P + stage."""
+        """Chunks this actor holds (strategy.virtual_stages); the schedule's placement says
+        which model stage each is (`actions.stage_of`)."""
+        plan = build(self.options.schedule, self.stages, self.options.microbatches, self.virtual)
+        self.schedule, self.split, self.placement = plan[stage], splits(plan), placement_of(plan)
+        self.final = self.stages * self.virtual - 1
+        """The model's last stage."""
         self.device = torch.device("cuda" if run.resources.gpus_per_worker > 0 else "cpu")
         self.model = build_model(run, data)
         self.layers = self.model.pipeline_layers()
-        self.first, self.last = stage == 0, stage == self.stages - 1
+        self.first, self.last = self._holds(0), self._holds(self.final)
         """Whether this actor holds the model's first (it reads the inputs) or last stage (the labels)."""
         self.bounds = [tuple(b) for b in bounds]
         self.blocks = [nn.Sequential(*self.layers[a:b]).to(self.device) for a, b in self.bounds]
@@ -79,8 +94,6 @@ class PipelineStage:
         if state["optimizer"] is not None:
             restore_optimizer(self.optimizer, state["optimizer"], run.optim)
         self.rows, self.stream_rows = self._rows(data), data.stream.rows if data.stream else 0
-        plan = build(self.options.schedule, self.stages, self.options.microbatches, self.virtual)
-        self.schedule, self.split = plan[stage], splits(plan)
         self.params = [[p for p in block.parameters() if p.requires_grad] for block in self.blocks]
         """Per chunk, the weights a split backward's W computes gradients for."""
         self.backward_split = _torch_backward_split() if self.split else None
@@ -153,8 +166,7 @@ class PipelineStage:
         lr_schedule.observe(self.optimizer.param_groups, self.run_config.optim, metrics)
 
     def _run_schedule(self, micro: tuple[torch.Tensor, ...], began: float, timeline: list):
-        o = self.options
-        final = self.stages * self.virtual - 1  # the model's last stage
+        o, final = self.options, self.final
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         """Keyed by (micro-batch, chunk)."""
@@ -162,14 +174,16 @@ class PipelineStage:
         rng: dict[tuple[int, int], torch.Tensor] = {}
         weights: dict[tuple[int, int], tuple] = {}
         """Per micro-batch between its B and W: what the weights' gradient is computed from."""
+        handed: dict[tuple[str, int, int], torch.Tensor] = {}
+        """Between this actor's own chunks (a V's turn): (kind, receiving model stage, micro-batch)."""
         busy, loss_total, live, peak = 0.0, 0.0, 0, 0
         inbox = Inbox(self._wanted(micro), self.device)
         for k, action in enumerate(self.schedule):
             i, chunk = action.microbatch, action.chunk
-            key, here = (i, chunk), chunk * self.stages + self.stage  # `here`: the model stage
+            key, here = (i, chunk), self._stage_of(chunk)  # `here`: the model stage
             inbox.before(k)
             if action.kind == FORWARD:
-                x = self._input(micro[i], here, inbox, k)
+                x = self._input(micro[i], here, inbox, k, handed.pop(("activation", here, i), None))
                 start = time.perf_counter()
                 if o.activation_checkpointing:
                     rng[key] = torch.get_rng_state()  # the recomputation must draw the same dropout
@@ -184,11 +198,14 @@ class PipelineStage:
                 inputs[key], outputs[key] = x, out
                 live += _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 peak = max(peak, live)
-                if here != final:
+                if here != final and self._holds(here + 1):
+                    handed[("activation", here + 1, i)] = out.detach()
+                elif here != final:
                     sends.append(dist.isend(out.detach().contiguous(), self._peer(here + 1),
                                             tag=2 * here + ACTIVATION))
             elif action.kind == BACKWARD:
-                grad = None if here == final else inbox.take(k)
+                grad = (None if here == final else handed.pop(("gradient", here, i)) if self._holds(here + 1)
+                        else inbox.take(k))
                 start = time.perf_counter()
                 x, out = inputs[key], outputs[key]
                 if o.activation_checkpointing:
@@ -206,7 +223,9 @@ class PipelineStage:
                     del inputs[key], outputs[key]
                     live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
                 busy += self._stamp(timeline, "B", start, began)
-                if here > 0:
+                if here > 0 and self._holds(here - 1):
+                    handed[("gradient", here - 1, i)] = x.grad
+                elif here > 0:
                     sends.append(dist.isend(x.grad.contiguous(), self._peer(here - 1),
                                             tag=2 * (here - 1) + GRADIENT))
             else:  # WEIGHT
@@ -217,19 +236,20 @@ class PipelineStage:
                 live -= _bytes(x) + (0 if o.activation_checkpointing else _bytes(out))
         for work in sends:
             work.wait()
-        assert inbox.drained(), "a posted receive was never used"
+        assert inbox.drained() and not handed, "a posted receive or a hand-off was never used"
         return busy, loss_total, peak
 
     def _wanted(self, micro: tuple) -> list:
         """Per action of the schedule, (peer, shape, tag) of what it receives, or None: a
         forward receives its input from the stage before (but the model's first), a backward
-        its output's gradient from the stage after (but the model's last)."""
-        final, wanted = self.stages * self.virtual - 1, []
+        its output's gradient from the stage after (but the model's last); nothing comes
+        over the wire from a stage this actor holds itself."""
+        final, wanted = self.final, []
         for action in self.schedule:
-            here, rows = action.chunk * self.stages + self.stage, len(micro[action.microbatch][1])
-            if action.kind == FORWARD and here > 0:
+            here, rows = self._stage_of(action.chunk), len(micro[action.microbatch][1])
+            if action.kind == FORWARD and here > 0 and not self._holds(here - 1):
                 wanted.append((self._peer(here - 1), (rows, *self.shapes[here]), 2 * (here - 1) + ACTIVATION))
-            elif action.kind == BACKWARD and here != final:
+            elif action.kind == BACKWARD and here != final and not self._holds(here + 1):
                 wanted.append((self._peer(here + 1), (rows, *self.shapes[here + 1]), 2 * here + GRADIENT))
             else:
                 wanted.append(None)
@@ -286,13 +306,14 @@ class PipelineStage:
         for _ in range(steps_per_epoch(self.stream_rows, run.data.batch_size, run.optim.steps_per_epoch)):
             yield [(None, range(k)) for k in sizes]
 
-    def _input(self, micro: tuple, here: int, inbox: Inbox, k: int) -> torch.Tensor:
+    def _input(self, micro: tuple, here: int, inbox: Inbox, k: int,
+               handed: torch.Tensor | None) -> torch.Tensor:
         """What model stage `here` forwards: the inputs for the first, else what the stage
-        before sent."""
+        before sent (`handed` over, where this actor holds that stage too)."""
         if here == 0:  # a denoising model corrupts what its first layer sees
             x = micro[0]
             return self.model.training_input(x) if hasattr(self.model, "training_input") else x
-        return inbox.take(k).requires_grad_()
+        return (handed if handed is not None else inbox.take(k)).requires_grad_()
 
     @staticmethod
     def _batch(micro: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,7 +321,13 @@ class PipelineStage:
 
     def _peer(self, model_stage: int) -> int:
         """The rank holding `model_stage` in this replica."""
-        return self.rank(model_stage % self.stages, self.replica)
+        return self.rank(holder(model_stage, self.stages, self.placement)[0], self.replica)
+
+    def _holds(self, model_stage: int) -> bool:
+        return holder(model_stage, self.stages, self.placement)[0] == self.stage
+
+    def _stage_of(self, chunk: int) -> int:
+        return stage_of(self.stage, chunk, self.stages, self.placement)
 
     def _average_over_replicas(self) -> None:
         if self.replicas == 1:

@@ -20,16 +20,15 @@ from pipelines.context import RunContext
 from pipelines.data import Dataset
 from pipelines.registry import register
 from pipelines.strategies.base import FitResult, Strategy, require
+from pipelines.strategies.pipeline_parallel.actions import V_SHAPE, placement_of, splits
 from pipelines.strategies.pipeline_parallel.cut import CannotCut, check
 from pipelines.strategies.pipeline_parallel.driver import PipelineRun
-from pipelines.strategies.pipeline_parallel.schedules import (
-    SCHEDULES,
+from pipelines.strategies.pipeline_parallel.schedules import SCHEDULES, build
+from pipelines.strategies.pipeline_parallel.simulation import (
     bubble_fraction,
-    build,
     peak_activations,
     render,
     simulate,
-    splits,
     theoretical_bubble,
 )
 from pipelines.training import placement
@@ -43,14 +42,16 @@ class PipelineOptions:
     microbatches: int = 4
     """Micro-batches M per mini-batch (`--microbatches`)."""
     schedule: str = "1f1b"
-    """gpipe, 1f1b, interleaved-1f1b or zb-h1 (`--schedule`): interleaved-1f1b gives each
+    """gpipe, 1f1b, interleaved-1f1b, zb-h1 or zb-v (`--schedule`): interleaved-1f1b gives each
     stage `virtual_stages` chunks of the model; zb-h1 splits each backward into the input's
-    gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits. Or a
+    gradient (B) and the weights' (W), deferring Ws into 1F1B's cool-down waits; zb-v splits
+    them too, over two chunks per stage in a V (`--virtual-stages 2`). Or a
     schedule of your own as text, one line of actions per stage ("0F0 0F1 0B0 ..."; a
     saved file: `--set strategy.schedule="$(cat my_schedule.txt)"`), checked before Ray starts."""
     virtual_stages: int = 1
-    """Chunks v per stage actor (`--virtual-stages`), for interleaved-1f1b: the model is cut
-    into P x v parts, actor s holding parts s, s + P, ...; bubble (P-1)/(vM + P-1)."""
+    """Chunks v per stage actor (`--virtual-stages`): the model is cut into P x v parts; for
+    interleaved-1f1b actor s holds parts s, s + P, ... (bubble (P-1)/(vM + P-1)); zb-v takes
+    2, actor s holding parts s and 2P - 1 - s."""
     replicas: int = 1
     """Pipelines R on disjoint data shards, allreducing per stage (`--replicas`)."""
     split: Optional[list[int]] = None
@@ -65,7 +66,7 @@ class PipelineStrategy(Strategy):
     name = "pipeline"
     streams = True
     options = PipelineOptions
-    description = ("pipeline model parallelism: stages on actors, GPipe, 1F1B, interleaved 1F1B or ZB-H1 "
+    description = ("pipeline model parallelism: stages on actors, GPipe, 1F1B, interleaved 1F1B, ZB-H1 or ZB-V "
                    "(or a schedule of your own), x data replicas")
 
     def validate(self, run: RunConfig) -> None:
@@ -135,7 +136,12 @@ def schedule_grid(run: RunConfig) -> str:
     for stage in range(o.stages):
         lines.append(f"stage {stage}: bubble {bubbles[stage]:.3f}, peak activations "
                      f"{peak_activations(plan[stage])} micro-batches")
-    if v > 1:
+    if placement_of(plan) == V_SHAPE:
+        lines.append(f"a V: chunk a runs down the stages, chunk b back up (stage s holds model stages s and "
+                     f"{2 * o.stages - 1}-s); 1F1B's theoretical bubble (P-1)/(M+P-1) is "
+                     f"{theoretical_bubble(o.stages, o.microbatches):.3f}, ZB-V's near zero once M >= 2P "
+                     f"(peak activations count chunks, each 1/{v} of a stage's)")
+    elif v > 1:
         lines.append(f"interleaved 1F1B's theoretical bubble (P-1)/(vM+P-1) = "
                      f"{theoretical_bubble(o.stages, o.microbatches, v):.3f} (peak activations count chunks, "
                      f"each 1/{v} of a stage's)")
