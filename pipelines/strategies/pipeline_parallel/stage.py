@@ -204,8 +204,12 @@ class PipelineStage:
                     sends.append(dist.isend(out.detach().contiguous(), self._peer(here + 1),
                                             tag=2 * here + ACTIVATION))
             elif action.kind == BACKWARD:
-                grad = (None if here == final else handed.pop(("gradient", here, i)) if self._holds(here + 1)
-                        else inbox.take(k))
+                if here == final:
+                    grad = None  # the loss's own
+                elif self._holds(here + 1):
+                    grad = handed.pop(("gradient", here, i))
+                else:
+                    grad = inbox.take(k)
                 start = time.perf_counter()
                 x, out = inputs[key], outputs[key]
                 if o.activation_checkpointing:
