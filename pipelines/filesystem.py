@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.config import ConfigError
-from pipelines.errors import first_line, redact
+from pipelines.errors import ConfigError, first_line, redact
 
 CHUNK = 64 << 20
 """Bytes per request when copying (pyarrow's default 1 MiB turns a checkpoint into many)."""

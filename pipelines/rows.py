@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines import labels
-from pipelines.config import DataSection
 from pipelines.errors import DataError
+
+if TYPE_CHECKING:  # the config brings torch with the models, which a Ray Data task never needs
+    from pipelines.config import DataSection
 
 
 @dataclass

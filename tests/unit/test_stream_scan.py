@@ -172,3 +172,27 @@ def test_the_fast_hash_and_feature_view_equal_their_plain_definitions():
     labels = columns["label"]
     for x in (plain, view, plain.reshape(n, 3, 1)):
         assert np.array_equal(row_split.row_hash(x, labels), plain_hash(plain, labels))
+
+
+def test_a_ray_data_task_prepares_its_batches_without_importing_torch(shifted, tmp_path):
+    # A read task's process only turns raw rows into arrays: importing torch there (the
+    # run config brings it with the models) cost each of Ray Data's fresh workers about a
+    # second of CPU before its first block. A fresh interpreter unpickles the task's
+    # function as Ray Data would, prepares a file's batch and reports the imports.
+    import pickle
+    import subprocess
+    import sys
+
+    prepare = streaming._Prepare(data.load(DataSection(source=str(shifted), stream=True)).stream)
+    (tmp_path / "prepare.pkl").write_bytes(pickle.dumps(prepare))
+    probe = f"""
+import pickle, sys
+import pyarrow.parquet as pq
+prepare = pickle.loads(open({str(tmp_path / "prepare.pkl")!r}, "rb").read())
+out = prepare(pq.read_table({str(sorted(shifted.glob("*.parquet"))[0])!r}))
+assert out["x"].shape[1] == 4 and len(out["x"]) == len(out["y"]) > 0
+print("torch" in sys.modules, "pipelines.config" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
