@@ -17,6 +17,7 @@ whole, it is loaded first (what the memory columns show).
     python benchmarks/ingest.py --sizes 0.5 2 --repeats 3
     python benchmarks/ingest.py --sizes 0.5 --kinds stream memory --steps 1500 6000
     python benchmarks/ingest.py --sizes 0.5 2 --where local s3 --steps 1500 6000
+    python benchmarks/ingest.py --sizes 0.5 --kinds stream memory --steps 0   # whole epochs
 
 `--where s3` reads the same files from a bucket on moto's S3 server (a real HTTP server
 speaking the S3 API, its own process on a free local port), through the `s3://` URI a
@@ -73,10 +74,12 @@ def write_table(root: Path, gigabytes: float) -> Path:
 
 
 class PeakRss:
-    """The peak resident memory of a process tree, per process, sampled from /proc."""
+    """The peak resident memory of a process tree, per process, sampled from /proc: all of
+    it (VmRSS, which counts the object store's shared pages a process has touched) and its
+    private part (RssAnon: the process's own heap, what grows if a process holds the data)."""
 
     def __init__(self, root_pid: int):
-        self.root, self.peaks, self.total = root_pid, {}, 0
+        self.root, self.peaks, self.private, self.total = root_pid, {}, {}, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -106,11 +109,13 @@ class PeakRss:
                     name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except OSError:
                     continue
-                rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
-                            if line.startswith("VmRSS:")), 0)
+                fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                          if line.startswith(("VmRSS:", "RssAnon:"))}
+                rss = fields.get("VmRSS", 0)
                 total += rss
                 key = (pid, _kind(name))
                 self.peaks[key] = max(self.peaks.get(key, 0), rss)
+                self.private[key] = max(self.private.get(key, 0), fields.get("RssAnon", 0))
             self.total = max(self.total, total)
 
     def stop(self) -> dict[str, float]:
@@ -119,6 +124,8 @@ class PeakRss:
         by_kind: dict[str, int] = {}
         for (_, kind), rss in self.peaks.items():
             by_kind[kind] = max(by_kind.get(kind, 0), rss)
+        for (_, kind), rss in self.private.items():
+            by_kind[f"{kind} private"] = max(by_kind.get(f"{kind} private", 0), rss)
         return {**{k: v / 2**20 for k, v in sorted(by_kind.items())}, "sum_at_peak": self.total / 2**20}
 
 
@@ -217,7 +224,8 @@ def run_one(kind: str, table: str, workdir: Path, steps: int) -> dict:
         command = [sys.executable, "-m", "cluster.cli", "run", "--strategy", "allreduce", "--data", str(table),
                    "--epochs", "1", "--set", "model.width=64", "--set", "data.val_fraction=0.01",
                    "--set", "data.test_fraction=0.01", "--set", "tracking.log_model=false",
-                   "--set", "tracking.figures=false", "--set", f"optim.steps_per_epoch={steps}", "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                   "--set", "tracking.figures=false", *(["--set", f"optim.steps_per_epoch={steps}"] if steps else []),
+                   "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                    "--storage-path", str(workdir / "runs"), *(["--stream"] if kind == "stream" else [])]
     began = time.time()
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -266,13 +274,16 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["stream", "memory", "documented"])
     parser.add_argument("--steps", type=int, nargs="+", default=[1500],
                         help="optimizer steps per run (64 rows each): the table is read as far as they "
-                             "take; two counts (e.g. 1500 6000) also give each kind's steady-state rate")
+                             "take (0: the whole epoch); two counts (e.g. 1500 6000) also give each kind's "
+                             "steady-state rate")
     parser.add_argument("--dir", default=None, help="where the tables are written (default: a temp dir)")
     parser.add_argument("--where", nargs="+", choices=["local", "s3"], default=["local"],
                         help="the tables' files on local disk, and/or on a moto S3 server's bucket")
     args = parser.parse_args()
-    if len(args.steps) > 2 or len(set(args.steps)) != len(args.steps):
-        parser.error("--steps takes one count, or two different ones")
+    if len(args.steps) > 2 or len(set(args.steps)) != len(args.steps) or (len(args.steps) == 2 and 0 in args.steps):
+        parser.error("--steps takes one count (0: a whole epoch), or two different ones")
+    if 0 in args.steps and "documented" in args.kinds:
+        parser.error("--steps 0 (a whole epoch) is for raydeep's kinds: the documented loop counts its steps")
     root = Path(args.dir or tempfile.mkdtemp(prefix="raydeep-ingest-"))
     with contextlib.ExitStack() as stack:
         upload = stack.enter_context(s3_copies()) if "s3" in args.where else None
@@ -295,14 +306,18 @@ def measure(title: str, source: str, root: Path, args, kinds: list[str]) -> None
     for (kind, steps), runs in results.items():
         failed = [r["failed"] for r in runs if "failed" in r]
         if failed:
-            print(f"{title} {kind:<10} {steps} steps FAILED: {failed[0]}")
+            print(f"{title} {kind:<10} {_steps(steps)} FAILED: {failed[0]}")
             continue
         peak = {k: max(r["rss_mib"].get(k, 0) for r in runs) for k in runs[0]["rss_mib"]}
-        print(f"{title} {kind:<10} {steps} steps  samples/s {spread([r['samples_per_s'] for r in runs], ',.0f')}"
+        print(f"{title} {kind:<10} {_steps(steps)}  samples/s {spread([r['samples_per_s'] for r in runs], ',.0f')}"
               f"  first step {statistics.median(r['first_step_s'] for r in runs):.1f} s  peak RSS MiB: "
               + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()), flush=True)
     if len(args.steps) == 2:
         report_steady_state(title, kinds, results, tuple(args.steps))
+
+
+def _steps(steps: int) -> str:
+    return f"{steps} steps" if steps else "a whole epoch"
 
 
 def report_steady_state(title: str, kinds: list[str], results: dict, steps: tuple[int, int]) -> None:
