@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from local_sgd import spread  # noqa: E402  (a sibling script: median [min-max])
+from s3_server import moto_bucket  # noqa: E402  (a sibling: moto's S3 server)
 
 COLUMNS = 64
 ROWS_PER_FILE = 500_000
@@ -183,37 +183,14 @@ def s3_copies():
     and gives their `s3://` URI; the server stops on exit."""
     import pyarrow.fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 30
-        fs = pyarrow.fs.S3FileSystem(access_key="k", secret_key="s", region="us-east-1", scheme="http",
-                                     endpoint_override=f"127.0.0.1:{port}", allow_bucket_creation=True)
-        while True:
-            try:
-                fs.create_dir("bench")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-
+    with moto_bucket("bench") as (endpoint, fs):
         def upload(table: Path) -> str:
             for path in sorted(table.glob("*.parquet")):
                 pyarrow.fs.copy_files(str(path), f"bench/{table.name}/{path.name}",
                                       destination_filesystem=fs)
-            return (f"s3://k:s@bench/{table.name}/?endpoint_override=127.0.0.1:{port}&scheme=http"
-                    "&region=us-east-1")
+            return f"s3://k:s@bench/{table.name}/?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
         yield upload
-    finally:
-        server.kill()
-        server.wait()
-        log.close()
 
 
 def run_one(kind: str, table: str, workdir: Path, steps: int) -> dict:

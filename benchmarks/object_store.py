@@ -12,17 +12,17 @@ from the store (`storage.newest_state`, what allreduce workers do) and downloadi
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from s3_server import moto_bucket  # noqa: E402  (a sibling: moto's S3 server)
 
 from pipelines.storage import RunDir, checkpoint_name, newest_state, save_state  # noqa: E402
 
@@ -39,21 +39,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import pyarrow.fs
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(3)
-        pyarrow.fs.S3FileSystem(access_key="k", secret_key="s", region="us-east-1", scheme="http",
-                                endpoint_override=f"127.0.0.1:{port}",
-                                allow_bucket_creation=True).create_dir("bench")
+    with moto_bucket("bench") as (endpoint, _):
         print(f"{'size':>6} {'local save':>11} {'upload':>8} {'load newest':>12} {'download':>9}   (median ms)")
         for mb in args.sizes_mb:
-            uri = (f"s3://k:s@bench/{mb}mb?endpoint_override=127.0.0.1:{port}&scheme=http"
+            uri = (f"s3://k:s@bench/{mb}mb?endpoint_override={endpoint}&scheme=http"
                    "&region=us-east-1")
             saves, uploads, loads, downloads = [], [], [], []
             with tempfile.TemporaryDirectory() as tmp:
@@ -69,8 +58,6 @@ def main() -> None:
                     downloads.append(timed(lambda: into.download([where.name])))
             print(f"{mb:>4}MB " + " ".join(f"{statistics.median(t) * 1000:>{w}.0f}" for t, w in
                                             ((saves, 11), (uploads, 8), (loads, 12), (downloads, 9))))
-    finally:
-        server.kill()
 
 
 if __name__ == "__main__":

@@ -214,3 +214,15 @@ def test_zb_v_names_what_it_needs_in_one_line_and_reads_back_from_text():
     with pytest.raises(ValueError, match=r"'3F0' names stage 3, but line 1 holds stage 0's actions \(and its "
                                          r"chunks': stages 0, 2, 4, 6, ... in a loop, or 0, 3, 4, 7, ... in a V\)"):
         actions.from_text("0F0 2F0 3F0\n1F0")  # stage 2 is actor 0's in a loop, 3 in a V: not both
+
+
+def test_a_runs_expected_bubble_is_the_formula_or_a_vs_simulation():
+    """What the driver logs as `bubble_theoretical` and `--print-schedule` prints: the closed
+    form where there is one; ZB-V at P = 2, M = 4 with F = B = W = 1/2: each actor idles half a
+    unit (actor 1 waits for the first forward, actor 0 for the last weight gradient's turn)
+    in a makespan of 12 units of work + 1/2."""
+    assert sim.expected_bubble(schedules.one_f_one_b(3, 4), 4) == sim.theoretical_bubble(3, 4)
+    interleaved = schedules.interleaved_1f1b(2, 4, 2)
+    assert sim.expected_bubble(interleaved, 4) == sim.theoretical_bubble(2, 4, 2)
+    assert sim.expected_bubble(schedules.zb_v(2, 4), 4) == pytest.approx(0.5 / 12.5)
+    assert schedules.zb_v(2, 4) != 3 and schedules.zb_v(2, 4) != schedules.zb_v(2, 4)[:1]

@@ -42,6 +42,8 @@ class Schedule(list):
         self.placement = placement
 
     def __eq__(self, other) -> bool:
+        if not isinstance(other, list):
+            return NotImplemented
         return list.__eq__(self, other) and getattr(other, "placement", LOOP) == self.placement
 
     __hash__ = None

@@ -17,7 +17,7 @@ from pipelines.strategies.base import FitResult
 from pipelines.strategies.pipeline_parallel.actions import V_SHAPE, holder, placement_of, stage_of
 from pipelines.strategies.pipeline_parallel.cut import cut
 from pipelines.strategies.pipeline_parallel.schedules import build
-from pipelines.strategies.pipeline_parallel.simulation import bubble_fraction, simulate, theoretical_bubble
+from pipelines.strategies.pipeline_parallel.simulation import expected_bubble
 from pipelines.strategies.pipeline_parallel.stage import PipelineStage
 from pipelines.training import placement
 from pipelines.training import schedule as lr_schedule
@@ -40,8 +40,8 @@ class PipelineRun:
         example = data.x_train[:micro] if data.stream is None else data.sample(micro)[0]  # streamed: held-out rows
         o = self.options
         self.cut = cut(self.model, run.model.name, o.stages * o.virtual_stages, example, o.split, o.virtual_stages)
-        self.plan = build(o.schedule, o.stages, o.microbatches, o.virtual_stages)
-        self.placement = placement_of(self.plan)
+        plan = build(o.schedule, o.stages, o.microbatches, o.virtual_stages)
+        self.placement, self.expected_bubble = placement_of(plan), expected_bubble(plan, o.microbatches)
         self.shapes = self._shapes(example)
         """Per model stage (P x v with interleaving), the activation entering it."""
         self.restarts = 0
@@ -207,13 +207,9 @@ class PipelineRun:
         loss_actor = holder(o.stages * v - 1, o.stages, self.placement)[0]  # the model's last stage
         last = [r for r in reports if r["stage"] == loss_actor]
         steps = sum(r["steps"] for r in last)
-        if self.placement == V_SHAPE:  # no closed form: the plan's own, F = B = W as the paper has it
-            bubble = sum(bubble_fraction(simulate(self.plan, 1.0 / v, 2.0 / v), o.stages)) / o.stages
-        else:
-            bubble = theoretical_bubble(o.stages, o.microbatches, v)
         metrics = {"train_loss": sum(r["loss_sum"] for r in last) / max(steps, 1),
                    "samples_per_s": sum(r["samples"] for r in last) / wall,
-                   "bubble_theoretical": bubble}
+                   "bubble_theoretical": self.expected_bubble}
         for stage in range(o.stages):
             mine = [r for r in reports if r["stage"] == stage]
             metrics[f"bubble_stage{stage}"] = sum(1 - r["busy"] / r["wall"] for r in mine) / len(mine)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pipelines.strategies.pipeline_parallel.actions import (
     BACKWARD,
     FORWARD,
+    V_SHAPE,
     WEIGHT,
     Action,
     chunks,
@@ -102,6 +103,16 @@ def bubble_fraction(slots: list[Slot], stages: int) -> list[float]:
 def theoretical_bubble(stages: int, microbatches: int, virtual: int = 1) -> float:
     """(P-1)/(vM + P-1): GPipe's and 1F1B's with v = 1; interleaving's fills v times faster."""
     return (stages - 1) / (virtual * microbatches + stages - 1)
+
+
+def expected_bubble(schedule, microbatches: int) -> float:
+    """The bubble a schedule should have: (P-1)/(vM + P-1) for GPipe, 1F1B and interleaving;
+    a V's (ZB-V has no closed form) simulated with F = B = W, as the paper has it, a chunk's
+    costs 1/v of a stage's, mean over the actors."""
+    stages, v = len(schedule), chunks(schedule)
+    if placement_of(schedule) != V_SHAPE:
+        return theoretical_bubble(stages, microbatches, v)
+    return sum(bubble_fraction(simulate(schedule, 1.0 / v, 2.0 / v), stages)) / stages
 
 
 def render(slots: list[Slot], stages: int, unit: float = 1.0) -> str:

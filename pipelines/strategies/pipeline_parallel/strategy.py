@@ -26,6 +26,7 @@ from pipelines.strategies.pipeline_parallel.driver import PipelineRun
 from pipelines.strategies.pipeline_parallel.schedules import SCHEDULES, build
 from pipelines.strategies.pipeline_parallel.simulation import (
     bubble_fraction,
+    expected_bubble,
     peak_activations,
     render,
     simulate,
@@ -139,8 +140,9 @@ def schedule_grid(run: RunConfig) -> str:
     if placement_of(plan) == V_SHAPE:
         lines.append(f"a V: chunk a runs down the stages, chunk b back up (stage s holds model stages s and "
                      f"{2 * o.stages - 1}-s); 1F1B's theoretical bubble (P-1)/(M+P-1) is "
-                     f"{theoretical_bubble(o.stages, o.microbatches):.3f}, ZB-V's near zero once M >= 2P "
-                     f"(peak activations count chunks, each 1/{v} of a stage's)")
+                     f"{theoretical_bubble(o.stages, o.microbatches):.3f}, ZB-V's (simulated, F = B = W) "
+                     f"{expected_bubble(plan, o.microbatches):.3f} (peak activations count chunks, "
+                     f"each 1/{v} of a stage's)")
     elif v > 1:
         lines.append(f"interleaved 1F1B's theoretical bubble (P-1)/(vM+P-1) = "
                      f"{theoretical_bubble(o.stages, o.microbatches, v):.3f} (peak activations count chunks, "
