@@ -21,6 +21,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports: each socket stays bound until all are chosen (one
+    `free_port` after another may be given the port just closed, and a Ray head refuses two
+    of its components on one port)."""
+    import contextlib
+    import socket
+
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def start_session_ray():
     """The session's local Ray (Ray Train needs 2 worker CPUs); a no-op when one runs."""
     import ray

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, run_cli, run_cli_process
+from helpers import REPO, free_port, free_ports, run_cli, run_cli_process
 
 BOUND_S = 8.0
 """Each refusal's bound: the slowest waits 2-3 s for a port that says nothing."""
@@ -197,15 +197,15 @@ class Head:
     def __init__(self):
         self.token = secrets.token_hex(32)
         self.temp = tempfile.mkdtemp(prefix="rdb", dir="/tmp")  # short: Ray's socket paths
-        self.gcs, self.dashboard, self.client = free_port(), free_port(), free_port()
+        self.gcs, self.dashboard, self.client, *others = free_ports(9)
         self.url = f"http://127.0.0.1:{self.dashboard}"
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                "RAY_USAGE_STATS_ENABLED": "0",
                "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         env.pop("RAY_ADDRESS", None)
-        ports = [f"--{name}={free_port()}" for name in (
+        ports = [f"--{name}={port}" for name, port in zip((
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
-            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+            "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port"), others)]
         self.log = open(Path(self.temp) / "head.out", "w")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
