@@ -303,7 +303,8 @@ def _connect(run_config, sweep: bool = False) -> str | None:
         strategy = registry.get(run_config.strategy.name)
         resources = connect(run_config.resources.address, embedded_cpus(run_config),
                             dashboard=sweep or strategy.needs_dashboard,
-                            runtime_env=imported_model.runtime_env(run_config))
+                            runtime_env=imported_model.runtime_env(run_config),
+                            streaming=bool(run_config.data.stream) and not sweep)
     except (OSError, ValueError, RuntimeError) as e:  # OSError: also a Ray temp dir it cannot use
         where = run_config.resources.address or "an embedded local Ray"
         return f"cannot connect to {where}: {first_line(e)}"

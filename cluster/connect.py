@@ -17,15 +17,21 @@ LOCAL_SYSTEM_CONFIG = {
     "worker_niceness": 0,
     # Nothing scrapes Ray's metrics on an embedded instance; exporting them is work for nothing.
     "enable_metrics_collection": False,
+}
+"""Ray settings of the embedded local Ray."""
+
+STREAMING_SYSTEM_CONFIG = {
     # Ray kills a task worker idle for 1 s once there are more workers than CPUs, which a
     # run's actors alone make: between two streamed epochs (validation, checkpoint) Ray
     # Data's read workers died and the next epoch started them afresh. Kept for a minute,
     # the 2nd and 3rd epochs of 1,500 steps on 0.5 GB ran at 18,518 samples/s [17,897-20,389]
     # (5 runs) instead of 11,078 [9,676-12,825] (2 runs; benchmarks/ingest.py's table). On a
     # cluster: `ray start ... --system-config='{"idle_worker_killing_time_threshold_ms": 60000}'`.
+    # Only for a streamed run: in a sweep, killed and resumed, workers kept alive raced the
+    # resumed trials for their checkpoints (tests/system/test_sweep.py failed 3 runs of 5).
     "idle_worker_killing_time_threshold_ms": 60_000,
 }
-"""Ray settings of the embedded local Ray."""
+"""What an embedded Ray adds for a run that streams its table through Ray Data."""
 
 LOCAL_RAY_ENV = {
     # Nothing preempts the nodes of an embedded Ray: the watcher is one more actor process
@@ -138,7 +144,7 @@ def _without_internal_lines(handler):
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = True,
-            runtime_env: dict | None = None) -> dict:
+            runtime_env: dict | None = None, streaming: bool = False) -> dict:
     """Start or join Ray once per process; returns the cluster's resources.
 
     An embedded Ray runs its dashboard where `dashboard` says: besides the web page it
@@ -146,6 +152,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
     cleaner warns on the terminal and cannot clean up); a run of raydeep's own actors does
     without it. A cluster keeps whatever it was started with. `runtime_env` is the job's
     (a user's model code, `pipelines.user_code`): Tune's trials and Ray Train's controller get it.
+    `streaming`: the run streams its table (`STREAMING_SYSTEM_CONFIG` for an embedded Ray).
     """
     import ray
 
@@ -171,7 +178,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, dashboard: 
             # address="local": a Ray of our own whatever else runs or ran here (a cluster
             # started with `ray start` and killed leaves a file that plain ray.init would join).
             ray.init(address="local", num_cpus=num_cpus, logging_level=level,
-                     include_dashboard=dashboard, _system_config=LOCAL_SYSTEM_CONFIG,
+                     include_dashboard=dashboard,
+                     _system_config={**LOCAL_SYSTEM_CONFIG, **(STREAMING_SYSTEM_CONFIG if streaming else {})},
                      runtime_env=runtime_env or None)
     filter_worker_logs()
     return ray.cluster_resources()
